@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv, checks lint and formatting, runs the test suite.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k isolation`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+export JAX_PLATFORMS=cpu RAY_AUTH_MODE=disabled
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,94 @@
+"""The `/v1/score` request and response bodies (SGLang-compatible), shared by the HTTP service
+and the offline CLI. Pure pydantic: importing this module does not import Ray."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+TokenIds = list[StrictInt]
+
+
+class ScoreRequest(BaseModel):
+    """One query and its candidate items; scores come back in item order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: StrictStr | TokenIds = Field(description="Query text, or its token ids.")
+    items: StrictStr | list[StrictStr] | list[TokenIds] = Field(
+        description="Candidate items: text, list of texts, or list of token-id lists "
+        "(the same kind as `query`)."
+    )
+    label_token_ids: list[StrictInt] = Field(
+        description="Token ids whose next-token probability is returned for each item."
+    )
+    apply_softmax: StrictBool = Field(
+        default=False,
+        description="true: softmax over the label logits only; false: full-vocab probabilities.",
+    )
+    item_first: StrictBool = Field(
+        default=False, description="Score `item ++ query` instead of `query ++ item`."
+    )
+    model: StrictStr | None = Field(default=None, description="Served model name (optional).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ScoreRequest:
+        if isinstance(self.items, str):
+            self.items = [self.items]
+        text_query = isinstance(self.query, str)
+        if not self.query:
+            raise ValueError("query: must not be empty")
+        for i, item in enumerate(self.items):
+            if isinstance(item, str) != text_query:
+                raise ValueError(
+                    f"items[{i}]: query and items must both be text or both be token ids"
+                )
+            if len(item) == 0:
+                raise ValueError(f"items[{i}]: must not be empty")
+        if not self.label_token_ids:
+            raise ValueError("label_token_ids: must not be empty")
+        if len(set(self.label_token_ids)) != len(self.label_token_ids):
+            raise ValueError("label_token_ids: must not contain duplicates")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class ScoreResponse(BaseModel):
+    scores: list[list[float]]
+    model: str
+    object: Literal["scoring"] = "scoring"
+    usage: Usage
+
+
+def error_body(message: str, code: int, type_: str = "BadRequestError") -> dict[str, Any]:
+    """The error body every endpoint and the CLI return: names the offending field."""
+    return {"object": "error", "message": message, "type": type_, "code": code}
+
+
+def validation_message(err: ValidationError) -> str:
+    """One line per problem, each starting with the field path (e.g. `items.3: ...`)."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg)
+    return "; ".join(dict.fromkeys(lines))
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the tried union member ("str", "list[int]") into error locations.
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "bool"))

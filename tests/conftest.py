@@ -1,0 +1,93 @@
+"""Shared fixtures: random-init HF checkpoints (generated once per session) and engines."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+from models.checkpoint import make_random_checkpoint
+from models.engine import EngineConfig, ScoringEngine
+
+# Every engine configuration the equivalence tests sweep: (mode, mask_impl).
+MODES = [("serial", "auto"), ("packed", "dense"), ("packed", "segment"), ("prefix", "auto")]
+LABELS = [9454, 2753, 13]
+CHUNK = 8  # small, so 21 items make several chunks and a partial one
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory) -> dict[str, str]:
+    """qwen3 (tied, Hub config layout, one file), qwen3 untied (transformers 5 layout,
+    sharded), qwen2 (qkv bias, sharded) and a bfloat16 qwen3."""
+    root = tmp_path_factory.mktemp("ckpts")
+    shard = 16 * 2**20
+    return {
+        "qwen3": str(make_random_checkpoint("qwen3-tiny", root / "qwen3", seed=1)),
+        "qwen3-untied": str(
+            make_random_checkpoint(
+                "qwen3-tiny-untied",
+                root / "qwen3-untied",
+                seed=2,
+                max_shard_bytes=shard,
+                config_layout="transformers5",
+            )
+        ),
+        "qwen2": str(
+            make_random_checkpoint("qwen2-tiny", root / "qwen2", seed=3, max_shard_bytes=shard)
+        ),
+        "qwen3-bf16": str(
+            make_random_checkpoint("qwen3-tiny", root / "qwen3-bf16", seed=4, dtype="bfloat16")
+        ),
+    }
+
+
+_ENGINES: dict[tuple, ScoringEngine] = {}
+
+
+@pytest.fixture(scope="session")
+def engine(ckpts):
+    """engine(ckpt_name, mode, mask_impl) -> a cached ScoringEngine."""
+
+    def get(name: str, mode: str = "prefix", mask: str = "auto", chunk: int = CHUNK):
+        key = (name, mode, mask, chunk)
+        if key not in _ENGINES:
+            _ENGINES[key] = ScoringEngine(
+                ckpts[name], EngineConfig(mode=mode, mask_impl=mask, chunk_size=chunk)
+            )
+        return _ENGINES[key]
+
+    return get
+
+
+def random_request(seed: int, n_items: int = 21, q_len: int = 37, max_item: int = 30):
+    """Token-id query and items; item lengths cover several slot buckets (1..max_item)."""
+    rng = np.random.default_rng(seed)
+    query = rng.integers(0, 151_000, q_len).tolist()
+    lengths = rng.integers(1, max_item + 1, n_items)
+    items = [rng.integers(0, 151_000, n).tolist() for n in lengths]
+    return query, items
+
+
+# Measured figures (max abs diffs) gathered by the tests and printed at the end of the run, so
+# the numbers quoted in docs come from the test command itself.
+FIGURES: dict[str, float] = {}
+
+
+@pytest.fixture
+def record():
+    """record(name, value): keep the largest value seen under `name` for the summary."""
+
+    def put(name: str, value: float) -> None:
+        FIGURES[name] = max(FIGURES.get(name, 0.0), float(value))
+
+    return put
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("measured max abs diffs")
+        for name in sorted(FIGURES):
+            terminalreporter.write_line(f"{name:60s} {FIGURES[name]:.3g}")

@@ -1,0 +1,68 @@
+"""Bad requests get clear errors naming the field; nothing is half-scored."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from models.engine import ScoringInputError
+from serve_app.schema import ScoreRequest, validation_message
+
+OK = {"query": [1, 2], "items": [[3], [4, 5]], "label_token_ids": [9454, 2753]}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"items": [[1], "text"]}, "items"),  # mixed item kinds
+        ({"query": "text"}, "items[0]"),  # text query with id items
+        ({"query": ""}, "query"),
+        ({"query": []}, "query"),
+        ({"items": [[1], []]}, "items[1]"),
+        ({"label_token_ids": []}, "label_token_ids"),
+        ({"label_token_ids": [5, 5]}, "label_token_ids"),
+        ({"label_token_ids": ["5"]}, "label_token_ids"),
+        ({"label_token_ids": [1.5]}, "label_token_ids"),
+        ({"query": 5}, "query"),
+        ({"items": 5}, "items"),
+        ({"items": [["a"]]}, "items"),
+        ({"apply_softmax": "yes"}, "apply_softmax"),
+        ({"item_first": 1}, "item_first"),
+        ({"unknown": 1}, "unknown"),
+        ({"items": None}, "items"),
+    ],
+)
+def test_schema_rejects(change, field):
+    with pytest.raises(ValidationError) as err:
+        ScoreRequest.model_validate(OK | change)
+    assert field in validation_message(err.value)
+
+
+def test_missing_fields_are_named():
+    with pytest.raises(ValidationError) as err:
+        ScoreRequest.model_validate({"query": [1]})
+    msg = validation_message(err.value)
+    assert "items" in msg and "label_token_ids" in msg
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"label_token_ids": [151936]}, "label_token_ids"),  # == vocab size
+        ({"label_token_ids": [-1]}, "label_token_ids"),
+        ({"query": [1, -5]}, "query"),
+        ({"items": [[1], [2**40]]}, "items[1]"),
+    ],
+)
+def test_engine_rejects_ids_outside_vocab(engine, change, field):
+    eng = engine("qwen3")
+    with pytest.raises(ScoringInputError, match=field.replace("[", r"\[")):
+        eng.score_request(ScoreRequest.model_validate(OK | change))
+
+
+def test_single_string_item_and_empty_list(engine):
+    eng = engine("qwen3")
+    one = eng.score_request(ScoreRequest(query="q", items="an item", label_token_ids=[1, 2]))
+    assert len(one.scores) == 1 and len(one.scores[0]) == 2
+    none = eng.score_request(ScoreRequest(query="q", items=[], label_token_ids=[1]))
+    assert none.scores == []

@@ -1,0 +1,82 @@
+"""The offline CLI as a user runs it: make a checkpoint, score a JSONL file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.conftest import LABELS, random_request
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "models.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_make_checkpoint_and_score(tmp_path, engine):
+    ckpt = tmp_path / "ck"
+    made = run_cli("make-checkpoint", "--preset", "qwen3-tiny", "--out", str(ckpt), "--seed", "1")
+    assert made.returncode == 0, made.stderr
+    assert "RANDOM-WEIGHT" in made.stderr
+    query, items = random_request(seed=40, n_items=12)
+    lines = [
+        json.dumps({"query": query, "items": items, "label_token_ids": LABELS}),
+        "{not json",
+        json.dumps(
+            {
+                "query": "Is it light?",
+                "items": ["1 kg", "3 kg"],
+                "label_token_ids": [9454, 2753],
+                "apply_softmax": True,
+            }
+        ),
+        json.dumps({"query": [1], "items": [[1]], "label_token_ids": [10**9]}),
+        json.dumps({"query": [1], "items": [[1]], "label_token_ids": [1], "model": "other"}),
+    ]
+    (tmp_path / "req.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "resp.jsonl"
+    res = run_cli(
+        "score",
+        "--model-path",
+        str(ckpt),
+        "--mode",
+        "packed",
+        "--chunk-size",
+        "4",
+        "--input",
+        str(tmp_path / "req.jsonl"),
+        "--output",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "RANDOM WEIGHTS" in res.stderr
+    resp = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(resp) == len(lines)
+    # Same checkpoint (seed 1 = the session's qwen3 fixture) scored in-process, serial mode.
+    ref = engine("qwen3", "serial").score_ids(query, items, LABELS)
+    assert resp[0]["object"] == "scoring" and resp[0]["model"] == "ck"
+    assert np.abs(np.log(resp[0]["scores"]) - np.log(ref)).max() <= 1e-4
+    assert resp[0]["usage"]["prompt_tokens"] == len(query) + sum(map(len, items))
+    assert resp[1]["code"] == 400 and "JSON" in resp[1]["message"]
+    assert resp[2]["object"] == "scoring" and len(resp[2]["scores"]) == 2
+    assert resp[3]["code"] == 400 and "label_token_ids" in resp[3]["message"]
+    assert resp[4]["code"] == 404 and "model" in resp[4]["message"]
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    (tmp_path / "req.jsonl").write_text("")
+    res = run_cli(
+        "score",
+        "--model-path",
+        str(tmp_path / "nope"),
+        "--input",
+        str(tmp_path / "req.jsonl"),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+    )
+    assert res.returncode == 2
+    assert "config.json" in res.stderr
