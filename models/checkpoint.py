@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,8 +146,8 @@ def _iter_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
                 yield name, f.get_tensor(name)
 
 
-def _read_hf_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
+def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json")
     return json.loads(path.read_text())
@@ -153,13 +155,13 @@ def _read_hf_config(model_dir: Path) -> dict[str, Any]:
 
 def has_random_weights(model_dir: str | Path) -> bool:
     """True for checkpoints written by `make_random_checkpoint` (scores mean nothing)."""
-    return bool(_read_hf_config(Path(model_dir)).get(RANDOM_WEIGHTS_KEY, False))
+    return bool(read_hf_config(Path(model_dir)).get(RANDOM_WEIGHTS_KEY, False))
 
 
 def load_checkpoint(model_dir: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Any]:
     """Load `config.json` + safetensors into (config, Flax params) in `dtype` (default: saved)."""
     model_dir = Path(model_dir)
-    cfg = from_hf_config(_read_hf_config(model_dir))
+    cfg = from_hf_config(read_hf_config(model_dir))
     dtype = dtype or cfg.dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -310,3 +312,25 @@ def make_random_checkpoint(
     )
     log.warning("wrote RANDOM-WEIGHT checkpoint %s (seed %d, %s) to %s", preset, seed, dtype, out)
     return out
+
+
+def demo_checkpoint_dir(preset: str, seed: int = 0) -> Path:
+    """Where the demo checkpoint of `preset` lives (`$MIS_SERVE_CACHE`, else ~/.cache)."""
+    root = os.environ.get("MIS_SERVE_CACHE") or Path.home() / ".cache" / "mis-serve"
+    return Path(root) / f"{preset}-random-seed{seed}"
+
+
+def ensure_demo_checkpoint(preset: str, seed: int = 0) -> Path:
+    """The random-weight demo checkpoint of `preset`, generated on first use. Safe when several
+    processes race: each writes a private temp dir and renames it into place."""
+    path = demo_checkpoint_dir(preset, seed)
+    if (path / "config.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    make_random_checkpoint(preset, tmp, seed=seed)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -18,7 +18,8 @@ from pydantic import ValidationError
 
 from models.checkpoint import DTYPES, make_random_checkpoint
 from models.config import PRESETS
-from models.engine import EngineConfig, MaskImpl, Mode, ScoringEngine, ScoringInputError
+from models.engine import EngineConfig, MaskImpl, Mode, ScoringEngine
+from models.inputs import ScoringInputError
 from serve_app.schema import ScoreRequest, error_body, validation_message
 
 log = logging.getLogger("mis-score")

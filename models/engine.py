@@ -27,6 +27,7 @@ import numpy as np
 from kernels.segment_attention import build_dense_mask
 from models.buckets import ladder_bucket, pow2_bucket, pow2_upto
 from models.checkpoint import load_checkpoint
+from models.inputs import Chunk, ScoringInputError, check_token_ids, tokenize_request
 from models.qwen import AttentionImpl, QwenForScoring, StreamLayout, StreamMeta
 from models.tokenizer import TextTokenizer
 from serve_app.schema import ScoreRequest, ScoreResponse, Usage
@@ -56,10 +57,6 @@ class MaskImpl(enum.Enum):
     AUTO = "auto"
 
 
-class ScoringInputError(ValueError):
-    """A request the engine cannot score; the message names the offending field."""
-
-
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs; every default lives here."""
@@ -72,11 +69,9 @@ class EngineConfig:
     prefix_cache_size: int = 32  # prefix mode: cached query prefills (LRU)
 
     def __post_init__(self) -> None:
-        for name in ("mode", "mask_impl"):
-            value = getattr(self, name)
-            enum_cls = Mode if name == "mode" else MaskImpl
-            if not isinstance(value, enum_cls):
-                object.__setattr__(self, name, enum_cls(value))
+        # Accept the enums' string values (CLI, YAML): Mode("prefix") is Mode.PREFIX.
+        object.__setattr__(self, "mode", Mode(self.mode))
+        object.__setattr__(self, "mask_impl", MaskImpl(self.mask_impl))
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.max_batch_tokens < 1 or self.prefix_cache_size < 0:
@@ -114,7 +109,8 @@ class ScoringEngine:
             self.tokenizer = None
         self._fns: dict[StreamLayout, Any] = {}
         self._shapes: set[tuple] = set()  # every input shape compiled so far
-        self._prefix_cache: collections.OrderedDict[tuple[int, ...], tuple[Any, int]] = (
+        # query tokens -> per-layer (K, V) of its prefill, each [layers, 1, P, kv_heads, dim]
+        self._prefix_cache: collections.OrderedDict[tuple[int, ...], Any] = (
             collections.OrderedDict()
         )
         self.stats = collections.Counter()
@@ -143,19 +139,26 @@ class ScoringEngine:
         )
 
     def tokenize(self, request: ScoreRequest) -> tuple[list[int], list[list[int]]]:
-        """Token ids of the query and every item (text is tokenized separately per piece)."""
-        if isinstance(request.query, list):
-            return list(request.query), [list(it) for it in request.items]  # type: ignore[arg-type]
-        if self.tokenizer is None:
-            raise ScoringInputError("query: text input needs a tokenizer.json in the model dir")
-        query_ids = self.tokenizer.encode(request.query)
-        items_ids = self.tokenizer.encode_batch(list(request.items))  # type: ignore[arg-type]
-        if not query_ids:
-            raise ScoringInputError("query: tokenizes to zero tokens")
-        for i, ids in enumerate(items_ids):
-            if not ids:
-                raise ScoringInputError(f"items[{i}]: tokenizes to zero tokens")
-        return query_ids, items_ids
+        return tokenize_request(request, self.tokenizer)
+
+    def score_chunks(self, chunks: Sequence[Chunk]) -> list[np.ndarray | ScoringInputError]:
+        """Score chunks (possibly of different queries); a bad chunk yields its error in its
+        place and does not affect the others. Chunks of one query share its prefill."""
+        out: list[np.ndarray | ScoringInputError] = []
+        for c in chunks:
+            try:
+                out.append(
+                    self.score_ids(
+                        c.query,
+                        c.items,
+                        c.label_ids,
+                        apply_softmax=c.apply_softmax,
+                        item_first=c.item_first,
+                    )
+                )
+            except ScoringInputError as e:
+                out.append(e)
+        return out
 
     def score_ids(
         self,
@@ -167,7 +170,7 @@ class ScoringEngine:
         item_first: bool = False,
     ) -> np.ndarray:
         """Scores [len(items), len(label_ids)] (float64) for token-id inputs."""
-        self._check_ids(query, items, label_ids)
+        check_token_ids(query, items, label_ids, self.vocab_size)
         if not items:
             return np.zeros((0, len(label_ids)))
         query, items = list(query), [list(it) for it in items]
@@ -216,33 +219,6 @@ class ScoringEngine:
             num_labels,
         )
         return compiled
-
-    # ----------------------------------------------------------------- validation
-
-    def _check_ids(self, query, items, label_ids) -> None:
-        v = self.vocab_size
-
-        def bad(ids) -> int | None:
-            for t in ids:
-                if not 0 <= t < v:
-                    return t
-            return None
-
-        if not query:
-            raise ScoringInputError("query: must not be empty")
-        if (t := bad(query)) is not None:
-            raise ScoringInputError(f"query: token id {t} is outside the vocabulary [0, {v})")
-        for i, it in enumerate(items):
-            if not it:
-                raise ScoringInputError(f"items[{i}]: must not be empty")
-            if (t := bad(it)) is not None:
-                raise ScoringInputError(
-                    f"items[{i}]: token id {t} is outside the vocabulary [0, {v})"
-                )
-        if not label_ids:
-            raise ScoringInputError("label_token_ids: must not be empty")
-        if (t := bad(label_ids)) is not None:
-            raise ScoringInputError(f"label_token_ids: id {t} is outside the vocabulary [0, {v})")
 
     # ----------------------------------------------------------------- modes
 
@@ -332,7 +308,7 @@ class ScoringEngine:
         b.tokens[0, : len(query)] = query
         b.pos[0] = np.arange(head)
         b.prefix_len[0] = len(query)
-        self._note_shape((layout, b.tokens.shape))
+        self._note_shape(layout, rows=1)
         fn = self._fn(layout)
         _, _, kv = fn(
             self.params, b.tokens, b.pos, b.item_off, b.prefix_len, None, None, None, None
@@ -369,11 +345,20 @@ class ScoringEngine:
             fn = self._fns[layout] = jax.jit(forward)
         return fn
 
-    def _note_shape(self, key: tuple) -> None:
+    def _note_shape(self, layout: StreamLayout, rows: int, prefix: int = 0, labels: int = 0):
+        """Log each new input shape: each one costs an XLA compilation."""
+        key = (layout, rows, prefix, labels)
         if key not in self._shapes:
             self._shapes.add(key)
             self.stats["compiles"] += 1
-            log.info("compiling shape #%d: %s", len(self._shapes), key)
+            log.info(
+                "compiling shape #%d: %s, %d rows, prefix %d, %d labels",
+                len(self._shapes),
+                layout,
+                rows,
+                prefix,
+                labels,
+            )
 
     def _run(self, b: _Batch, prefix_kv=None) -> tuple[np.ndarray, np.ndarray]:
         dense_mask = None
@@ -385,8 +370,8 @@ class ScoringEngine:
                 head_len=b.layout.head_len,
                 slot_len=b.layout.slot_len,
             )
-        prefix_len = None if prefix_kv is None else prefix_kv[0].shape[2]
-        self._note_shape((b.layout, b.tokens.shape, prefix_len, b.label_ids.shape[1]))
+        prefix = 0 if prefix_kv is None else prefix_kv[0].shape[2]
+        self._note_shape(b.layout, len(b.tokens), prefix, b.label_ids.shape[1])
         ll, lse, _ = self._fn(b.layout)(
             self.params,
             b.tokens,

@@ -38,6 +38,13 @@ class StreamLayout:
     def length(self) -> int:
         return self.head_len + self.num_slots * self.slot_len
 
+    def __str__(self) -> str:
+        kv = " +kv" if self.return_kv else ""
+        return (
+            f"head {self.head_len} + {self.num_slots}x{self.slot_len} slots, "
+            f"{self.attention.value}{kv}"
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class StreamMeta:

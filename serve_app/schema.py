@@ -3,6 +3,7 @@ and the offline CLI. Pure pydantic: importing this module does not import Ray.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import (
@@ -81,9 +82,20 @@ def error_body(message: str, code: int, type_: str = "BadRequestError") -> dict[
 
 def validation_message(err: ValidationError) -> str:
     """One line per problem, each starting with the field path (e.g. `items.3: ...`)."""
+    return format_errors(err.errors())
+
+
+def format_errors(errors: Sequence[Any]) -> str:
+    """pydantic / FastAPI error dicts -> `field: message; field: message`."""
     lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            lines.append(f"body: invalid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
+            continue
+        parts = list(e["loc"])
+        if parts[:1] == ["body"]:  # FastAPI's prefix for fields of the JSON body
+            parts = parts[1:]
+        loc = ".".join(str(p) for p in parts if not _is_union_tag(p))
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg)
     return "; ".join(dict.fromkeys(lines))

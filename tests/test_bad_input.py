@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from models.engine import ScoringInputError
+from models.inputs import ScoringInputError
 from serve_app.schema import ScoreRequest, validation_message
 
 OK = {"query": [1, 2], "items": [[3], [4, 5]], "label_token_ids": [9454, 2753]}

@@ -1,0 +1,52 @@
+"""Locust load test of `/v1/score` with the reference workload.
+
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 \
+        [--query-tokens 2000 --items 500 --item-tokens 20 --labels 9454,2753]
+
+Workload flags default to the env vars MIS_QUERY_TOKENS, MIS_ITEMS, MIS_ITEM_TOKENS,
+MIS_LABELS. Chunk size is a deployment setting (`chunk_size` in the app args), not a request
+field. Every response is checked (item count, label count, probabilities in [0, 1]); a bad
+payload counts as a failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from locust import HttpUser, events, task
+
+from loadtests.workload import Workload, check_response
+
+_SEEDS = itertools.count()
+
+
+@events.init_command_line_parser.add_listener
+def _args(parser) -> None:
+    d = Workload.from_env()
+    parser.add_argument("--query-tokens", type=int, default=d.query_tokens)
+    parser.add_argument("--items", type=int, default=d.items)
+    parser.add_argument("--item-tokens", type=int, default=d.item_tokens)
+    parser.add_argument("--labels", default=",".join(map(str, d.label_ids)))
+
+
+class ScoreUser(HttpUser):
+    def on_start(self) -> None:
+        o = self.environment.parsed_options
+        self.workload = Workload(
+            o.query_tokens, o.items, o.item_tokens, tuple(int(x) for x in o.labels.split(","))
+        )
+
+    @task
+    def score(self) -> None:
+        body = self.workload.body(seed=next(_SEEDS))
+        with self.client.post(
+            "/v1/score", json=body, catch_response=True, name="/v1/score"
+        ) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                return
+            problem = check_response(resp.json(), self.workload)
+            if problem:
+                resp.failure(problem)
+            else:
+                resp.success()

@@ -1,0 +1,39 @@
+"""Application builder: `serve run configs/config.yaml` or
+`serve run serve_app.app:build_app model_path=DIR mode=prefix ...`."""
+
+import logging
+from typing import Any
+
+from ray.serve import Application
+
+from models.checkpoint import ensure_demo_checkpoint
+from serve_app.config import AppArgs
+from serve_app.ingress import ScoreIngress
+from serve_app.scorer import Scorer
+
+log = logging.getLogger("ray.serve")
+
+
+def build_app(args: AppArgs) -> Application:
+    """The builder `serve run` calls (Serve validates `args` against AppArgs). Replica counts
+    and resources come from the config's `deployments:` section."""
+    return build_graph(args)
+
+
+def build_graph(
+    args: AppArgs | dict[str, Any], scorer_options: dict[str, Any] | None = None
+) -> Application:
+    """Ingress -> Scorer replicas; `scorer_options` go to `Scorer.options()` (Python callers)."""
+    args = AppArgs.model_validate(args)
+    if args.model_path is None:
+        path = ensure_demo_checkpoint(args.demo_preset)
+        log.warning(
+            "no model_path: serving the RANDOM-WEIGHT demo checkpoint %s (%s); scores "
+            "are meaningless",
+            args.demo_preset,
+            path,
+        )
+    log.info("mis-serve settings: %s", args.model_dump(mode="json"))
+    plain = args.model_dump(mode="json")
+    scorer = Scorer.options(**scorer_options) if scorer_options else Scorer
+    return ScoreIngress.bind(scorer.bind(plain), plain)

@@ -1,0 +1,63 @@
+"""Typed arguments of the application builder (`serve run ... key=value` or a config's `args`).
+
+Engine defaults come from `EngineConfig`, so each default is defined once.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.config import PRESETS
+from models.engine import EngineConfig, MaskImpl, Mode
+
+_ENGINE = EngineConfig()
+
+
+class AppArgs(BaseModel):
+    """Everything `build_app` takes; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_path: str | None = Field(
+        default=None,
+        description="HF checkpoint directory (config.json + safetensors + tokenizer.json). "
+        "Default: the RANDOM-WEIGHT demo checkpoint of `demo_preset`, generated on first start.",
+    )
+    demo_preset: str = Field(default="qwen3-tiny", description=f"One of {sorted(PRESETS)}.")
+    model_name: str | None = Field(
+        default=None, description="Name in responses and /v1/models (default: the dir name)."
+    )
+    mode: Mode = Field(default=_ENGINE.mode, description="serial | packed | prefix")
+    mask_impl: MaskImpl = Field(default=_ENGINE.mask_impl, description="packed mode: mask")
+    chunk_size: int = Field(default=_ENGINE.chunk_size, ge=1, description="Items per chunk.")
+    max_chunk_tokens: int = Field(
+        default=4096, ge=1, description="Item tokens per chunk (a chunk ends at either limit)."
+    )
+    dtype: str | None = Field(default=None, description="float32 | bfloat16 (default: saved)")
+    max_items_per_request: int = Field(default=2048, ge=1)
+    max_tokens_per_item: int = Field(default=512, ge=1)
+    max_query_tokens: int = Field(default=8192, ge=1)
+    max_batch_size: int = Field(
+        default=8, ge=1, description="Chunks a scorer replica takes per batch (@serve.batch)."
+    )
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
+    warmup_query_tokens: tuple[int, int] | None = Field(
+        default=(1, 128),
+        description="Query lengths (min, max) whose shape buckets each replica compiles before "
+        "it reports healthy; null: no warm-up.",
+    )
+    warmup_item_tokens: tuple[int, int] = Field(default=(1, 32))
+    warmup_num_labels: tuple[int, int] = Field(default=(1, 2))
+
+    @model_validator(mode="after")
+    def _check(self) -> AppArgs:
+        if self.demo_preset not in PRESETS:
+            raise ValueError(f"demo_preset {self.demo_preset!r} is not one of {sorted(PRESETS)}")
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"dtype {self.dtype!r} is not float32 or bfloat16")
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            mode=self.mode, mask_impl=self.mask_impl, chunk_size=self.chunk_size, dtype=self.dtype
+        )

@@ -1,0 +1,168 @@
+"""HTTP ingress: validate and tokenize, split into chunks, fan out to scorers, merge in order.
+
+No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations
+at import time to build the request models and the OpenAPI schema.
+"""
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_hf_config
+from models.inputs import Chunk, ScoringInputError, check_token_ids, tokenize_request
+from models.tokenizer import TextTokenizer
+from serve_app.chunking import split_items
+from serve_app.config import AppArgs
+from serve_app.schema import ScoreRequest, ScoreResponse, Usage, error_body, format_errors
+
+log = logging.getLogger("ray.serve")
+
+api = FastAPI(
+    title="mis-serve",
+    description="Multi-item scoring: P(label token | query ++ item) for every item.",
+    version="0.1.0",
+)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {
+        "description": text,
+        "content": {"application/json": {"example": error_body(text, code)}},
+    }
+    for code, text in [(400, "items[3]: must not be empty"), (404, "model: unknown model")]
+}
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body(format_errors(exc.errors()), 400), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
+    return JSONResponse(
+        error_body(str(exc.detail), exc.status_code, kind), status_code=exc.status_code
+    )
+
+
+def _error(message: str, code: int = 400) -> JSONResponse:
+    kind = "NotFoundError" if code == 404 else "BadRequestError"
+    return JSONResponse(error_body(message, code, kind), status_code=code)
+
+
+@serve.deployment(name="ScoreIngress", max_ongoing_requests=256)
+@serve.ingress(api)
+class ScoreIngress:
+    def __init__(self, scorer: DeploymentHandle, args: dict[str, Any]):
+        self.args = AppArgs.model_validate(args)
+        path = Path(self.args.model_path or ensure_demo_checkpoint(self.args.demo_preset))
+        self.model_name = self.args.model_name or path.name
+        self.vocab_size = int(read_hf_config(path)["vocab_size"])
+        self.random_weights = has_random_weights(path)
+        try:
+            self.tokenizer: TextTokenizer | None = TextTokenizer.from_model_dir(path)
+        except FileNotFoundError:
+            self.tokenizer = None
+        self.scorer = scorer
+        log.info(
+            "ingress ready: model %s (%s)%s, settings %s",
+            self.model_name,
+            path,
+            " RANDOM WEIGHTS" if self.random_weights else "",
+            self.args.model_dump(),
+        )
+
+    @api.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
+    async def score(self, body: ScoreRequest) -> Any:
+        """Scores of every item, in item order (SGLang-compatible)."""
+        start = time.perf_counter()
+        if body.model is not None and body.model != self.model_name:
+            return _error(f"model: unknown model {body.model!r}; serving {self.model_name!r}", 404)
+        try:
+            query, items = tokenize_request(body, self.tokenizer)
+            self._check_limits(query, items)
+            check_token_ids(query, items, body.label_token_ids, self.vocab_size)
+        except ScoringInputError as e:
+            return _error(str(e))
+        ranges = split_items(items, self.args.chunk_size, self.args.max_chunk_tokens)
+        chunks = [
+            Chunk(
+                tuple(query),
+                tuple(tuple(items[i]) for i in r),
+                tuple(body.label_token_ids),
+                body.apply_softmax,
+                body.item_first,
+            )
+            for r in ranges
+        ]
+        try:
+            results = await asyncio.gather(*(self.scorer.score.remote(c) for c in chunks))
+        except ScoringInputError as e:
+            return _error(str(e))
+        scores = (
+            np.concatenate([r.scores for r in results])
+            if results
+            else np.zeros((0, len(body.label_token_ids)))
+        )
+        replicas = sorted({r.replica for r in results})
+        n_tokens = len(query) + sum(map(len, items))
+        log.info(
+            "scored %d items in %d chunks on %d replicas in %.1f ms",
+            len(items),
+            len(chunks),
+            len(replicas),
+            1e3 * (time.perf_counter() - start),
+        )
+        response = ScoreResponse(
+            scores=scores.tolist(),
+            model=self.model_name,
+            usage=Usage(prompt_tokens=n_tokens, total_tokens=n_tokens),
+        )
+        return JSONResponse(
+            response.model_dump(),
+            headers={"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(chunks))},
+        )
+
+    def _check_limits(self, query: list[int], items: list[list[int]]) -> None:
+        a = self.args
+        if len(items) > a.max_items_per_request:
+            raise ScoringInputError(
+                f"items: {len(items)} items exceed max_items_per_request={a.max_items_per_request}"
+            )
+        if len(query) > a.max_query_tokens:
+            raise ScoringInputError(
+                f"query: {len(query)} tokens exceed max_query_tokens={a.max_query_tokens}"
+            )
+        for i, it in enumerate(items):
+            if len(it) > a.max_tokens_per_item:
+                raise ScoringInputError(
+                    f"items[{i}]: {len(it)} tokens exceed "
+                    f"max_tokens_per_item={a.max_tokens_per_item}"
+                )
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "owned_by": "mis-serve",
+                    "random_weights": self.random_weights,
+                }
+            ],
+        }

@@ -1,0 +1,91 @@
+"""Scorer replica: one engine per replica, chunks from concurrent requests batched together."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from models.checkpoint import ensure_demo_checkpoint, has_random_weights
+from models.engine import ScoringEngine
+from models.inputs import Chunk, ScoringInputError
+from serve_app.config import AppArgs
+
+log = logging.getLogger("ray.serve")
+
+
+def _route_engine_logs() -> None:
+    """Send the engine's INFO logs (loads, warm-up, new shapes) to this replica's Serve log."""
+    engine_log = logging.getLogger("models")
+    engine_log.setLevel(logging.INFO)
+    for handler in log.handlers:
+        if handler not in engine_log.handlers:
+            engine_log.addHandler(handler)
+    engine_log.propagate = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkResult:
+    scores: np.ndarray  # [items, labels]
+    replica: str  # which replica scored it (the ingress reports these)
+
+
+# max_ongoing_requests bounds what one replica holds (two batches of 8 chunks); beyond it the
+# router must pick another replica, which spreads a burst of chunks over the replicas.
+@serve.deployment(name="Scorer", max_ongoing_requests=16, health_check_period_s=10)
+class Scorer:
+    """Loads the model and compiles the warm-up buckets before it reports healthy."""
+
+    def __init__(self, args: dict[str, Any]):
+        _route_engine_logs()
+        self.args = AppArgs.model_validate(args)
+        self._failure: str | None = None
+        path = self.args.model_path or ensure_demo_checkpoint(self.args.demo_preset)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.engine = ScoringEngine(path, self.args.engine_config())
+        if has_random_weights(path):
+            log.warning("replica %s serves RANDOM WEIGHTS from %s", self.replica, path)
+        if self.args.warmup_query_tokens is not None:
+            self.engine.warmup(
+                self.args.warmup_query_tokens,
+                self.args.warmup_item_tokens,
+                self.args.warmup_num_labels,
+            )
+        self._score_batch.set_max_batch_size(self.args.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        log.info("replica %s ready: %s", self.replica, self.engine.config)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live settings: `max_batch_size`, `batch_wait_timeout_s`."""
+        if "max_batch_size" in user_config:
+            self._score_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self._score_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    async def score(self, chunk: Chunk) -> ChunkResult:
+        result = await self._score_batch(chunk)
+        if isinstance(result, ScoringInputError):
+            raise result
+        return ChunkResult(scores=result, replica=self.replica)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _score_batch(self, chunks: list[Chunk]) -> list[np.ndarray | ScoringInputError]:
+        # The forward runs in a thread so this replica keeps queueing chunks meanwhile.
+        try:
+            return await asyncio.to_thread(self.engine.score_chunks, chunks)
+        except Exception as e:  # not a bad input: the engine itself failed
+            self._failure = f"{type(e).__name__}: {e}"
+            log.exception("replica %s: engine failure", self.replica)
+            raise
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.engine.stats)
+
+    def check_health(self) -> None:
+        """Unhealthy after an engine failure, so Serve replaces this replica."""
+        if self._failure is not None:
+            raise RuntimeError(f"engine failed: {self._failure}")

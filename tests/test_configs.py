@@ -1,0 +1,36 @@
+"""Every shipped config parses as a Serve config and its args validate as AppArgs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.config import AppArgs
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_is_valid(path):
+    raw = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    (app,) = schema.applications
+    assert app.import_path == "serve_app.app:build_app"
+    AppArgs.model_validate(app.args)
+    names = {d.name for d in app.deployments}
+    assert names == {"ScoreIngress", "Scorer"}
+
+
+def test_cpu_config_fits_two_cores():
+    raw = yaml.safe_load((CONFIGS[0].parent / "config.yaml").read_text())
+    deps = raw["applications"][0]["deployments"]
+    cpus = sum(d.get("num_replicas", 1) * d["ray_actor_options"]["num_cpus"] for d in deps)
+    assert cpus <= 2
+
+
+def test_unknown_args_are_rejected():
+    with pytest.raises(ValueError, match="extra"):
+        AppArgs.model_validate({"chunk_sizes": 3})
