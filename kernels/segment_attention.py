@@ -49,6 +49,11 @@ def _masked_softmax_parts(s: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax
     return m, p, jnp.einsum("...k,k->...", p, ones)
 
 
+def _k_minor(x: jax.Array) -> jax.Array:
+    """[B, K, T, ...] -> [B, T, K, ...]."""
+    return x.swapaxes(1, 2)
+
+
 def segment_attention(
     q: jax.Array,  # [B, T, K, G, D]  queries, grouped per kv head (G = q heads per kv head)
     k: jax.Array,  # [B, T, K, D]     the stream's own keys
@@ -75,14 +80,17 @@ def segment_attention(
     mask_a = (p_idx[None, None, :] < prefix_len[:, None, None]) & (
         p_idx[None, None, :] <= pos[:, :, None]
     )  # [B, T, P]
-    s_a = jnp.einsum("btkgd,bpkd->btkgp", q, prefix_k, preferred_element_type=jnp.float32)
-    m_a, p_a, l_a = _masked_softmax_parts(s_a * scale, mask_a[:, :, None, None, :])
+    # Scores are laid out [B, K, T, G, P] (the dot's natural batch-major output), so neither
+    # the big score array nor its exp is ever transposed; only the small outputs are.
+    s_a = jnp.einsum("btkgd,bpkd->bktgp", q, prefix_k, preferred_element_type=jnp.float32)
+    m_a, p_a, l_a = _masked_softmax_parts(s_a * scale, mask_a[:, None, :, None, :])
     o_a = jnp.einsum(
-        "btkgp,bpkd->btkgd",
+        "bktgp,bpkd->bktgd",
         p_a.astype(prefix_v.dtype),
         prefix_v,
         preferred_element_type=jnp.float32,
     )
+    m_a, l_a, o_a = _k_minor(m_a), _k_minor(l_a), _k_minor(o_a)  # -> [B, T, K, G(, D)]
     if num_slots == 0:
         return (o_a / l_a[..., None]).astype(out_dtype)
 
@@ -93,11 +101,12 @@ def segment_attention(
     w_idx = jnp.arange(slot_len, dtype=jnp.int32)
     live = slots(item_off) >= 0  # [B, S, W]
     mask_b = (w_idx[None, :] <= w_idx[:, None])[None, None] & live[..., None]  # [B, S, W, W]
-    s_b = jnp.einsum("bswkgd,bsukd->bswkgu", slots(q), slots(k), preferred_element_type=jnp.float32)
-    m_b, p_b, l_b = _masked_softmax_parts(s_b * scale, mask_b[:, :, :, None, None, :])
+    s_b = jnp.einsum("bswkgd,bsukd->bskwgu", slots(q), slots(k), preferred_element_type=jnp.float32)
+    m_b, p_b, l_b = _masked_softmax_parts(s_b * scale, mask_b[:, :, None, :, None, :])
     o_b = jnp.einsum(
-        "bswkgu,bsukd->bswkgd", p_b.astype(v.dtype), slots(v), preferred_element_type=jnp.float32
+        "bskwgu,bsukd->bskwgd", p_b.astype(v.dtype), slots(v), preferred_element_type=jnp.float32
     )
+    m_b, l_b, o_b = (x.swapaxes(2, 3) for x in (m_b, l_b, o_b))  # -> [B, S, W, K, G(, D)]
 
     def flat(x: jax.Array) -> jax.Array:
         return x.reshape(b, num_slots * slot_len, *x.shape[3:])
@@ -118,10 +127,10 @@ def dense_mask_attention(
     mask: jax.Array,  # [B, T, T] bool, True where token t may attend to key u
 ) -> jax.Array:  # [B, T, K, G, D]
     """Plain attention over all T x T pairs with a materialised mask (the slow baseline)."""
-    s = jnp.einsum("btkgd,bukd->btkgu", q, k, preferred_element_type=jnp.float32)
-    _, p, l_sum = _masked_softmax_parts(s * q.shape[-1] ** -0.5, mask[:, :, None, None, :])
-    o = jnp.einsum("btkgu,bukd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (o / l_sum[..., None]).astype(q.dtype)
+    s = jnp.einsum("btkgd,bukd->bktgu", q, k, preferred_element_type=jnp.float32)
+    _, p, l_sum = _masked_softmax_parts(s * q.shape[-1] ** -0.5, mask[:, None, :, None, :])
+    o = jnp.einsum("bktgu,bukd->bktgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return _k_minor(o / l_sum[..., None]).astype(q.dtype)
 
 
 def build_dense_mask(
