@@ -137,25 +137,15 @@ def _qwen3(**kw: Any) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
+# Small enough for fast tests, but with GQA (4 q heads over 2 kv heads) and the real vocab.
+_TINY = dict(
+    hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128
+)
+_QWEN3_TINY = _qwen3(**_TINY)
+
 PRESETS: dict[str, ModelConfig] = {
-    # Small enough for fast tests, but with GQA (4 q heads over 2 kv heads) and the real vocab.
-    "qwen3-tiny": _qwen3(
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-    ),
-    "qwen3-tiny-untied": _qwen3(
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        tie_word_embeddings=False,
-    ),
+    "qwen3-tiny": _QWEN3_TINY,
+    "qwen3-tiny-untied": dataclasses.replace(_QWEN3_TINY, tie_word_embeddings=False),
     "qwen3-bench-s": _qwen3(
         hidden_size=512,
         num_layers=8,
@@ -172,20 +162,8 @@ PRESETS: dict[str, ModelConfig] = {
         head_dim=128,
         intermediate_size=3072,
     ),
-    "qwen2-tiny": ModelConfig(
-        model_type="qwen2",
-        vocab_size=151936,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        qkv_bias=True,
-        o_bias=False,
-        qk_norm=False,
+    # Qwen2 family: qkv bias, no q/k norm, untied head.
+    "qwen2-tiny": dataclasses.replace(
+        _QWEN3_TINY, model_type="qwen2", tie_word_embeddings=False, qkv_bias=True, qk_norm=False
     ),
 }

@@ -82,9 +82,6 @@ class Scorer:
             log.exception("replica %s: engine failure", self.replica)
             raise
 
-    def stats(self) -> dict[str, int]:
-        return dict(self.engine.stats)
-
     def check_health(self) -> None:
         """Unhealthy after an engine failure, so Serve replaces this replica."""
         if self._failure is not None:
