@@ -65,7 +65,10 @@ class EngineConfig:
     mask_impl: MaskImpl = MaskImpl.AUTO  # packed mode only
     chunk_size: int = 64  # items per packed stream / per prefix batch / serial rows per forward
     dtype: str | None = None  # None: the checkpoint's dtype
-    max_batch_tokens: int = 8192  # serial mode: rows per forward are capped by this token count
+    max_batch_tokens: int = 8192  # rows per forward are capped by this token count
+    # Multi-item rows (chunks, possibly of different requests) packed into one forward. 1 on a
+    # CPU (no gain, and each row count is another compiled shape); raise it on accelerators.
+    max_batch_rows: int = 1
     prefix_cache_size: int = 32  # prefix mode: cached query prefills (LRU)
 
     def __post_init__(self) -> None:
@@ -74,8 +77,22 @@ class EngineConfig:
         object.__setattr__(self, "mask_impl", MaskImpl(self.mask_impl))
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.max_batch_tokens < 1 or self.prefix_cache_size < 0:
-            raise ValueError("max_batch_tokens must be >= 1 and prefix_cache_size >= 0")
+        if self.max_batch_tokens < 1 or self.max_batch_rows < 1 or self.prefix_cache_size < 0:
+            raise ValueError(
+                "max_batch_tokens and max_batch_rows must be >= 1, prefix_cache_size >= 0"
+            )
+
+
+@dataclasses.dataclass
+class _Row:
+    """One multi-item stream row: a query and up to chunk_size items of one slot length."""
+
+    query: list[int]
+    items: list[list[int]]
+    slot_len: int
+    label_ids: Sequence[int]
+    prefix_kv: Any  # prefix mode: the query's cached prefill; None in packed mode
+    dest: tuple[int, list[int]]  # (chunk index, item indices inside that chunk)
 
 
 @dataclasses.dataclass
@@ -88,8 +105,7 @@ class _Batch:
     item_off: np.ndarray  # [B, T]
     prefix_len: np.ndarray  # [B]
     score_idx: np.ndarray  # [B, S]
-    label_ids: np.ndarray  # [B, NL] (padded to a bucket)
-    num_labels: int  # real labels; the padded ones are dropped from the results
+    label_ids: np.ndarray  # [B, NL] (padded to a bucket; callers drop the padded columns)
 
 
 class ScoringEngine:
@@ -142,23 +158,37 @@ class ScoringEngine:
         return tokenize_request(request, self.tokenizer)
 
     def score_chunks(self, chunks: Sequence[Chunk]) -> list[np.ndarray | ScoringInputError]:
-        """Score chunks (possibly of different queries); a bad chunk yields its error in its
-        place and does not affect the others. Chunks of one query share its prefill."""
-        out: list[np.ndarray | ScoringInputError] = []
-        for c in chunks:
+        """Score chunks (possibly of different queries) -> scores [items, labels] per chunk.
+
+        A bad chunk yields its error in its place and does not affect the others. Chunks of one
+        query share its prefill; multi-item rows of all chunks that share a shape bucket go
+        through one forward (up to `max_batch_rows` rows).
+        """
+        out: list[np.ndarray | ScoringInputError | None] = [None] * len(chunks)
+        partial: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        rows: list[_Row] = []
+        for ci, c in enumerate(chunks):
             try:
-                out.append(
-                    self.score_ids(
-                        c.query,
-                        c.items,
-                        c.label_ids,
-                        apply_softmax=c.apply_softmax,
-                        item_first=c.item_first,
-                    )
-                )
+                check_token_ids(c.query, c.items, c.label_ids, self.vocab_size)
             except ScoringInputError as e:
-                out.append(e)
-        return out
+                out[ci] = e
+                continue
+            query, items = list(c.query), [list(it) for it in c.items]
+            ll = np.zeros((len(items), len(c.label_ids)), np.float32)
+            lse = np.zeros((len(items),), np.float32)
+            partial[ci] = (ll, lse)
+            if not items:
+                continue
+            if c.item_first or self.config.mode is Mode.SERIAL:
+                seqs = [it + query if c.item_first else query + it for it in items]
+                ll[:], lse[:] = self._score_serial(seqs, c.label_ids)
+            else:
+                rows += self._plan_rows(ci, query, items, c.label_ids)
+        self._run_rows(rows, partial)
+        for ci, (ll, lse) in partial.items():
+            out[ci] = _finish(ll, lse, chunks[ci].apply_softmax)
+            self.stats["items"] += len(ll)
+        return out  # type: ignore[return-value]
 
     def score_ids(
         self,
@@ -170,17 +200,13 @@ class ScoringEngine:
         item_first: bool = False,
     ) -> np.ndarray:
         """Scores [len(items), len(label_ids)] (float64) for token-id inputs."""
-        check_token_ids(query, items, label_ids, self.vocab_size)
-        if not items:
-            return np.zeros((0, len(label_ids)))
-        query, items = list(query), [list(it) for it in items]
-        if item_first or self.config.mode is Mode.SERIAL:
-            seqs = [it + query if item_first else query + it for it in items]
-            label_logits, lse = self._score_serial(seqs, label_ids)
-        else:
-            label_logits, lse = self._score_multi_item(query, items, label_ids)
-        self.stats["items"] += len(items)
-        return _finish(label_logits, lse, apply_softmax)
+        chunk = Chunk(
+            tuple(query), tuple(map(tuple, items)), tuple(label_ids), apply_softmax, item_first
+        )
+        (result,) = self.score_chunks([chunk])
+        if isinstance(result, ScoringInputError):
+            raise result
+        return result
 
     def warmup(
         self,
@@ -203,11 +229,15 @@ class ScoringEngine:
                     for rows in pow2_upto(self._serial_rows(rb)):
                         self._score_serial([[0] * rb] * rows, labels)
                 continue
+            head = self.config.mode is Mode.PACKED
             for qb in q_buckets:
                 for w in w_buckets:
                     for s in pow2_upto(self.config.chunk_size, MIN_SLOTS):
-                        items = [[0] * w] * min(s, self.config.chunk_size)
-                        self._score_multi_item([0] * qb, items, labels)
+                        n = min(s, self.config.chunk_size)
+                        cap = self._rows_per_forward((qb if head else 0) + s * w)
+                        for rows in pow2_upto(min(self.config.max_batch_rows, cap)):
+                            chunk = Chunk(tuple([0] * qb), ((0,) * w,) * n, tuple(labels))
+                            self.score_chunks([chunk] * rows)
         self._prefix_cache.clear()
         compiled = len(self._shapes) - before
         log.info(
@@ -222,9 +252,13 @@ class ScoringEngine:
 
     # ----------------------------------------------------------------- modes
 
+    def _rows_per_forward(self, length: int) -> int:
+        """Most rows of `length` tokens that fit `max_batch_tokens` (a power of two, >= 1)."""
+        cap = max(1, self.config.max_batch_tokens // length)
+        return 1 << (cap.bit_length() - 1)
+
     def _serial_rows(self, row_len: int) -> int:
-        cap = max(1, self.config.max_batch_tokens // row_len)
-        return min(pow2_bucket(self.config.chunk_size), 1 << (cap.bit_length() - 1))
+        return min(pow2_bucket(self.config.chunk_size), self._rows_per_forward(row_len))
 
     def _score_serial(self, seqs: list[list[int]], label_ids) -> tuple[np.ndarray, np.ndarray]:
         row_len = ladder_bucket(max(len(s) for s in seqs), MIN_HEAD_TOKENS)
@@ -234,64 +268,93 @@ class ScoringEngine:
             group = seqs[start : start + per_forward]
             rows = pow2_bucket(len(group))
             layout = StreamLayout(head_len=row_len)
-            batch = _empty_batch(layout, rows, 1, label_ids)
+            batch = _empty_batch(layout, rows, 1, pow2_bucket(len(label_ids), MIN_LABELS))
+            batch.label_ids[:, : len(label_ids)] = label_ids
             for r, s in enumerate(group):
                 batch.tokens[r, : len(s)] = s
                 batch.prefix_len[r] = len(s)
                 batch.score_idx[r, 0] = len(s) - 1
             batch.pos[:] = np.arange(row_len)
             ll, lse = self._run(batch)
-            outs.append((ll[: len(group), 0], lse[: len(group), 0]))
+            outs.append((ll[: len(group), 0, : len(label_ids)], lse[: len(group), 0]))
         return _concat(outs)
 
-    def _score_multi_item(self, query, items, label_ids) -> tuple[np.ndarray, np.ndarray]:
+    def _plan_rows(self, ci: int, query, items, label_ids) -> list[_Row]:
         """Items are grouped by their own slot-length bucket, then chunked in item order.
 
         Grouping pads each item only to its own bucket, and it keeps an item's slot shape
         independent of every other item, so changing one item cannot move another item's
         arithmetic onto a different program (isolation is exact, not approximate).
         """
-        mode = self.config.mode
-        prefix_kv = self._prefill(query) if mode is Mode.PREFIX else None
+        prefix_kv = self._prefill(query) if self.config.mode is Mode.PREFIX else None
         groups: dict[int, list[int]] = {}
         for i, it in enumerate(items):
             groups.setdefault(slot_bucket(len(it)), []).append(i)
-        label_logits = np.zeros((len(items), len(label_ids)), np.float32)
-        lse = np.zeros((len(items),), np.float32)
+        rows = []
         for slot_len, members in sorted(groups.items()):
             for start in range(0, len(members), self.config.chunk_size):
                 idx = members[start : start + self.config.chunk_size]
-                batch = self._pack_chunk(
-                    query,
-                    [items[i] for i in idx],
-                    slot_len,
-                    label_ids,
-                    with_head=mode is Mode.PACKED,
+                rows.append(
+                    _Row(query, [items[i] for i in idx], slot_len, label_ids, prefix_kv, (ci, idx))
                 )
-                ll, ls = self._run(batch, prefix_kv)
-                label_logits[idx], lse[idx] = ll[0, : len(idx)], ls[0, : len(idx)]
-        return label_logits, lse
+        return rows
 
-    def _pack_chunk(self, query, chunk, slot_len, label_ids, *, with_head: bool) -> _Batch:
-        """One stream `[query (padded) | slot per item]`, or only the slots for prefix mode."""
-        q = len(query)
-        head = ladder_bucket(q, MIN_HEAD_TOKENS) if with_head else 0
-        slots = pow2_bucket(len(chunk), MIN_SLOTS)
-        dense = with_head and self.config.mask_impl is MaskImpl.DENSE
+    def _run_rows(self, rows: list[_Row], partial) -> None:
+        """Forward rows that share a shape bucket together; scatter results to their chunks."""
+        with_head = self.config.mode is Mode.PACKED
+        groups: dict[tuple[int, int, int, int], list[_Row]] = {}
+        for r in rows:
+            key = (
+                r.slot_len,
+                pow2_bucket(len(r.items), MIN_SLOTS),
+                ladder_bucket(len(r.query), MIN_HEAD_TOKENS),
+                pow2_bucket(len(r.label_ids), MIN_LABELS),
+            )
+            groups.setdefault(key, []).append(r)
+        for (slot_len, slots, head, labels), members in groups.items():
+            length = (head if with_head else 0) + slots * slot_len
+            per = min(self.config.max_batch_rows, self._rows_per_forward(length))
+            for start in range(0, len(members), per):
+                part = members[start : start + per]
+                batch = self._pack_rows(part, slots, slot_len, head if with_head else 0, labels)
+                prefix_kv = None
+                if self.config.mode is Mode.PREFIX:
+                    kvs = [r.prefix_kv for r in part]
+                    kvs += kvs[:1] * (len(batch.tokens) - len(part))  # padding rows
+                    prefix_kv = (
+                        kvs[0]
+                        if len(kvs) == 1
+                        else tuple(jnp.concatenate([kv[i] for kv in kvs], axis=1) for i in (0, 1))
+                    )
+                ll, lse = self._run(batch, prefix_kv)
+                for i, r in enumerate(part):
+                    ci, idx = r.dest
+                    n = len(idx)
+                    partial[ci][0][idx] = ll[i, :n, : len(r.label_ids)]
+                    partial[ci][1][idx] = lse[i, :n]
+
+    def _pack_rows(
+        self, part: list[_Row], slots: int, slot_len: int, head: int, labels: int
+    ) -> _Batch:
+        """Row r: `[query (padded to head) | slot per item]`; head = 0 in prefix mode."""
+        dense = head > 0 and self.config.mask_impl is MaskImpl.DENSE
         attention = AttentionImpl.DENSE if dense else AttentionImpl.SEGMENT
         layout = StreamLayout(head, slots, slot_len, attention)
-        b = _empty_batch(layout, 1, slots, label_ids)
-        b.prefix_len[0] = q
-        if with_head:
-            b.tokens[0, :q] = query
-            b.pos[0, :head] = np.arange(head)
-        b.pos[0, head:] = q
-        for s, item in enumerate(chunk):
-            base, n = head + s * slot_len, len(item)
-            b.tokens[0, base : base + n] = item
-            b.pos[0, base : base + n] = q + np.arange(n)
-            b.item_off[0, base : base + n] = np.arange(n)
-            b.score_idx[0, s] = base + n - 1
+        b = _empty_batch(layout, pow2_bucket(len(part)), slots, labels)
+        for r, row in enumerate(part):
+            q = len(row.query)
+            b.prefix_len[r] = q
+            b.label_ids[r, : len(row.label_ids)] = row.label_ids
+            if head:
+                b.tokens[r, :q] = row.query
+                b.pos[r, :head] = np.arange(head)
+            b.pos[r, head:] = q
+            for s, item in enumerate(row.items):
+                base, n = head + s * slot_len, len(item)
+                b.tokens[r, base : base + n] = item
+                b.pos[r, base : base + n] = q + np.arange(n)
+                b.item_off[r, base : base + n] = np.arange(n)
+                b.score_idx[r, s] = base + n - 1
         return b
 
     def _prefill(self, query: list[int]):
@@ -304,7 +367,7 @@ class ScoringEngine:
         self.stats["prefix_misses"] += 1
         head = ladder_bucket(len(query), MIN_HEAD_TOKENS)
         layout = StreamLayout(head_len=head, return_kv=True)
-        b = _empty_batch(layout, 1, 1, [0])
+        b = _empty_batch(layout, 1, 1, MIN_LABELS)
         b.tokens[0, : len(query)] = query
         b.pos[0] = np.arange(head)
         b.prefix_len[0] = len(query)
@@ -384,7 +447,7 @@ class ScoringEngine:
             b.label_ids,
         )
         self.stats["forwards"] += 1
-        return np.asarray(ll)[..., : b.num_labels], np.asarray(lse)
+        return np.asarray(ll), np.asarray(lse)
 
 
 def _buckets(bounds: tuple[int, int], bucket) -> list[int]:
@@ -400,10 +463,8 @@ def slot_bucket(n: int) -> int:
     return 8 if n <= 8 else ladder_bucket(n, 16)
 
 
-def _empty_batch(layout: StreamLayout, rows: int, slots: int, label_ids) -> _Batch:
+def _empty_batch(layout: StreamLayout, rows: int, slots: int, labels: int) -> _Batch:
     t = layout.length
-    labels = np.zeros((rows, pow2_bucket(len(label_ids), MIN_LABELS)), np.int32)
-    labels[:, : len(label_ids)] = label_ids
     return _Batch(
         layout=layout,
         tokens=np.zeros((rows, t), np.int32),
@@ -411,8 +472,7 @@ def _empty_batch(layout: StreamLayout, rows: int, slots: int, label_ids) -> _Bat
         item_off=np.full((rows, t), -1, np.int32),
         prefix_len=np.ones((rows,), np.int32),
         score_idx=np.zeros((rows, slots), np.int32),
-        label_ids=labels,
-        num_labels=len(label_ids),
+        label_ids=np.zeros((rows, labels), np.int32),
     )
 
 

@@ -34,6 +34,11 @@ class AppArgs(BaseModel):
         default=4096, ge=1, description="Item tokens per chunk (a chunk ends at either limit)."
     )
     dtype: str | None = Field(default=None, description="float32 | bfloat16 (default: saved)")
+    max_batch_rows: int = Field(
+        default=_ENGINE.max_batch_rows,
+        ge=1,
+        description="Multi-item rows (chunks of any requests) per forward; 1 suits a CPU.",
+    )
     max_items_per_request: int = Field(default=2048, ge=1)
     max_tokens_per_item: int = Field(default=512, ge=1)
     max_query_tokens: int = Field(default=8192, ge=1)
@@ -59,5 +64,9 @@ class AppArgs(BaseModel):
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            mode=self.mode, mask_impl=self.mask_impl, chunk_size=self.chunk_size, dtype=self.dtype
+            mode=self.mode,
+            mask_impl=self.mask_impl,
+            chunk_size=self.chunk_size,
+            dtype=self.dtype,
+            max_batch_rows=self.max_batch_rows,
         )

@@ -49,13 +49,14 @@ _ENGINES: dict[tuple, ScoringEngine] = {}
 
 @pytest.fixture(scope="session")
 def engine(ckpts):
-    """engine(ckpt_name, mode, mask_impl) -> a cached ScoringEngine."""
+    """engine(ckpt_name, mode, mask_impl, chunk, rows) -> a cached ScoringEngine."""
 
-    def get(name: str, mode: str = "prefix", mask: str = "auto", chunk: int = CHUNK):
-        key = (name, mode, mask, chunk)
+    def get(name: str, mode: str = "prefix", mask: str = "auto", chunk: int = CHUNK, rows: int = 1):
+        key = (name, mode, mask, chunk, rows)
         if key not in _ENGINES:
             _ENGINES[key] = ScoringEngine(
-                ckpts[name], EngineConfig(mode=mode, mask_impl=mask, chunk_size=chunk)
+                ckpts[name],
+                EngineConfig(mode=mode, mask_impl=mask, chunk_size=chunk, max_batch_rows=rows),
             )
         return _ENGINES[key]
 

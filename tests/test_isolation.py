@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kernels.segment_attention import build_dense_mask
-from models.engine import slot_bucket
+from models.engine import _Row, slot_bucket
 from tests.conftest import LABELS, MODES, random_request
 
 MUTATED = 5
@@ -72,7 +72,8 @@ def test_a_leaky_mask_is_detected(engine):
     moves scores far beyond 1e-4 in log space."""
     eng = engine("qwen3", "packed", "dense")
     query, items = random_request(seed=32, n_items=8, max_item=8)
-    batch = eng._pack_chunk(query, items, 8, LABELS, with_head=True)
+    row = _Row(query, items, 8, LABELS, None, (0, list(range(8))))
+    batch = eng._pack_rows([row], slots=8, slot_len=8, head=64, labels=4)
     mask = build_dense_mask(
         batch.pos, batch.item_off, batch.prefix_len, head_len=batch.layout.head_len, slot_len=8
     )

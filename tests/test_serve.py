@@ -27,7 +27,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def service(ckpts):
-    """Base URL of a running app: 2 scorer replicas, prefix mode, chunks of 8 items."""
+    """Base URL of a running app: 2 scorer replicas, prefix mode, chunks of 8 items, up to 4
+    chunks per forward."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
     from ray import serve
@@ -42,6 +43,7 @@ def service(ckpts):
         "model_name": "tiny",
         "chunk_size": CHUNK,
         "max_chunk_tokens": 200,
+        "max_batch_rows": 4,  # chunks of concurrent requests share forwards
         "warmup_query_tokens": [1, 64],
         "warmup_item_tokens": [1, 24],
     }
