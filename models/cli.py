@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from models.checkpoint import DTYPES, make_random_checkpoint
 from models.config import PRESETS
-from models.engine import EngineConfig, MaskImpl, Mode, ScoringEngine
+from models.engine import AttentionKernel, EngineConfig, MaskImpl, Mode, ScoringEngine
 from models.inputs import ScoringInputError
 from serve_app.schema import ScoreRequest, error_body, validation_message
 
@@ -49,6 +49,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     config = EngineConfig(
         mode=Mode(args.mode),
         mask_impl=MaskImpl(args.mask_impl),
+        attention_impl=AttentionKernel(args.attention_impl),
         chunk_size=args.chunk_size,
         dtype=args.dtype,
     )
@@ -115,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--mode", default=defaults.mode.value, choices=[m.value for m in Mode])
     sc.add_argument(
         "--mask-impl", default=defaults.mask_impl.value, choices=[m.value for m in MaskImpl]
+    )
+    sc.add_argument(
+        "--attention-impl",
+        default=defaults.attention_impl.value,
+        choices=[k.value for k in AttentionKernel],
+        help="segment attention in XLA ops or the Pallas ragged kernel (TPU/GPU; slow "
+        "interpret mode on CPU)",
     )
     sc.add_argument("--chunk-size", type=int, default=defaults.chunk_size)
     sc.add_argument(

@@ -57,12 +57,21 @@ class MaskImpl(enum.Enum):
     AUTO = "auto"
 
 
+class AttentionKernel(enum.Enum):
+    """Who computes the segment mask attention: XLA ops (the fastest on CPU) or the Pallas
+    ragged kernel (TPU Mosaic / GPU Triton; TPU interpret mode on CPU, for tests only)."""
+
+    XLA = "xla"
+    PALLAS = "pallas"
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs; every default lives here."""
 
     mode: Mode = Mode.PREFIX
     mask_impl: MaskImpl = MaskImpl.AUTO  # packed mode only
+    attention_impl: AttentionKernel = AttentionKernel.XLA
     chunk_size: int = 64  # items per packed stream / per prefix batch / serial rows per forward
     dtype: str | None = None  # None: the checkpoint's dtype
     max_batch_tokens: int = 8192  # rows per forward are capped by this token count
@@ -75,6 +84,12 @@ class EngineConfig:
         # Accept the enums' string values (CLI, YAML): Mode("prefix") is Mode.PREFIX.
         object.__setattr__(self, "mode", Mode(self.mode))
         object.__setattr__(self, "mask_impl", MaskImpl(self.mask_impl))
+        object.__setattr__(self, "attention_impl", AttentionKernel(self.attention_impl))
+        if self.attention_impl is AttentionKernel.PALLAS and self.mask_impl is MaskImpl.DENSE:
+            raise ValueError(
+                "attention_impl 'pallas' computes the segment mask; mask_impl "
+                "'dense' is the XLA baseline: pick one"
+            )
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.max_batch_tokens < 1 or self.max_batch_rows < 1 or self.prefix_cache_size < 0:
@@ -130,6 +145,11 @@ class ScoringEngine:
             collections.OrderedDict()
         )
         self.stats = collections.Counter()
+
+    @property
+    def _segment_impl(self) -> AttentionImpl:
+        pallas = self.config.attention_impl is AttentionKernel.PALLAS
+        return AttentionImpl.PALLAS if pallas else AttentionImpl.SEGMENT
 
     @property
     def vocab_size(self) -> int:
@@ -267,7 +287,7 @@ class ScoringEngine:
         for start in range(0, len(seqs), per_forward):
             group = seqs[start : start + per_forward]
             rows = pow2_bucket(len(group))
-            layout = StreamLayout(head_len=row_len)
+            layout = StreamLayout(head_len=row_len, attention=self._segment_impl)
             batch = _empty_batch(layout, rows, 1, pow2_bucket(len(label_ids), MIN_LABELS))
             batch.label_ids[:, : len(label_ids)] = label_ids
             for r, s in enumerate(group):
@@ -338,7 +358,7 @@ class ScoringEngine:
     ) -> _Batch:
         """Row r: `[query (padded to head) | slot per item]`; head = 0 in prefix mode."""
         dense = head > 0 and self.config.mask_impl is MaskImpl.DENSE
-        attention = AttentionImpl.DENSE if dense else AttentionImpl.SEGMENT
+        attention = AttentionImpl.DENSE if dense else self._segment_impl
         layout = StreamLayout(head, slots, slot_len, attention)
         b = _empty_batch(layout, pow2_bucket(len(part)), slots, labels)
         for r, row in enumerate(part):
@@ -366,7 +386,7 @@ class ScoringEngine:
             return cached
         self.stats["prefix_misses"] += 1
         head = ladder_bucket(len(query), MIN_HEAD_TOKENS)
-        layout = StreamLayout(head_len=head, return_kv=True)
+        layout = StreamLayout(head_len=head, attention=self._segment_impl, return_kv=True)
         b = _empty_batch(layout, 1, 1, MIN_LABELS)
         b.tokens[0, : len(query)] = query
         b.pos[0] = np.arange(head)

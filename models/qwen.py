@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kernels.ragged_attention import stream_segment_attention
 from kernels.segment_attention import dense_mask_attention, segment_attention
 from models.config import ModelConfig
 
@@ -22,6 +23,7 @@ from models.config import ModelConfig
 class AttentionImpl(enum.Enum):
     SEGMENT = "segment"  # mask computed from O(T) metadata inside the kernel
     DENSE = "dense"  # materialised [B, T, T] mask from the host
+    PALLAS = "pallas"  # the segment mask in the Pallas ragged kernel (kernels/ragged_attention.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,17 @@ class Attention(nn.Module):
         with jax.named_scope("attention"):
             if lay.attention is AttentionImpl.DENSE:
                 o = dense_mask_attention(qg, k, v, dense_mask)
+            elif lay.attention is AttentionImpl.PALLAS:
+                o = stream_segment_attention(
+                    qg,
+                    k,
+                    v,
+                    prefix_kv,
+                    meta.pos,
+                    meta.item_off,
+                    meta.prefix_len,
+                    head_len=lay.head_len,
+                )
             else:
                 pk, pv = head_kv if prefix_kv is None else prefix_kv
                 o = segment_attention(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.config import PRESETS
-from models.engine import EngineConfig, MaskImpl, Mode
+from models.engine import AttentionKernel, EngineConfig, MaskImpl, Mode
 
 _ENGINE = EngineConfig()
 
@@ -29,6 +29,10 @@ class AppArgs(BaseModel):
     )
     mode: Mode = Field(default=_ENGINE.mode, description="serial | packed | prefix")
     mask_impl: MaskImpl = Field(default=_ENGINE.mask_impl, description="packed mode: mask")
+    attention_impl: AttentionKernel = Field(
+        default=_ENGINE.attention_impl,
+        description="xla | pallas (the ragged Pallas kernel: TPU or GPU; interpret mode on CPU)",
+    )
     chunk_size: int = Field(default=_ENGINE.chunk_size, ge=1, description="Items per chunk.")
     max_chunk_tokens: int = Field(
         default=4096, ge=1, description="Item tokens per chunk (a chunk ends at either limit)."
@@ -60,12 +64,14 @@ class AppArgs(BaseModel):
             raise ValueError(f"demo_preset {self.demo_preset!r} is not one of {sorted(PRESETS)}")
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype {self.dtype!r} is not float32 or bfloat16")
+        self.engine_config()  # the engine's own checks, at config time rather than at start
         return self
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             mode=self.mode,
             mask_impl=self.mask_impl,
+            attention_impl=self.attention_impl,
             chunk_size=self.chunk_size,
             dtype=self.dtype,
             max_batch_rows=self.max_batch_rows,

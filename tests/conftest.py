@@ -49,14 +49,27 @@ _ENGINES: dict[tuple, ScoringEngine] = {}
 
 @pytest.fixture(scope="session")
 def engine(ckpts):
-    """engine(ckpt_name, mode, mask_impl, chunk, rows) -> a cached ScoringEngine."""
+    """engine(ckpt_name, mode, mask_impl, chunk, rows, attention_impl) -> a cached engine."""
 
-    def get(name: str, mode: str = "prefix", mask: str = "auto", chunk: int = CHUNK, rows: int = 1):
-        key = (name, mode, mask, chunk, rows)
+    def get(
+        name: str,
+        mode: str = "prefix",
+        mask: str = "auto",
+        chunk: int = CHUNK,
+        rows: int = 1,
+        impl: str = "xla",
+    ):
+        key = (name, mode, mask, chunk, rows, impl)
         if key not in _ENGINES:
             _ENGINES[key] = ScoringEngine(
                 ckpts[name],
-                EngineConfig(mode=mode, mask_impl=mask, chunk_size=chunk, max_batch_rows=rows),
+                EngineConfig(
+                    mode=mode,
+                    mask_impl=mask,
+                    chunk_size=chunk,
+                    max_batch_rows=rows,
+                    attention_impl=impl,
+                ),
             )
         return _ENGINES[key]
 
