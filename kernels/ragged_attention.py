@@ -6,7 +6,7 @@ Keys live in a key space of S positions; query token t's own key is at `t + kv_o
 (kv_offset = P when a cached prefix of P keys is prepended to the stream's keys, else 0).
 Three int32 numbers per token, `meta[..., t, :] = (seq_start, prefix_end, seg_start)`, define
 
-    token t sees key u  iff  seq_start <= u <= t + kv_offset  and  (u < prefix_end or u >= seg_start)
+    t sees key u  iff  seq_start <= u <= t + kv_offset  and  (u < prefix_end or u >= seg_start)
 
 i.e. its sequence's query prefix `[seq_start, prefix_end)` plus its own segment up to itself,
 causal: exactly serial `query ++ item` scoring for item tokens, plain causal attention for query
