@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from loadtests import bench_engine
 from models.checkpoint import DTYPES, make_random_checkpoint
 from models.config import PRESETS
 from models.engine import AttentionKernel, EngineConfig, MaskImpl, Mode, ScoringEngine
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--input", required=True, help="JSONL: one request body per line")
     sc.add_argument("--output", required=True, help="JSONL: one response or error per line")
     sc.set_defaults(func=_cmd_score)
+    bench_engine.add_parser(sub)  # the benchmark lives with the load tests
     return parser
 
 

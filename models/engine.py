@@ -146,6 +146,14 @@ class ScoringEngine:
         )
         self.stats = collections.Counter()
 
+    def reconfigure(self, **changes: Any) -> None:
+        """Change run settings (mode, chunk size, ...) in place, keeping the loaded weights and
+        every compiled shape; the dtype is fixed at load."""
+        if "dtype" in changes:
+            raise ValueError("dtype is fixed when the checkpoint is loaded")
+        self.config = dataclasses.replace(self.config, **changes)
+        self._prefix_cache.clear()
+
     @property
     def _segment_impl(self) -> AttentionImpl:
         pallas = self.config.attention_impl is AttentionKernel.PALLAS

@@ -1,0 +1,443 @@
+"""`mis-score bench`: the engine's scoring modes side by side, one run, one checkpoint.
+
+For each mode (and chunk size) it times requests of the workload (a new query per request, after
+an untimed warm-up request that compiles the shapes), checks the warm-up request's scores
+against serial scoring first (a mode that disagrees is reported as failed and not ranked), and
+reports items/s, p50/p95 latency and MFU: useful FLOPs (DESIGN.md section 5) per second over the
+dense matmul peak measured in the same run. The `transformers` rows score the same items the
+ways a user would with HF transformers PyTorch on the same checkpoint: batched `query+item`
+pairs, and the query's KV cache reused over item batches.
+
+Serial scoring and the transformers rows cost a full query forward per item, so they are timed
+on a sample of the items (`--baseline-items`); items/s is a rate, so the sample gives it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from loadtests.workload import Workload
+from models.checkpoint import ensure_demo_checkpoint
+from models.config import PRESETS, ModelConfig
+from models.engine import EngineConfig, ScoringEngine
+
+log = logging.getLogger("mis-score.bench")
+
+# mode name -> engine settings
+MODES: dict[str, dict[str, str]] = {
+    "serial": {"mode": "serial"},
+    "packed-dense": {"mode": "packed", "mask_impl": "dense"},
+    "packed-segment": {"mode": "packed", "mask_impl": "segment"},
+    "prefix": {"mode": "prefix"},
+}
+# Gate bounds on the workload's scores (softmax over the labels) vs serial: the test suite's
+# bounds for float32, and its bf16-vs-f32 parity bound for bfloat16.
+GATE_BOUND = {"float32": 1e-5, "bfloat16": 2e-2}
+
+
+def useful_flops(cfg: ModelConfig, query: int, items: int, item_tokens: int) -> dict[str, float]:
+    """FLOPs that scoring `items` items against one query needs at the least (DESIGN.md 5):
+    every token through the non-embedding weights once, attention over the visible keys only,
+    the LM head at the score positions only."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    per_layer = (
+        d * cfg.num_heads * hd * 2  # q, o
+        + d * cfg.num_kv_heads * hd * 2  # k, v
+        + 3 * d * cfg.intermediate_size
+    )
+    tokens = query + items * item_tokens
+    visible = query * (query + 1) / 2 + items * (
+        item_tokens * query + item_tokens * (item_tokens + 1) / 2
+    )
+    dense = 2.0 * per_layer * cfg.num_layers * tokens
+    attention = 4.0 * cfg.num_layers * cfg.num_heads * hd * visible
+    lm_head = 2.0 * d * cfg.vocab_size * items
+    return {
+        "dense": dense,
+        "attention": attention,
+        "lm_head": lm_head,
+        "total": dense + attention + lm_head,
+    }
+
+
+def matmul_peak_gflops(dtype: str, n: int = 2048, repeats: int = 10) -> float:
+    """Best dense [n, n] @ [n, n] GFLOP/s of this process's JAX backend in `dtype`."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+@dataclasses.dataclass
+class Row:
+    mode: str
+    chunk_size: int | None
+    items_timed: int
+    items_per_s: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    mfu: float | None = None
+    gate_max_diff: float | None = None
+    status: str = "ok"  # ok | failed (gate) | skipped (reason)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def _timed_requests(score, workload: Workload, n_items: int, repeats: int) -> list[float]:
+    times = []
+    for seed in range(1, repeats + 1):
+        b = workload.body(seed)
+        start = time.perf_counter()
+        score(b["query"], b["items"][:n_items])
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _finish_row(row: Row, times: list[float], flops: float, peak: float) -> Row:
+    mean = statistics.fmean(times)
+    row.items_per_s = row.items_timed / mean
+    row.p50_ms = _percentile(times, 50) * 1e3
+    row.p95_ms = _percentile(times, 95) * 1e3
+    row.mfu = flops / mean / (peak * 1e9)
+    return row
+
+
+class HFScorer:
+    """Scores the workload with HF transformers PyTorch, the ways a user would."""
+
+    def __init__(self, model_dir: str, dtype: str, batch: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.torch = torch
+        self.batch = batch
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype)
+        ).eval()
+
+    def _label_softmax(self, logits, labels) -> np.ndarray:
+        return self.torch.softmax(logits[:, labels].float(), dim=-1).numpy().astype(np.float64)
+
+    def pairs(self, query: list[int], items: list[list[int]], labels: list[int]) -> np.ndarray:
+        """Batches of left-padded `query + item` rows, logits of the last position only."""
+        torch, out = self.torch, []
+        with torch.inference_mode():
+            for start in range(0, len(items), self.batch):
+                rows = [query + it for it in items[start : start + self.batch]]
+                width = max(map(len, rows))
+                ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+                logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+                out.append(self._label_softmax(logits[:, -1], labels))
+        return np.concatenate(out)
+
+    def kv_reuse(self, query: list[int], items: list[list[int]], labels: list[int]) -> np.ndarray:
+        """Prefill the query once; each item batch runs on a copy of its cache (right-padded
+        items, the cache cropped back to the query after each batch)."""
+        torch, out, q = self.torch, [], len(query)
+        with torch.inference_mode():
+            cache = self.model(input_ids=torch.tensor([query]), use_cache=True).past_key_values
+            cache.batch_repeat_interleave(self.batch)
+            for start in range(0, len(items), self.batch):
+                group = items[start : start + self.batch]
+                rows = group + group[:1] * (self.batch - len(group))  # fixed batch: pad rows
+                width = max(map(len, rows))
+                ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+                mask = torch.tensor([[1] * q + [1] * len(r) + [0] * (width - len(r)) for r in rows])
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True
+                ).logits
+                cache.crop(-width)  # drop the items, keep the query
+                last = torch.tensor([len(r) - 1 for r in rows])
+                picked = logits[torch.arange(len(rows)), last][: len(group)]
+                out.append(self._label_softmax(picked, labels))
+        return np.concatenate(out)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    model_dir = args.model_path or str(ensure_demo_checkpoint(args.preset))
+    workload = Workload(args.query_tokens, args.items, args.item_tokens, tuple(args.labels))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise ValueError(f"--modes: unknown {unknown}; choose from {sorted(MODES)}")
+    engine = ScoringEngine(
+        model_dir, EngineConfig(dtype=args.dtype, attention_impl=args.attention_impl)
+    )
+    cfg, dtype = engine.cfg, engine.dtype_name
+    peak = matmul_peak_gflops(dtype)
+    log.info("dense matmul peak (%s): %.1f GFLOP/s", dtype, peak)
+    baseline_n = min(args.baseline_items, workload.items)
+    flops_full = useful_flops(cfg, workload.query_tokens, workload.items, workload.item_tokens)
+    flops_sample = useful_flops(cfg, workload.query_tokens, baseline_n, workload.item_tokens)
+    labels = list(workload.label_ids)
+    gate_body = workload.body(0)
+    gate_query, gate_items = gate_body["query"], gate_body["items"][:baseline_n]
+    bound = GATE_BOUND.get(dtype, GATE_BOUND["bfloat16"])
+
+    def scorer(name: str, chunk: int | None):
+        engine.reconfigure(**MODES[name], **({"chunk_size": chunk} if chunk else {}))
+        return lambda q, items: engine.score_ids(q, items, labels, apply_softmax=True)
+
+    reference = scorer("serial", None)(gate_query, gate_items)
+    plan = [("serial", None)] if "serial" in modes else []
+    plan += [(m, c) for m in modes if m != "serial" for c in args.chunk_sizes]
+    rows: list[Row] = []
+    for name, chunk in tqdm(plan, desc="bench", unit="run", file=sys.stderr):
+        score = scorer(name, chunk)
+        n = baseline_n if name == "serial" else workload.items
+        row = Row(name, chunk, n)
+        budget = 0.6 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if name == "packed-dense" and _dense_bytes(cfg, workload, chunk) > budget:
+            gb = _dense_bytes(cfg, workload, chunk) / 2**30
+            row.status = f"skipped (dense mask forward needs ~{gb:.0f} GiB)"
+            rows.append(row)
+            continue
+        try:
+            warm = score(gate_body["query"], gate_body["items"][:n])  # compiles, then gates
+            row.gate_max_diff = float(np.abs(warm[:baseline_n] - reference).max())
+            if not row.gate_max_diff <= bound:
+                row.status = f"failed (scores differ from serial by {row.gate_max_diff:.3g})"
+                rows.append(row)
+                continue
+            times = _timed_requests(score, workload, n, args.repeats)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            row.status = "skipped (out of memory)"
+            rows.append(row)
+            continue
+        rows.append(
+            _finish_row(
+                row, times, (flops_sample if n == baseline_n else flops_full)["total"], peak
+            )
+        )
+    hf_rows = _transformers_rows(
+        args, model_dir, cfg, dtype, workload, labels, reference, bound, peak
+    )
+    return _report(args, workload, cfg, dtype, peak, flops_full, rows, hf_rows, model_dir)
+
+
+def _transformers_rows(args, model_dir, cfg, dtype, workload, labels, reference, bound, peak):
+    """Pairs are timed on the baseline sample (each item costs a full forward); KV reuse on
+    all items, since its query prefill is shared by the whole request."""
+    if args.no_transformers:
+        return []
+    n_pairs = len(reference)
+    try:
+        hf = HFScorer(model_dir, dtype, args.hf_batch)
+    except ImportError as e:
+        return [
+            Row(f"transformers {way}", None, n_pairs, status=f"skipped ({e})")
+            for way in ("pairs", "kv-reuse")
+        ]
+    gate = workload.body(0)
+    rows = []
+    for way, fn, n in (("pairs", hf.pairs, n_pairs), ("kv-reuse", hf.kv_reuse, workload.items)):
+        row = Row(f"transformers {way}", args.hf_batch, n)
+        got = fn(gate["query"], gate["items"][:n_pairs], labels)
+        row.gate_max_diff = float(np.abs(got - reference).max())
+        # transformers is the independent reference: the tests' parity bound applies.
+        if not row.gate_max_diff <= max(bound, 1e-4):
+            row.status = f"failed (differs from our serial by {row.gate_max_diff:.3g})"
+        times = _timed_requests(
+            lambda q, items, fn=fn: fn(q, items, labels), workload, n, args.repeats
+        )
+        flops = useful_flops(cfg, workload.query_tokens, n, workload.item_tokens)["total"]
+        rows.append(_finish_row(row, times, flops, peak))
+    return rows
+
+
+def _dense_bytes(cfg: ModelConfig, workload: Workload, chunk: int) -> float:
+    """Rough peak memory of one packed-dense forward: the [heads, T, T] f32 scores, their exp
+    and the bool mask."""
+    t = workload.query_tokens + min(chunk, workload.items) * workload.item_tokens
+    return cfg.num_heads * t * t * 4 * 2 + t * t
+
+
+def _best(rows: list[Row], names: tuple[str, ...]) -> Row | None:
+    ok = [r for r in rows if r.status == "ok" and r.mode.startswith(names)]
+    return max(ok, key=lambda r: r.items_per_s or 0.0, default=None)
+
+
+def _ratios(rows: list[Row], hf_rows: list[Row], workload: Workload) -> dict[str, Any]:
+    best = _best(rows, ("packed", "prefix"))
+    serial = _best(rows, ("serial",))
+    hf = _best(hf_rows, ("transformers",))
+    full = [r for r in rows if r.status == "ok" and (r.chunk_size or 0) >= workload.items]
+    seg = _best(full, ("packed-segment",))
+    dense = _best(full, ("packed-dense",))
+
+    def ratio(a: Row | None, b: Row | None) -> float | None:
+        return a.items_per_s / b.items_per_s if a and b else None
+
+    return {
+        "best_mode": f"{best.mode} chunk {best.chunk_size}" if best else None,
+        "best_vs_serial": ratio(best, serial),
+        "segment_vs_dense_one_chunk": ratio(seg, dense),
+        "best_vs_best_transformers": ratio(best, hf),
+        "best_mfu": best.mfu if best else None,
+    }
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    w = result["workload"]
+    lines = [
+        f"model {result['model']['name']} ({result['model']['dtype']}), Q={w['query_tokens']} "
+        f"N={w['items']} L={w['item_tokens']}, matmul peak {result['peak_gflops']:.1f} GFLOP/s, "
+        f"useful work {result['useful_gflop_per_request']:.1f} GFLOP/request",
+        "",
+        "| mode | chunk | items timed | items/s | p50 ms | p95 ms | MFU | vs serial "
+        "| gate max diff | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    serial = next((r for r in result["rows"] if r["mode"] == "serial" and r["items_per_s"]), None)
+    for r in result["rows"] + result["transformers"]:
+        vs = r["items_per_s"] / serial["items_per_s"] if serial and r["items_per_s"] else None
+        lines.append(
+            f"| {r['mode']} | {r['chunk_size'] or '-'} | {r['items_timed']} | "
+            f"{_fmt(r['items_per_s'], '.2f')} | {_fmt(r['p50_ms'], '.0f')} | "
+            f"{_fmt(r['p95_ms'], '.0f')} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | "
+            f"{_fmt(vs, '.1f')}x | {_fmt(r['gate_max_diff'], '.2g')} | {r['status']} |"
+        )
+    ra = result["ratios"]
+    lines += [
+        "",
+        f"best: {ra['best_mode']}; vs serial {_fmt(ra['best_vs_serial'], '.1f')}x; "
+        f"segment vs dense (one chunk) {_fmt(ra['segment_vs_dense_one_chunk'], '.2f')}x; "
+        f"vs best transformers {_fmt(ra['best_vs_best_transformers'], '.1f')}x; "
+        f"MFU {_fmt(ra['best_mfu'] and 100 * ra['best_mfu'], '.1f')}%",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], out: str) -> None:
+    """items/s against chunk size per multi-item mode; serial and transformers as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_mode: dict[str, list[tuple[int, float]]] = {}
+    for r in result["rows"]:
+        if r["chunk_size"] and r["items_per_s"]:
+            by_mode.setdefault(r["mode"], []).append((r["chunk_size"], r["items_per_s"]))
+    for mode, pts in by_mode.items():
+        xs, ys = zip(*sorted(pts), strict=True)
+        ax.plot(xs, ys, marker="o", label=mode)
+    flat = [
+        r
+        for r in result["rows"] + result["transformers"]
+        if r["items_per_s"] and (not r["chunk_size"] or r["mode"].startswith("transformers"))
+    ]
+    for i, r in enumerate(flat):
+        color = plt.cm.Dark2(i)
+        ax.axhline(r["items_per_s"], linestyle="--", linewidth=1, label=r["mode"], color=color)
+    w = result["workload"]
+    ax.set(
+        xscale="log",
+        xticks=sorted({c for pts in by_mode.values() for c, _ in pts}),
+        yscale="log",
+        xlabel="chunk size (items per stream)",
+        ylabel="items/s",
+        title=f"{result['model']['name']}: "
+        f"Q={w['query_tokens']} N={w['items']} L={w['item_tokens']}",
+    )
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def _report(args, workload, cfg, dtype, peak, flops, rows, hf_rows, model_dir) -> dict[str, Any]:
+    result = {
+        "command": "mis-score bench " + " ".join(args.argv),
+        "model": {
+            "name": Path(model_dir).name,
+            "path": model_dir,
+            "dtype": dtype,
+            "attention_impl": args.attention_impl,
+        },
+        "workload": dataclasses.asdict(workload),
+        "peak_gflops": peak,
+        "useful_gflop_per_request": flops["total"] / 1e9,
+        "useful_gflop_breakdown": {k: v / 1e9 for k, v in flops.items()},
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "transformers": [dataclasses.asdict(r) for r in hf_rows],
+        "ratios": _ratios(rows, hf_rows, workload),
+        "jax_backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+    }
+    return result
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the scoring modes side by side (JSON + table)")
+    p.add_argument(
+        "--preset",
+        default="qwen3-bench-s",
+        choices=sorted(PRESETS),
+        help="random-weight demo checkpoint to generate/use when --model-path is unset",
+    )
+    p.add_argument("--model-path", default=None)
+    p.add_argument("--query-tokens", type=int, default=2000)
+    p.add_argument("--items", type=int, default=500)
+    p.add_argument("--item-tokens", type=int, default=20)
+    p.add_argument("--labels", type=int, nargs="+", default=list(Workload().label_ids))
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[64])
+    p.add_argument("--repeats", type=int, default=3, help="timed requests per run")
+    p.add_argument(
+        "--baseline-items",
+        type=int,
+        default=16,
+        help="items timed for serial and transformers (a full query forward each)",
+    )
+    p.add_argument("--hf-batch", type=int, default=8, help="transformers batch size")
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--attention-impl", default="xla", choices=["xla", "pallas"])
+    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--plot", default=None, help="draw items/s per mode and chunk size (PNG)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    args.argv = sys.argv[2:]
+    result = run(args)
+    print(markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        log.info("wrote %s", args.json)
+    if args.plot:
+        plot(result, args.plot)
+        log.info("wrote %s", args.plot)
+    return 0
