@@ -42,7 +42,7 @@ _RULES: tuple[tuple[re.Pattern[str], str, str], ...] = tuple(
     for pattern, path, kind in (
         (r"model\.embed_tokens\.weight", "embed_tokens/embedding", "reshape"),
         (r"model\.norm\.weight", "norm/scale", "reshape"),
-        (r"lm_head\.weight", "lm_head/kernel", "kernel:1"),
+        (r"lm_head\.weight", "lm_head", "reshape"),
         (
             r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight",
             "layers/self_attn/{}_proj/kernel",

@@ -233,19 +233,51 @@ class QwenForScoring(nn.Module):
             h = jnp.take_along_axis(x, score_idx[..., None], axis=1)  # [B, S, hidden]
             h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h)
             if cfg.tie_word_embeddings:
-                logits = embed.attend(h)
+                head = embed.embedding
             else:
-                logits = nn.Dense(
-                    cfg.vocab_size,
-                    use_bias=False,
-                    name="lm_head",
-                    dtype=self.dtype,
-                    param_dtype=self.dtype,
-                )(h)
-            logits = logits.astype(jnp.float32)
-            lse = jax.nn.logsumexp(logits, axis=-1)
-            label_logits = jnp.take_along_axis(logits, label_ids[:, None, :], axis=-1)
+                head = self.param(
+                    "lm_head",
+                    nn.initializers.normal(),
+                    (cfg.vocab_size, cfg.hidden_size),
+                    self.dtype,
+                )
+            label_logits, lse = label_logits_and_lse(h, head, label_ids)
         return label_logits, lse, kv
+
+
+def vocab_blocks(vocab: int, target: int = 8192, smallest: int = 1024) -> int:
+    """Number of equal vocab blocks for the LM head: the fewest of at most `target` rows each,
+    1 when the vocab has no divisor giving blocks of >= `smallest` rows."""
+    for n in range(-(-vocab // target), vocab // smallest + 1):
+        if vocab % n == 0:
+            return n
+    return 1
+
+
+def label_logits_and_lse(
+    h: jax.Array,  # [B, S, hidden]
+    head: jax.Array,  # [vocab, hidden] (HF layout of the LM head / tied embedding)
+    label_ids: jax.Array,  # [B, NL] int32
+) -> tuple[jax.Array, jax.Array]:  # [B, S, NL] f32, [B, S] f32
+    """Label logits and the log-sum-exp over the whole vocab, without writing out the
+    [B, S, vocab] logits: the vocab is walked in blocks with a running max and sum (a
+    150k-wide logit array cost more to write and re-read than its matmul on the CPU)."""
+    vocab, hidden = head.shape
+    n = vocab_blocks(vocab)
+    ones = jnp.ones((vocab // n,), jnp.float32)
+
+    def block(w):
+        logits = jnp.einsum("bsd,vd->bsv", h, w, preferred_element_type=jnp.float32)
+        m = logits.max(axis=-1)
+        # A dot, not a reduce: its per-row bits do not depend on how many rows there are.
+        return m, jnp.einsum("bsv,v->bs", jnp.exp(logits - m[..., None]), ones)
+
+    m, sums = jax.lax.map(block, head.reshape(n, vocab // n, hidden))  # [n, B, S] each
+    top = m.max(axis=0)
+    lse = top + jnp.log(jnp.einsum("nbs,nbs->bs", sums, jnp.exp(m - top)))
+    labels = jnp.take(head, label_ids, axis=0)  # [B, NL, hidden]
+    label_logits = jnp.einsum("bsd,bnd->bsn", h, labels, preferred_element_type=jnp.float32)
+    return label_logits, lse
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -26,7 +26,7 @@ def test_loaded_shapes_and_dtypes(ckpts):
     cfg, params = load_checkpoint(ckpts["qwen2"])
     assert cfg.model_type == "qwen2" and cfg.qkv_bias and not cfg.qk_norm
     assert params["layers"]["self_attn"]["q_proj"]["bias"].shape == (2, 4, 16)
-    assert params["lm_head"]["kernel"].shape == (64, 151936)
+    assert params["lm_head"].shape == (151936, 64)  # HF layout: the vocab is walked in blocks
     cfg, params = load_checkpoint(ckpts["qwen3-bf16"])
     assert str(params["embed_tokens"]["embedding"].dtype) == "bfloat16"
     _, params = load_checkpoint(ckpts["qwen3-bf16"], dtype="float32")
