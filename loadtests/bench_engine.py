@@ -379,7 +379,7 @@ def plot(result: dict[str, Any], out: str) -> None:
 
 def _report(args, workload, cfg, dtype, peak, flops, rows, hf_rows, model_dir) -> dict[str, Any]:
     result = {
-        "command": "mis-score bench " + " ".join(args.argv),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
         "model": {
             "name": Path(model_dir).name,
             "path": model_dir,
@@ -431,7 +431,6 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    args.argv = sys.argv[2:]
     result = run(args)
     print(markdown(result))
     if args.json:

@@ -21,9 +21,12 @@ def build_app(args: AppArgs) -> Application:
 
 
 def build_graph(
-    args: AppArgs | dict[str, Any], scorer_options: dict[str, Any] | None = None
+    args: AppArgs | dict[str, Any],
+    scorer_options: dict[str, Any] | None = None,
+    ingress_options: dict[str, Any] | None = None,
 ) -> Application:
-    """Ingress -> Scorer replicas; `scorer_options` go to `Scorer.options()` (Python callers)."""
+    """Ingress -> Scorer replicas; `scorer_options` / `ingress_options` go to the deployments'
+    `.options()` (Python callers; `serve run` configs set them under `deployments:`)."""
     args = AppArgs.model_validate(args)
     if args.model_path is None:
         path = ensure_demo_checkpoint(args.demo_preset)
@@ -33,7 +36,9 @@ def build_graph(
             args.demo_preset,
             path,
         )
-    log.info("mis-serve settings: %s", args.model_dump(mode="json"))
+    log.info("mis-serve settings: %s", args.model_dump(mode="json"))  # keys print as ***
     plain = args.model_dump(mode="json")
+    plain["api_keys"] = [k.get_secret_value() for k in args.api_keys]
     scorer = Scorer.options(**scorer_options) if scorer_options else Scorer
-    return ScoreIngress.bind(scorer.bind(plain), plain)
+    ingress = ScoreIngress.options(**ingress_options) if ingress_options else ScoreIngress
+    return ingress.bind(scorer.bind(plain), plain)

@@ -5,7 +5,7 @@ Engine defaults come from `EngineConfig`, so each default is defined once.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from models.config import PRESETS
 from models.engine import AttentionKernel, EngineConfig, MaskImpl, Mode
@@ -46,6 +46,31 @@ class AppArgs(BaseModel):
     max_items_per_request: int = Field(default=2048, ge=1)
     max_tokens_per_item: int = Field(default=512, ge=1)
     max_query_tokens: int = Field(default=8192, ge=1)
+    max_labels: int = Field(default=32, ge=1, description="label_token_ids per request.")
+    request_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Per-request deadline: past it the request gets a 504 and its chunks that "
+        "have not started are cancelled.",
+    )
+    max_inflight_requests: int = Field(
+        default=32,
+        ge=1,
+        description="Requests one ingress replica works on at once; beyond it a fast 503 with "
+        "Retry-After (Serve's max_queued_requests bounds the queues in front of it).",
+    )
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 503.")
+    max_body_bytes: int = Field(default=16 * 2**20, ge=1, description="Larger bodies get 413.")
+    chunk_retries: int = Field(
+        default=2,
+        ge=0,
+        description="Times a chunk is retried on another replica when its replica dies; then 503.",
+    )
+    api_keys: list[SecretStr] = Field(
+        default=[],
+        description="Bearer tokens accepted on every path but /health and the docs (also read "
+        "from env MIS_API_KEYS, comma-separated); none: no auth. Never logged.",
+    )
     max_batch_size: int = Field(
         default=8, ge=1, description="Chunks a scorer replica takes per batch (@serve.batch)."
     )

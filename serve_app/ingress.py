@@ -15,15 +15,25 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_hf_config
 from models.inputs import Chunk, ScoringInputError, check_token_ids, tokenize_request
 from models.tokenizer import TextTokenizer
+from serve_app import guard
 from serve_app.chunking import split_items
 from serve_app.config import AppArgs
-from serve_app.schema import ScoreRequest, ScoreResponse, Usage, error_body, format_errors
+from serve_app.schema import (
+    ErrorBody,
+    ScoreRequest,
+    ScoreResponse,
+    Usage,
+    error_body,
+    format_errors,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -34,10 +44,18 @@ api = FastAPI(
 )
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {
+        "model": ErrorBody,
         "description": text,
         "content": {"application/json": {"example": error_body(text, code)}},
     }
-    for code, text in [(400, "items[3]: must not be empty"), (404, "model: unknown model")]
+    for code, text in [
+        (400, "items[3]: must not be empty"),
+        (401, "authorization: missing or invalid API key"),
+        (404, "model: unknown model"),
+        (413, "body: larger than max_body_bytes"),
+        (503, "server busy (Retry-After), or scorer replicas failed"),
+        (504, "request timed out after request_timeout_s"),
+    ]
 }
 
 
@@ -54,9 +72,26 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     )
 
 
-def _error(message: str, code: int = 400) -> JSONResponse:
-    kind = "NotFoundError" if code == 404 else "BadRequestError"
-    return JSONResponse(error_body(message, code, kind), status_code=code)
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    # Not the client's fault (bad input never gets here): a JSON body, the details in the log.
+    log.exception("internal error: %s", type(exc).__name__)
+    return JSONResponse(error_body("internal error; see the server log", 500, "InternalError"), 500)
+
+
+_ERROR_KINDS = {404: "NotFoundError", 503: "ServiceUnavailable", 504: "GatewayTimeout"}
+
+
+def _error(message: str, code: int = 400, headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = _ERROR_KINDS.get(code, "BadRequestError")
+    return JSONResponse(error_body(message, code, kind), status_code=code, headers=headers)
+
+
+class ReplicaFailure(Exception):
+    """A chunk's scorer replica died on every try."""
+
+
+api.middleware("http")(guard.front_door)  # keys, body size, admission: before any parsing
 
 
 @serve.deployment(name="ScoreIngress", max_ongoing_requests=256)
@@ -73,12 +108,20 @@ class ScoreIngress:
         except FileNotFoundError:
             self.tokenizer = None
         self.scorer = scorer
+        front = guard.Guard.from_settings(
+            [k.get_secret_value() for k in self.args.api_keys],
+            self.args.max_body_bytes,
+            self.args.max_inflight_requests,
+            self.args.retry_after_s,
+        )
+        guard.install(front)
         log.info(
-            "ingress ready: model %s (%s)%s, settings %s",
+            "ingress ready: model %s (%s)%s, %d API keys, settings %s",
             self.model_name,
             path,
             " RANDOM WEIGHTS" if self.random_weights else "",
-            self.args.model_dump(),
+            len(front.api_keys),
+            self.args.model_dump(exclude={"api_keys"}),
         )
 
     @api.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
@@ -89,7 +132,7 @@ class ScoreIngress:
             return _error(f"model: unknown model {body.model!r}; serving {self.model_name!r}", 404)
         try:
             query, items = tokenize_request(body, self.tokenizer)
-            self._check_limits(query, items)
+            self._check_limits(query, items, body.label_token_ids)
             check_token_ids(query, items, body.label_token_ids, self.vocab_size)
         except ScoringInputError as e:
             return _error(str(e))
@@ -104,10 +147,31 @@ class ScoreIngress:
             )
             for r in ranges
         ]
+        pending: list[DeploymentResponse] = []
+        remaining = self.args.request_timeout_s - (time.perf_counter() - start)
         try:
-            results = await asyncio.gather(*(self.scorer.score.remote(c) for c in chunks))
+            results = await asyncio.wait_for(
+                asyncio.gather(*(self._score_chunk(c, pending) for c in chunks)), remaining
+            )
         except ScoringInputError as e:
             return _error(str(e))
+        except TimeoutError:
+            for r in pending:  # chunks not started yet are dropped from the scorers' queues
+                r.cancel()
+            log.warning(
+                "request of %d items timed out after %.1f s; %d chunk calls cancelled",
+                len(items),
+                self.args.request_timeout_s,
+                len(pending),
+            )
+            return _error(
+                f"request timed out after request_timeout_s={self.args.request_timeout_s}",
+                504,
+            )
+        except ReplicaFailure as e:
+            for r in pending:
+                r.cancel()
+            return _error(str(e), 503, {"Retry-After": str(self.args.retry_after_s)})
         scores = (
             np.concatenate([r.scores for r in results])
             if results
@@ -132,11 +196,37 @@ class ScoreIngress:
             headers={"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(chunks))},
         )
 
-    def _check_limits(self, query: list[int], items: list[list[int]]) -> None:
+    async def _score_chunk(self, chunk: Chunk, pending: list[DeploymentResponse]) -> Any:
+        """One chunk on some replica; retried elsewhere (bounded) when its replica dies, so a
+        request gets all of its scores or an error, never part of them."""
+        for attempt in range(self.args.chunk_retries + 1):
+            response = self.scorer.score.remote(chunk)
+            pending.append(response)
+            try:
+                return await response
+            except BackPressureError as e:
+                raise ReplicaFailure(f"scorers overloaded ({e}); retry later") from e
+            except (RayActorError, ActorUnavailableError) as e:
+                log.warning(
+                    "chunk of %d items: scorer replica failed (try %d of %d): %s",
+                    len(chunk.items),
+                    attempt + 1,
+                    self.args.chunk_retries + 1,
+                    type(e).__name__,
+                )
+        raise ReplicaFailure(
+            f"scorer replicas failed {self.args.chunk_retries + 1} times for one chunk; retry later"
+        )
+
+    def _check_limits(self, query: list[int], items: list[list[int]], labels: list[int]) -> None:
         a = self.args
         if len(items) > a.max_items_per_request:
             raise ScoringInputError(
                 f"items: {len(items)} items exceed max_items_per_request={a.max_items_per_request}"
+            )
+        if len(labels) > a.max_labels:
+            raise ScoringInputError(
+                f"label_token_ids: {len(labels)} labels exceed max_labels={a.max_labels}"
             )
         if len(query) > a.max_query_tokens:
             raise ScoringInputError(

@@ -75,6 +75,15 @@ class ScoreResponse(BaseModel):
     usage: Usage
 
 
+class ErrorBody(BaseModel):
+    """Every error response: the message starts with the offending field."""
+
+    object: Literal["error"] = "error"
+    message: str
+    type: str
+    code: int
+
+
 def error_body(message: str, code: int, type_: str = "BadRequestError") -> dict[str, Any]:
     """The error body every endpoint and the CLI return: names the offending field."""
     return {"object": "error", "message": message, "type": type_, "code": code}
@@ -93,7 +102,7 @@ def format_errors(errors: Sequence[Any]) -> str:
             lines.append(f"body: invalid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
             continue
         parts = list(e["loc"])
-        if parts[:1] == ["body"]:  # FastAPI's prefix for fields of the JSON body
+        if parts[:1] == ["body"] and len(parts) > 1:  # FastAPI's prefix for body fields
             parts = parts[1:]
         loc = ".".join(str(p) for p in parts if not _is_union_tag(p))
         msg = e["msg"].removeprefix("Value error, ")

@@ -82,6 +82,10 @@ class Scorer:
             log.exception("replica %s: engine failure", self.replica)
             raise
 
+    def stats(self) -> dict[str, int]:
+        """This replica's engine counters: items, forwards, prefix hits/misses, compiles."""
+        return dict(self.engine.stats)
+
     def check_health(self) -> None:
         """Unhealthy after an engine failure, so Serve replaces this replica."""
         if self._failure is not None:

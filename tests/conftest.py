@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+from collections.abc import Iterator
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -105,3 +108,25 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured max abs diffs")
         for name in sorted(FIGURES):
             terminalreporter.write_line(f"{name:60s} {FIGURES[name]:.3g}")
+
+
+@contextlib.contextmanager
+def running_serve(*apps: tuple[str, str, object]) -> Iterator[str]:
+    """Real Ray + Serve on a free local port running `apps` ((name, route prefix, built
+    application) each); yields the base URL, shuts everything down afterwards."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        for name, route, app in apps:
+            serve.run(app, name=name, route_prefix=route)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

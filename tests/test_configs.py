@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import AppArgs
@@ -34,3 +35,9 @@ def test_cpu_config_fits_two_cores():
 def test_unknown_args_are_rejected():
     with pytest.raises(ValueError, match="extra"):
         AppArgs.model_validate({"chunk_sizes": 3})
+
+
+def test_pallas_attention_with_the_dense_mask_is_rejected_at_config_time():
+    with pytest.raises(ValidationError, match="pallas"):
+        AppArgs(mode="packed", mask_impl="dense", attention_impl="pallas")
+    assert AppArgs(attention_impl="pallas").engine_config().attention_impl.value == "pallas"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,30 +13,17 @@ import pytest
 import requests
 
 from loadtests.summary import summarize
-from tests.conftest import LABELS
+from tests.conftest import LABELS, running_serve
 
 CHUNK = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def service(ckpts):
     """Base URL of a running app: 2 scorer replicas, prefix mode, chunks of 8 items, up to 4
     chunks per forward."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
-    from ray import serve
-
     from serve_app.app import build_graph
 
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "model_path": ckpts["qwen3"],
         "model_name": "tiny",
@@ -47,16 +33,9 @@ def service(ckpts):
         "warmup_query_tokens": [1, 64],
         "warmup_item_tokens": [1, 24],
     }
-    serve.run(
-        build_graph(
-            args, scorer_options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}
-        ),
-        name="mis",
-        route_prefix="/",
-    )
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    scorers = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}
+    with running_serve(("mis", "/", build_graph(args, scorer_options=scorers))) as url:
+        yield url
 
 
 def _post(url, body):

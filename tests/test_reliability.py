@@ -1,0 +1,325 @@
+"""Reliability and security of the running HTTP service (real Ray Serve, tiny checkpoint).
+
+Two applications in one Serve instance: "mis" at / (2 scorer replicas, API keys, tight limits)
+and "strict" at /strict (1 scorer replica, one request in flight, a 1 s deadline).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import checks
+
+from tests.conftest import LABELS, running_serve
+
+KEY = "mis-test-key-7f3a9c"  # looked for in every log file afterwards
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHUNK = 8
+LIMITS = {
+    "max_items_per_request": 64,
+    "max_tokens_per_item": 32,
+    "max_query_tokens": 128,
+    "max_labels": 4,
+    "max_body_bytes": 65_536,
+}
+VOCAB = 151_936
+FUZZ_EXAMPLES = 100  # per operation and mode (valid / invalid data)
+OK_BODY = {"query": [11, 22, 33], "items": [[1, 2], [3], [4, 5, 6]], "label_token_ids": LABELS}
+
+
+@pytest.fixture(scope="module")
+def service(ckpts):
+    from serve_app.app import build_graph
+
+    common = {
+        "model_path": ckpts["qwen3"],
+        "model_name": "tiny",
+        "chunk_size": CHUNK,
+        "api_keys": [KEY],
+        "warmup_query_tokens": [1, 64],
+        "warmup_item_tokens": [1, 32],
+        "warmup_num_labels": [1, 4],  # so a first request does not compile past /strict's 1 s
+    }
+    # Fractional CPUs throughout: asking for more than the 2 cores would wait forever.
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    main = build_graph(
+        common | LIMITS,
+        scorer_options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}},
+        ingress_options=small,
+    )
+    strict = build_graph(
+        common
+        | {"max_inflight_requests": 1, "request_timeout_s": 1.0, "max_items_per_request": 8192},
+        scorer_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+        ingress_options=small,
+    )
+    with running_serve(("mis", "/", main), ("strict", "/strict", strict)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def reference(engine):
+    return engine("qwen3", "prefix").score_ids(OK_BODY["query"], OK_BODY["items"], LABELS)
+
+
+def _ok_request_is_answered_correctly(url: str, reference: np.ndarray) -> None:
+    r = requests.post(f"{url}/v1/score", json=OK_BODY, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    assert np.abs(np.asarray(r.json()["scores"]) - reference).max() <= 1e-6
+
+
+def _body(**change):
+    return json.dumps(OK_BODY | change).encode()
+
+
+# (case, raw body, expected status, text the error message must contain)
+BAD = [
+    ("malformed json", b'{"query": [1, 2', 400, "body"),
+    ("empty body", b"", 400, "body"),
+    ("top-level array", b"[1, 2]", 400, "body"),
+    ("top-level string", b'"score this"', 400, "body"),
+    ("top-level null", b"null", 400, "body"),
+    ("non-utf8 bytes", b'{"query": "\xff\xfe", "items": ["a"], "label_token_ids": [1]}', 400, ""),
+    ("missing query", json.dumps({"items": [[1]], "label_token_ids": [1]}).encode(), 400, "query"),
+    ("missing items", json.dumps({"query": [1], "label_token_ids": [1]}).encode(), 400, "items"),
+    (
+        "missing labels",
+        json.dumps({"query": [1], "items": [[1]]}).encode(),
+        400,
+        "label_token_ids",
+    ),
+    ("query number", _body(query=5), 400, "query"),
+    ("query object", _body(query={"a": 1}), 400, "query"),
+    ("query null", _body(query=None), 400, "query"),
+    ("items number", _body(items=5), 400, "items"),
+    ("items null", _body(items=None), 400, "items"),
+    ("items nested too deep", _body(items=[[[1]]]), 400, "items"),
+    ("mixed item kinds", _body(items=[[1], "text"]), 400, "items"),
+    ("text query, id items", _body(query="a query"), 400, "items[0]"),
+    ("item of strings", _body(items=[["a"]]), 400, "items"),
+    ("labels string", _body(label_token_ids="9454"), 400, "label_token_ids"),
+    ("labels float", _body(label_token_ids=[1.5]), 400, "label_token_ids"),
+    ("labels bool", _body(label_token_ids=[True]), 400, "label_token_ids"),
+    ("labels null", _body(label_token_ids=None), 400, "label_token_ids"),
+    ("apply_softmax string", _body(apply_softmax="yes"), 400, "apply_softmax"),
+    ("item_first int", _body(item_first=1), 400, "item_first"),
+    ("model number", _body(model=5), 400, "model"),
+    ("empty text query", _body(query="", items=["a"]), 400, "query"),
+    ("empty id query", _body(query=[]), 400, "query"),
+    ("empty id item", _body(items=[[1], []]), 400, "items[1]"),
+    ("empty text item", _body(query="q", items=["a", ""]), 400, "items[1]"),
+    ("negative query id", _body(query=[1, -1]), 400, "query"),
+    ("item id = vocab size", _body(items=[[VOCAB]]), 400, "items[0]"),
+    ("huge id", _body(query=[10**30]), 400, "query"),
+    ("negative label", _body(label_token_ids=[-5]), 400, "label_token_ids"),
+    ("huge label", _body(label_token_ids=[10**20]), 400, "label_token_ids"),
+    ("no labels", _body(label_token_ids=[]), 400, "label_token_ids"),
+    ("duplicate labels", _body(label_token_ids=[5, 5]), 400, "label_token_ids"),
+    ("too many labels", _body(label_token_ids=[1, 2, 3, 4, 5]), 400, "label_token_ids"),
+    ("too many items", _body(items=[[1]] * 65), 400, "items"),
+    ("item over token limit", _body(items=[[1] * 33]), 400, "items[0]"),
+    ("query over token limit", _body(query=[1] * 129), 400, "query"),
+    ("text item over token limit", _body(query="q", items=["word " * 40]), 400, "items[0]"),
+    ("unknown field", _body(foo=1), 400, "foo"),
+    ("unknown model", _body(model="nope"), 404, "model"),
+    ("NaN label", b'{"query": [1], "items": [[1]], "label_token_ids": [NaN]}', 400, "label"),
+    (
+        "Infinity in query",
+        b'{"query": [Infinity], "items": [[1]], "label_token_ids": [1]}',
+        400,
+        "",
+    ),
+    ("1e400 in items", b'{"query": [1], "items": [[1e400]], "label_token_ids": [1]}', 400, "items"),
+    ("oversized body", _body(pad="x" * 70_000), 413, "body"),
+]
+
+
+def test_bad_input_table(service, reference, record):
+    """Every case: a 4xx with a JSON error body naming the field, zero 5xx, and a normal
+    request answered correctly right after."""
+    assert len(BAD) >= 40
+    seen_5xx = []
+    for name, raw, status, field in BAD:
+        r = requests.post(
+            f"{service}/v1/score",
+            data=raw,
+            headers=AUTH | {"content-type": "application/json"},
+            timeout=60,
+        )
+        if r.status_code >= 500:
+            seen_5xx.append(name)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        body = r.json()
+        assert body["object"] == "error" and body["code"] == status, (name, body)
+        assert field in body["message"], (name, body["message"])
+        _ok_request_is_answered_correctly(service, reference)
+    record("bad-input cases tried (count)", len(BAD))
+    record("bad-input 5xx seen (count)", len(seen_5xx))
+    assert not seen_5xx
+
+
+def _strict_scorer_stats() -> dict[str, int]:
+    from ray import serve
+
+    return serve.get_deployment_handle("Scorer", app_name="strict").stats.remote().result()
+
+
+def test_api_keys(service, reference):
+    strict = f"{service}/strict"
+    before = _strict_scorer_stats()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+        for url in (service, strict):
+            r = requests.post(f"{url}/v1/score", json=OK_BODY, headers=headers, timeout=60)
+            assert r.status_code == 401, r.text
+            assert r.json()["message"].startswith("authorization:")
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert _strict_scorer_stats() == before  # rejected requests touched no model
+    assert requests.get(f"{service}/v1/models", timeout=10).status_code == 401
+    assert requests.get(f"{service}/health", timeout=10).status_code == 200
+    lower = {"Authorization": f"bearer {KEY}"}
+    assert requests.post(f"{strict}/v1/score", json=OK_BODY, headers=lower, timeout=60).ok
+    assert _strict_scorer_stats()["items"] == before["items"] + len(OK_BODY["items"])
+    _ok_request_is_answered_correctly(service, reference)
+
+
+def _big_body(n_items: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "query": rng.integers(0, VOCAB, 40).tolist(),
+        "items": rng.integers(0, VOCAB, (n_items, 20)).tolist(),
+        "label_token_ids": LABELS,
+    }
+
+
+def test_overload_gets_a_fast_503_with_retry_after(service):
+    """One request in flight at a time on /strict: the others are turned away at once."""
+    body = _big_body(100)  # ~0.4 s on one replica: inside the 1 s deadline
+
+    def post():
+        start = time.perf_counter()
+        r = requests.post(f"{service}/strict/v1/score", json=body, headers=AUTH, timeout=60)
+        return r, time.perf_counter() - start
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: post(), range(6)))
+    ok = [r for r, _ in results if r.status_code == 200]
+    busy = [(r, dt) for r, dt in results if r.status_code == 503]
+    assert ok and busy and len(ok) + len(busy) == 6, [r.status_code for r, _ in results]
+    for r, dt in busy:
+        assert r.headers["Retry-After"] == "1" and r.json()["type"] == "ServiceUnavailable"
+        assert dt < 1.0, dt
+    scores = [np.asarray(r.json()["scores"]) for r in ok]
+    assert all(np.array_equal(s, scores[0]) for s in scores)
+
+
+def test_deadline_gives_504_and_cancels_the_rest(service):
+    """/strict has a 1 s deadline; 6000 items take far longer on one replica. The request
+    gets a 504, and chunks that had not started are dropped, not scored."""
+    before = _strict_scorer_stats()["items"]
+    start = time.perf_counter()
+    r = requests.post(f"{service}/strict/v1/score", json=_big_body(6000), headers=AUTH, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert r.status_code == 504, r.text
+    assert "request_timeout_s" in r.json()["message"] and elapsed < 5, elapsed
+    time.sleep(3)  # let whatever batch was running finish
+    scored = _strict_scorer_stats()["items"] - before
+    assert scored < 6000 / 2, scored
+    quick = requests.post(f"{service}/strict/v1/score", json=OK_BODY, headers=AUTH, timeout=60)
+    assert quick.status_code == 200
+
+
+def test_replica_killed_mid_run_never_gives_wrong_or_partial_scores(service, engine, record):
+    """Kill one of the two scorer replicas while requests are in flight: each request
+    completes with the right scores (its chunks retried elsewhere) or fails with a clear
+    503; none gets partial or wrong scores."""
+    import ray
+
+    bodies = [_big_body(48, seed) for seed in range(12)]
+    refs = [engine("qwen3", "prefix").score_ids(b["query"], b["items"], LABELS) for b in bodies]
+
+    def post(i):
+        return requests.post(f"{service}/v1/score", json=bodies[i], headers=AUTH, timeout=120)
+
+    victims = [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if "mis#Scorer" in a["name"]
+    ]
+    assert len(victims) == 2
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(post, i) for i in range(12)]
+        time.sleep(0.3)
+        victim = victims[0]
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=False)
+        responses = [f.result() for f in futures]
+    failed = 0
+    for r, ref in zip(responses, refs, strict=True):
+        if r.status_code == 200:
+            assert np.abs(np.asarray(r.json()["scores"]) - ref).max() <= 1e-6
+        else:
+            assert r.status_code == 503, r.text
+            assert r.json()["object"] == "error"
+            failed += 1
+    record("replica kill: failed requests of 12 (count)", failed)
+    # The service recovers: Serve replaces the replica.
+    deadline = time.time() + 120
+    while True:
+        r = requests.post(f"{service}/v1/score", json=bodies[0], headers=AUTH, timeout=120)
+        if r.status_code == 200 or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert r.status_code == 200
+
+
+def test_fuzz_openapi(service, record):
+    """Schemathesis-generated requests (valid and invalid, from the service's own OpenAPI
+    document) against every operation: never a 5xx, and every response (status, content type,
+    body) as the document says."""
+    schema = schemathesis.openapi.from_url(f"{service}/openapi.json")
+    statuses: dict[int, int] = {}
+    modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
+    for result, mode in itertools.product(list(schema.get_all_operations()), modes):
+        operation = result.ok()
+        if mode is modes[1] and operation.method.upper() != "POST":
+            continue  # nothing to make invalid in a GET without parameters
+
+        @given(case=operation.as_strategy(generation_mode=mode))
+        @settings(
+            max_examples=FUZZ_EXAMPLES,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+        )
+        def check(case):
+            response = case.call(base_url=service, headers=AUTH, timeout=60)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            case.validate_response(
+                response,
+                checks=[
+                    checks.not_a_server_error,
+                    checks.status_code_conformance,
+                    checks.content_type_conformance,
+                    checks.response_schema_conformance,
+                ],
+            )
+
+        check()
+    record("fuzz requests sent (count)", sum(statuses.values()))
+    record("fuzz 5xx seen (count)", sum(n for code, n in statuses.items() if code >= 500))
+    assert sum(statuses.values()) >= FUZZ_EXAMPLES
+
+
+def test_api_keys_never_logged(service):
+    """Runs last in this module: no log file of the session holds the key."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    hits = [p for p in logs.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+    assert not hits
