@@ -44,12 +44,13 @@ def test_bench_reports_every_mode_and_transformers(ckpts, tmp_path):
 def test_a_mode_that_disagrees_with_serial_is_failed_not_ranked(ckpts, tmp_path, monkeypatch):
     real = ScoringEngine._run_rows
 
-    def off_by_a_bit(self, rows, partial):  # multi-item modes only; serial is untouched
+    def labels_swapped(self, rows, partial):
         real(self, rows, partial)
-        for label_logits, _ in partial.values():
-            label_logits[:, 0] += 1e-3
+        if rows:  # multi-item rows only; serial scoring passes none
+            for label_logits, _ in partial.values():
+                label_logits[:] = label_logits[:, ::-1]
 
-    monkeypatch.setattr(ScoringEngine, "_run_rows", off_by_a_bit)
+    monkeypatch.setattr(ScoringEngine, "_run_rows", labels_swapped)
     result = _bench(ckpts["qwen3"], tmp_path, "--no-transformers", "--modes", "serial,prefix")
     status = {r["mode"]: r["status"] for r in result["rows"]}
     assert status["serial"] == "ok"
