@@ -346,7 +346,6 @@ def stream_segment_attention(
     k: jax.Array,  # [B, T, K, D]  the stream's own keys
     v: jax.Array,  # [B, T, K, D]
     prefix_kv: tuple[jax.Array, jax.Array] | None,  # cached query K/V, each [B, P, K, D]
-    pos: jax.Array,  # [B, T] int32
     item_off: jax.Array,  # [B, T] int32: offset inside the item, -1 if none
     prefix_len: jax.Array,  # [B] int32
     *,
@@ -360,7 +359,6 @@ def stream_segment_attention(
     head region; with it, its keys are prepended to the stream's. The kernel follows the
     default backend; on CPU it runs in TPU interpret mode (slow: for tests).
     """
-    del pos  # positions only matter through RoPE, already applied to q and k
     b, t, nk, g, d = q.shape
     p = 0
     if prefix_kv is not None:

@@ -127,7 +127,6 @@ class Attention(nn.Module):
                     k,
                     v,
                     prefix_kv,
-                    meta.pos,
                     meta.item_off,
                     meta.prefix_len,
                     head_len=lay.head_len,

@@ -19,6 +19,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 
+from loadtests.workload import Workload
 from tests.conftest import LABELS, running_serve
 
 KEY = "mis-test-key-7f3a9c"  # looked for in every log file afterwards
@@ -192,12 +193,7 @@ def test_api_keys(service, reference):
 
 
 def _big_body(n_items: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "query": rng.integers(0, VOCAB, 40).tolist(),
-        "items": rng.integers(0, VOCAB, (n_items, 20)).tolist(),
-        "label_token_ids": LABELS,
-    }
+    return Workload(40, n_items, 20, tuple(LABELS), apply_softmax=False).body(seed)
 
 
 def test_overload_gets_a_fast_503_with_retry_after(service):
