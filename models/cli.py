@@ -53,6 +53,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         attention_impl=AttentionKernel(args.attention_impl),
         chunk_size=args.chunk_size,
         dtype=args.dtype,
+        tp_size=args.tp_size,
     )
     engine = ScoringEngine(args.model_path, config)
     model_name = args.model_name or Path(args.model_path).name
@@ -131,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=sorted(DTYPES),
         help="compute dtype (default: the checkpoint's)",
+    )
+    sc.add_argument(
+        "--tp-size",
+        type=int,
+        default=defaults.tp_size,
+        help="devices to split the model over (tensor parallel); on CPU simulate them with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=N",
     )
     sc.add_argument("--input", required=True, help="JSONL: one request body per line")
     sc.add_argument("--output", required=True, help="JSONL: one response or error per line")

@@ -28,6 +28,15 @@ from kernels.segment_attention import build_dense_mask
 from models.buckets import ladder_bucket, pow2_bucket, pow2_upto
 from models.checkpoint import load_checkpoint
 from models.inputs import Chunk, ScoringInputError, check_token_ids, tokenize_request
+from models.parallel import (
+    kv_cache_sharding,
+    param_shardings,
+    replicated,
+    shard_params,
+    to_host,
+    tp_config,
+    tp_mesh,
+)
 from models.qwen import AttentionImpl, QwenForScoring, StreamLayout, StreamMeta
 from models.tokenizer import TextTokenizer
 from serve_app.schema import ScoreRequest, ScoreResponse, Usage
@@ -79,6 +88,9 @@ class EngineConfig:
     # CPU (no gain, and each row count is another compiled shape); raise it on accelerators.
     max_batch_rows: int = 1
     prefix_cache_size: int = 32  # prefix mode: cached query prefills (LRU)
+    # Devices one engine spans (tensor parallel, models/parallel.py): jax.devices()[:tp_size];
+    # in a multi-process (multi-host) run, every device of every process.
+    tp_size: int = 1
 
     def __post_init__(self) -> None:
         # Accept the enums' string values (CLI, YAML): Mode("prefix") is Mode.PREFIX.
@@ -96,6 +108,8 @@ class EngineConfig:
             raise ValueError(
                 "max_batch_tokens and max_batch_rows must be >= 1, prefix_cache_size >= 0"
             )
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
 
 
 @dataclasses.dataclass
@@ -132,7 +146,21 @@ class ScoringEngine:
         self.cfg, params = load_checkpoint(self.model_dir, self.config.dtype)
         self.dtype_name = self.config.dtype or self.cfg.dtype
         self.dtype = jnp.dtype(self.dtype_name)
-        self.params = jax.device_put(params)
+        tp = self.config.tp_size
+        self.mesh = tp_mesh(tp) if tp > 1 or jax.process_count() > 1 else None
+        if self.mesh is None:
+            self.run_cfg, self.params = self.cfg, jax.device_put(params)
+        else:
+            self.run_cfg = tp_config(self.cfg, tp)
+            self.params = shard_params(params, self.cfg, self.mesh)
+            log.info(
+                "tensor parallel over %d devices (%s): %d q heads, %d kv heads%s per device",
+                tp,
+                self.mesh.devices[0].platform,
+                self.cfg.num_heads // tp,
+                self.run_cfg.num_kv_heads // tp,
+                " (repeated)" if self.run_cfg.num_kv_heads > self.cfg.num_kv_heads else "",
+            )
         try:
             self.tokenizer: TextTokenizer | None = TextTokenizer.from_model_dir(self.model_dir)
         except FileNotFoundError:
@@ -148,9 +176,10 @@ class ScoringEngine:
 
     def reconfigure(self, **changes: Any) -> None:
         """Change run settings (mode, chunk size, ...) in place, keeping the loaded weights and
-        every compiled shape; the dtype is fixed at load."""
-        if "dtype" in changes:
-            raise ValueError("dtype is fixed when the checkpoint is loaded")
+        every compiled shape; the dtype and tp_size are fixed at load."""
+        for fixed in ("dtype", "tp_size"):
+            if fixed in changes:
+                raise ValueError(f"{fixed} is fixed when the checkpoint is loaded")
         self.config = dataclasses.replace(self.config, **changes)
         self._prefix_cache.clear()
 
@@ -415,7 +444,7 @@ class ScoringEngine:
     def _fn(self, layout: StreamLayout):
         fn = self._fns.get(layout)
         if fn is None:
-            model = QwenForScoring(self.cfg, layout, self.dtype)
+            model = QwenForScoring(self.run_cfg, layout, self.dtype, self.mesh)
 
             def forward(
                 params,
@@ -433,7 +462,19 @@ class ScoringEngine:
                     {"params": params}, tokens, meta, prefix_kv, dense_mask, score_idx, label_ids
                 )
 
-            fn = self._fns[layout] = jax.jit(forward)
+            if self.mesh is None:
+                fn = jax.jit(forward)
+            else:
+                # Host inputs replicated on every device (and process); results replicated,
+                # the prefill's K/V left split by head for the scoring forwards that read it.
+                rep, kv = replicated(self.mesh), kv_cache_sharding(self.mesh)
+                params = param_shardings(self.params, self.mesh)
+                fn = jax.jit(
+                    forward,
+                    in_shardings=(params, rep, rep, rep, rep, kv, rep, rep, rep),
+                    out_shardings=(rep, rep, kv),
+                )
+            self._fns[layout] = fn
         return fn
 
     def _note_shape(self, layout: StreamLayout, rows: int, prefix: int = 0, labels: int = 0):
@@ -475,7 +516,7 @@ class ScoringEngine:
             b.label_ids,
         )
         self.stats["forwards"] += 1
-        return np.asarray(ll), np.asarray(lse)
+        return to_host(ll), to_host(lse)
 
 
 def _buckets(bounds: tuple[int, int], bucket) -> list[int]:

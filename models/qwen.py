@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from kernels.ragged_attention import stream_segment_attention
 from kernels.segment_attention import dense_mask_attention, segment_attention
 from models.config import ModelConfig
+from models.parallel import over_heads
 
 
 class AttentionImpl(enum.Enum):
@@ -100,6 +103,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
     layout: StreamLayout
     dtype: jnp.dtype
+    mesh: Mesh | None = None  # tensor parallel: attention runs per device's heads
 
     @nn.compact
     def __call__(self, x, cos, sin, meta: StreamMeta, prefix_kv, dense_mask):
@@ -118,37 +122,45 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         qg = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
         head_kv = (k[:, : lay.head_len], v[:, : lay.head_len])
+        arrays = {"q": qg, "k": k, "v": v, "item_off": meta.item_off}
+        arrays["prefix_len"] = meta.prefix_len
+        if prefix_kv is not None:
+            arrays["pk"], arrays["pv"] = prefix_kv
+        if lay.attention is AttentionImpl.DENSE:
+            arrays["mask"] = dense_mask
+        elif lay.attention is AttentionImpl.SEGMENT:
+            arrays["pos"] = meta.pos
         with jax.named_scope("attention"):
-            if lay.attention is AttentionImpl.DENSE:
-                o = dense_mask_attention(qg, k, v, dense_mask)
-            elif lay.attention is AttentionImpl.PALLAS:
-                o = stream_segment_attention(
-                    qg,
-                    k,
-                    v,
-                    prefix_kv,
-                    meta.item_off,
-                    meta.prefix_len,
-                    head_len=lay.head_len,
-                )
-            else:
-                pk, pv = head_kv if prefix_kv is None else prefix_kv
-                o = segment_attention(
-                    qg,
-                    k,
-                    v,
-                    pk,
-                    pv,
-                    meta.pos,
-                    meta.item_off,
-                    meta.prefix_len,
-                    head_len=lay.head_len,
-                    num_slots=lay.num_slots,
-                    slot_len=lay.slot_len,
-                )
+            attend = over_heads(partial(_attend, lay), self.mesh, {"q", "k", "v", "pk", "pv"})
+            o = attend(arrays)
         o = o.reshape(b, t, cfg.num_heads, cfg.head_dim)
         out = dense(cfg.hidden_size, cfg.o_bias, "o_proj", axis=(-2, -1))(o)
         return out, (head_kv if lay.return_kv else None)
+
+
+def _attend(lay: StreamLayout, a: dict[str, jax.Array]) -> jax.Array:
+    """Masked attention of one layer on whatever heads `a` holds (all, or one device's)."""
+    prefix = (a["pk"], a["pv"]) if "pk" in a else None
+    if lay.attention is AttentionImpl.DENSE:
+        return dense_mask_attention(a["q"], a["k"], a["v"], a["mask"])
+    if lay.attention is AttentionImpl.PALLAS:
+        return stream_segment_attention(
+            a["q"], a["k"], a["v"], prefix, a["item_off"], a["prefix_len"], head_len=lay.head_len
+        )
+    pk, pv = prefix or (a["k"][:, : lay.head_len], a["v"][:, : lay.head_len])
+    return segment_attention(
+        a["q"],
+        a["k"],
+        a["v"],
+        pk,
+        pv,
+        a["pos"],
+        a["item_off"],
+        a["prefix_len"],
+        head_len=lay.head_len,
+        num_slots=lay.num_slots,
+        slot_len=lay.slot_len,
+    )
 
 
 class MLP(nn.Module):
@@ -169,12 +181,13 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     layout: StreamLayout
     dtype: jnp.dtype
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, prefix_kv, cos, sin, meta, dense_mask):
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        a, kv = Attention(self.cfg, self.layout, self.dtype, name="self_attn")(
+        a, kv = Attention(self.cfg, self.layout, self.dtype, self.mesh, name="self_attn")(
             h, cos, sin, meta, prefix_kv, dense_mask
         )
         x = x + a
@@ -195,6 +208,7 @@ class QwenForScoring(nn.Module):
     cfg: ModelConfig
     layout: StreamLayout
     dtype: jnp.dtype = jnp.float32
+    mesh: Mesh | None = None  # tensor parallel over this mesh (models/parallel.py)
 
     @nn.compact
     def __call__(
@@ -223,7 +237,7 @@ class QwenForScoring(nn.Module):
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
         )
-        x, kv = layers(cfg, self.layout, self.dtype, name="layers")(
+        x, kv = layers(cfg, self.layout, self.dtype, self.mesh, name="layers")(
             x, prefix_kv, cos, sin, meta, dense_mask
         )
         if score_idx is None:

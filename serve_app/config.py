@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from models.config import PRESETS
 from models.engine import AttentionKernel, EngineConfig, MaskImpl, Mode
+from models.parallel import check_tp_size
 
 _ENGINE = EngineConfig()
 
@@ -42,6 +43,26 @@ class AppArgs(BaseModel):
         default=_ENGINE.max_batch_rows,
         ge=1,
         description="Multi-item rows (chunks of any requests) per forward; 1 suits a CPU.",
+    )
+    tp_size: int = Field(
+        default=_ENGINE.tp_size,
+        ge=1,
+        description="Devices per scorer replica, the model split over them (tensor parallel). "
+        "Give each replica that many accelerators (ray_actor_options resources).",
+    )
+    hosts_per_replica: int = Field(
+        default=1,
+        ge=1,
+        description="Hosts one scorer replica spans (a multi-host slice): one Ray actor per "
+        "host joined by jax.distributed; tp_size is then the slice's device count. Needs the "
+        "Scorer's placement_group_bundles, one bundle per host.",
+    )
+    host_num_cpus: float = Field(
+        default=1.0, ge=0, description="CPUs each slice host actor takes from its bundle."
+    )
+    host_resources: dict[str, float] = Field(
+        default={},
+        description='Other resources each slice host actor takes from its bundle, e.g. {"TPU": 4}.',
     )
     max_items_per_request: int = Field(default=2048, ge=1)
     max_tokens_per_item: int = Field(default=512, ge=1)
@@ -89,6 +110,13 @@ class AppArgs(BaseModel):
             raise ValueError(f"demo_preset {self.demo_preset!r} is not one of {sorted(PRESETS)}")
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype {self.dtype!r} is not float32 or bfloat16")
+        if self.tp_size % self.hosts_per_replica:
+            raise ValueError(
+                f"tp_size {self.tp_size} must be a multiple of hosts_per_replica "
+                f"{self.hosts_per_replica} (every host of a slice brings the same devices)"
+            )
+        if self.model_path is None:  # the demo model's shape is known now, not only at load
+            check_tp_size(PRESETS[self.demo_preset], self.tp_size)
         self.engine_config()  # the engine's own checks, at config time rather than at start
         return self
 
@@ -100,4 +128,5 @@ class AppArgs(BaseModel):
             chunk_size=self.chunk_size,
             dtype=self.dtype,
             max_batch_rows=self.max_batch_rows,
+            tp_size=self.tp_size,
         )

@@ -1,4 +1,5 @@
-"""Scorer replica: one engine per replica, chunks from concurrent requests batched together."""
+"""Scorer replica: one engine per replica (on one host, or spanning a multi-host slice), chunks
+from concurrent requests batched together."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from models.checkpoint import ensure_demo_checkpoint, has_random_weights
 from models.engine import ScoringEngine
 from models.inputs import Chunk, ScoringInputError
 from serve_app.config import AppArgs
+from serve_app.slice import SliceEngine
 
 log = logging.getLogger("ray.serve")
 
@@ -46,7 +48,17 @@ class Scorer:
         self._failure: str | None = None
         path = self.args.model_path or ensure_demo_checkpoint(self.args.demo_preset)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.engine = ScoringEngine(path, self.args.engine_config())
+        self.engine: ScoringEngine | SliceEngine
+        if self.args.hosts_per_replica > 1:
+            self.engine = SliceEngine(
+                str(path),
+                self.args.engine_config(),
+                self.args.hosts_per_replica,
+                {"num_cpus": self.args.host_num_cpus, "resources": self.args.host_resources},
+                self.args.request_timeout_s,
+            )
+        else:
+            self.engine = ScoringEngine(path, self.args.engine_config())
         if has_random_weights(path):
             log.warning("replica %s serves RANDOM WEIGHTS from %s", self.replica, path)
         if self.args.warmup_query_tokens is not None:

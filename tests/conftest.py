@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Four simulated CPU devices for the tensor-parallel tests, set before JAX starts (the last
+# occurrence of a flag wins); engines without tp_size use the first device only.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+)
 
 import numpy as np
 import pytest
 
 from models.checkpoint import make_random_checkpoint
 from models.engine import EngineConfig, ScoringEngine
+
+TP_DEVICES = 4  # the simulated device count set above
 
 # Every engine configuration the equivalence tests sweep: (mode, mask_impl).
 MODES = [("serial", "auto"), ("packed", "dense"), ("packed", "segment"), ("prefix", "auto")]
@@ -118,9 +130,7 @@ def running_serve(*apps: tuple[str, str, object]) -> Iterator[str]:
     import ray
     from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -130,3 +140,56 @@ def running_serve(*apps: tuple[str, str, object]) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # serve, ray, locust of this environment
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_run(config: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[Path]:
+    """`serve run CONFIG` as a user starts it, output to `log`; SIGINT (Serve shuts the apps
+    down) on exit, SIGKILL if that hangs."""
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "JAX_PLATFORMS": "cpu"} | (env or {})
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "serve"), "run", str(config)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield log
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_for_scores(url: str, body: dict, log: Path, timeout_s: float = 420):
+    """POST `body` to /v1/score until the app answers 200 (it is deploying meanwhile);
+    fails with the log's tail when it does not."""
+    import requests
+
+    deadline, resp = time.time() + timeout_s, None
+    while time.time() < deadline:
+        try:
+            resp = requests.post(f"{url}/v1/score", json=body, timeout=60)
+            if resp.status_code == 200:
+                return resp
+        except (requests.ConnectionError, requests.Timeout):  # still deploying
+            pass
+        if "Deploying app 'mis' failed" in log.read_text():
+            break
+        time.sleep(2)
+    raise AssertionError(f"no scores from {url}: {resp}\n{log.read_text()[-4000:]}")

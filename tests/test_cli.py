@@ -47,6 +47,8 @@ def test_make_checkpoint_and_score(tmp_path, engine):
         "packed",
         "--chunk-size",
         "4",
+        "--tp-size",  # split over 2 of the 4 simulated devices (conftest)
+        "2",
         "--input",
         str(tmp_path / "req.jsonl"),
         "--output",
@@ -80,3 +82,20 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
     )
     assert res.returncode == 2
     assert "config.json" in res.stderr
+
+
+def test_tp_size_beyond_the_devices_is_a_clear_error(tmp_path, ckpts):
+    (tmp_path / "req.jsonl").write_text("")
+    res = run_cli(
+        "score",
+        "--model-path",
+        ckpts["qwen3"],
+        "--tp-size",
+        "3",
+        "--input",
+        str(tmp_path / "req.jsonl"),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+    )
+    assert res.returncode == 2
+    assert "tp_size 3 must divide num_attention_heads 4" in res.stderr

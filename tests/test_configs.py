@@ -41,3 +41,32 @@ def test_pallas_attention_with_the_dense_mask_is_rejected_at_config_time():
     with pytest.raises(ValidationError, match="pallas"):
         AppArgs(mode="packed", mask_impl="dense", attention_impl="pallas")
     assert AppArgs(attention_impl="pallas").engine_config().attention_impl.value == "pallas"
+
+
+def test_slice_configs_reserve_one_bundle_per_host():
+    for path in CONFIGS:
+        (app,) = yaml.safe_load(path.read_text())["applications"]
+        args = AppArgs.model_validate(app["args"])
+        (scorer,) = [d for d in app["deployments"] if d["name"] == "Scorer"]
+        bundles = scorer.get("placement_group_bundles", [])
+        if args.hosts_per_replica > 1:
+            assert len(bundles) == args.hosts_per_replica, path.name
+            assert scorer["placement_group_strategy"] == "STRICT_SPREAD", path.name
+            for b in bundles:  # each host actor fits its bundle
+                assert b["CPU"] >= args.host_num_cpus, path.name
+                assert all(b.get(k, 0) >= v for k, v in args.host_resources.items()), path.name
+        else:
+            assert not bundles, path.name
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({"tp_size": 3}, "num_attention_heads"),  # qwen3-tiny has 4 heads
+        ({"tp_size": 4, "hosts_per_replica": 3}, "hosts_per_replica"),
+        ({"tp_size": 0}, "tp_size"),
+    ],
+)
+def test_bad_parallel_args_are_rejected_at_config_time(args, field):
+    with pytest.raises(ValidationError, match=field):
+        AppArgs.model_validate(args)

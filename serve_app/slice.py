@@ -1,0 +1,133 @@
+"""One scorer replica over every host of a multi-host slice (e.g. a TPU v6e-16: 4 hosts).
+
+JAX runs one program per host (multi-controller SPMD): each host is a Ray actor that joins a
+`jax.distributed` group and builds the same tensor-parallel engine over the slice's devices.
+The Serve replica that owns them sends every batch of chunks to all hosts, in the same order,
+and returns host 0's answer (the scores are replicated on every host).
+
+Placement: the Scorer deployment declares one placement-group bundle per host
+(`placement_group_bundles`, strategy STRICT_SPREAD on TPU). Serve reserves the group for each
+replica, host actors go into its bundles, and autoscaling adds or removes whole slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from models.engine import EngineConfig, ScoringEngine
+from models.inputs import Chunk
+
+log = logging.getLogger("ray.serve")
+
+
+@ray.remote
+class SliceHost:
+    """One host's process of the slice: its `jax.distributed` rank and its engine."""
+
+    def coordinator_address(self) -> str:
+        """A free port on this host for the `jax.distributed` coordinator (rank 0 only)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"{ray.util.get_node_ip_address()}:{port}"
+
+    def start(
+        self, coordinator: str, num_hosts: int, rank: int, model_path: str, config: EngineConfig
+    ) -> dict[str, Any]:
+        import jax
+
+        # CPU hosts (tests, and the CPU proof of the recipe) need a cross-process collective
+        # backend; accelerators bring their own and ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes=num_hosts, process_id=rank)
+        self.engine = ScoringEngine(model_path, config)
+        return {
+            "rank": rank,
+            "node": ray.get_runtime_context().get_node_id(),
+            "local_devices": jax.local_device_count(),
+            "devices": jax.device_count(),
+        }
+
+    def score_chunks(self, chunks: Sequence[Chunk]) -> list:
+        return self.engine.score_chunks(chunks)
+
+    def warmup(self, *args: Any) -> int:
+        return self.engine.warmup(*args)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.engine.stats)
+
+
+class SliceEngine:
+    """The engine interface the Scorer uses (`score_chunks`, `warmup`, `stats`, `config`),
+    run by `num_hosts` SliceHost actors as one SPMD program."""
+
+    def __init__(
+        self,
+        model_path: str,
+        config: EngineConfig,
+        num_hosts: int,
+        host_options: dict[str, Any],
+        timeout_s: float,
+        placement_group: PlacementGroup | None = None,
+    ):
+        pg = placement_group or get_current_placement_group()
+        if pg is None or len(pg.bundle_specs) < num_hosts:
+            found = 0 if pg is None else len(pg.bundle_specs)
+            raise ValueError(
+                f"hosts_per_replica {num_hosts} needs a placement group of one bundle per host; "
+                f"found {found} bundles: set the Scorer deployment's placement_group_bundles"
+            )
+        self.config = config
+        self.timeout_s = timeout_s  # per scoring call; loading and warm-up wait as needed
+        self.hosts = [
+            SliceHost.options(
+                **host_options,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=i
+                ),
+            ).remote()
+            for i in range(num_hosts)
+        ]
+        (coordinator,) = self._all([self.hosts[0].coordinator_address.remote()])
+        self.host_info = self._all(
+            [
+                h.start.remote(coordinator, num_hosts, rank, str(model_path), config)
+                for rank, h in enumerate(self.hosts)
+            ]
+        )
+        log.info(
+            "slice of %d hosts up (coordinator %s): %s", num_hosts, coordinator, self.host_info
+        )
+
+    def _all(self, refs: list[ray.ObjectRef], timeout_s: float | None = None) -> list[Any]:
+        """Every host's answer. Raises as soon as one host fails, and after `timeout_s`: the
+        other hosts may be blocked in a collective with it, so the replica must be replaced."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pending = list(refs)
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not done:
+                raise TimeoutError(f"slice hosts did not answer within {timeout_s} s")
+            ray.get(done)  # a failed host raises here, not after the others
+        return ray.get(refs)
+
+    def score_chunks(self, chunks: Sequence[Chunk]) -> list:
+        refs = [h.score_chunks.remote(list(chunks)) for h in self.hosts]
+        return self._all(refs, self.timeout_s)[0]
+
+    def warmup(self, *args: Any) -> int:
+        return self._all([h.warmup.remote(*args) for h in self.hosts])[0]
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self._all([self.hosts[0].stats.remote()], self.timeout_s)[0]

@@ -1,0 +1,82 @@
+"""A replica spanning two hosts: two processes joined by jax.distributed over loopback (CPU
+collectives through gloo), each holding 2 of the 4 devices of one tensor-parallel program.
+
+Scores must equal a one-process, one-device engine on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from models.inputs import Chunk
+from tests.conftest import LABELS, random_request
+
+# Each host process sees 2 simulated devices (the test process itself has 4).
+HOST_ENV = {"env_vars": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
+
+
+def _chunks() -> list[Chunk]:
+    out = []
+    for seed, soft in ((70, True), (71, False)):
+        query, items = random_request(seed=seed, n_items=11, q_len=40, max_item=20)
+        out.append(Chunk(tuple(query), tuple(map(tuple, items)), tuple(LABELS), soft))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=HOST_ENV)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["prefix", "packed"])
+def test_two_host_slice_equals_one_process(ray_session, ckpts, engine, record, mode):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from models.engine import EngineConfig
+    from serve_app.slice import SliceEngine
+
+    pg = placement_group([{"CPU": 0.5}, {"CPU": 0.5}])
+    ray_session.get(pg.ready(), timeout=60)
+    try:
+        sliced = SliceEngine(
+            ckpts["qwen3"],
+            EngineConfig(mode=mode, chunk_size=8, tp_size=4),
+            num_hosts=2,
+            host_options={"num_cpus": 0.5},
+            timeout_s=120,
+            placement_group=pg,
+        )
+        assert [(h["rank"], h["local_devices"], h["devices"]) for h in sliced.host_info] == [
+            (0, 2, 4),
+            (1, 2, 4),
+        ]
+        chunks = _chunks()
+        got = sliced.score_chunks(chunks)
+        want = engine("qwen3", mode).score_chunks(chunks)
+        for g, w, c in zip(got, want, chunks, strict=True):
+            if c.apply_softmax:
+                what, diff, bound = "softmax", np.abs(g - w).max(), 1e-5
+            else:  # relative, as in test_tensor_parallel
+                what, bound = "log-prob relative", 1e-6
+                diff = (np.abs(np.log(g) - np.log(w)) / np.abs(np.log(w))).max()
+            record(f"2-process tp=4 slice vs 1 process, {what}, {mode}", diff)
+            assert diff <= bound
+        assert sliced.stats["items"] == sum(len(c.items) for c in chunks)
+    finally:
+        remove_placement_group(pg)  # its host actors go with it
+
+
+def test_no_placement_group_is_a_clear_error(ray_session, ckpts):
+    from models.engine import EngineConfig
+    from serve_app.slice import SliceEngine
+
+    with pytest.raises(ValueError, match="placement_group_bundles"):
+        SliceEngine(ckpts["qwen3"], EngineConfig(tp_size=4), 2, {}, 10)

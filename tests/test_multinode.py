@@ -1,0 +1,172 @@
+"""A real multi-node Ray cluster on loopback: `ray start --head` plus two worker nodes whose
+custom resources stand for TPU v6e hosts ({"TPU": 4} each, one also "TPU-v6e-8-head"), each
+with 4 simulated CPU devices. The shipped TPU configs are deployed there with `serve run`,
+changed only where a loopback cluster must differ (ports, CPU counts, a tiny float32 model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import requests
+import yaml
+
+from tests.conftest import BIN, LABELS, REPO, free_port, random_request, serve_run, wait_for_scores
+
+TPU_HOST = {"TPU": 4}
+HEAD_RESOURCE = "TPU-v6e-8-head"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Address of the 3-node cluster; `ray stop --force` afterwards (it stops every Ray
+    process on this machine, as CI's other Ray tests leave none running)."""
+    env = os.environ | {
+        "RAY_AUTH_MODE": "disabled",
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    }
+    common = ["--num-cpus", "1", "--object-store-memory", str(200 * 2**20)]
+    common += ["--disable-usage-stats"]
+    address = f"127.0.0.1:{free_port()}"
+
+    def ray_cli(*args: str) -> None:
+        subprocess.run([str(BIN / "ray"), *args], env=env, check=True, capture_output=True)
+
+    try:
+        ray_cli(
+            "start",
+            "--head",
+            "--port",
+            address.split(":")[1],
+            *common,
+            "--include-dashboard",
+            "true",
+            "--dashboard-port",
+            str(free_port()),
+        )
+        for resources in (TPU_HOST | {HEAD_RESOURCE: 1}, TPU_HOST):
+            ray_cli("start", "--address", address, "--resources", json.dumps(resources), *common)
+        yield address
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+
+
+def _loopback_config(tmp_path, name: str, ckpt: str, port: int, args: dict, scorer: dict):
+    """configs/NAME with a tiny float32 model and CPU counts that fit 1-CPU loopback nodes;
+    one HTTP proxy, since the three "hosts" share one machine's ports."""
+    raw = yaml.safe_load((REPO / "configs" / name).read_text())
+    raw["proxy_location"] = "HeadOnly"
+    raw["http_options"] = {"host": "127.0.0.1", "port": port}
+    (app,) = raw["applications"]
+    app["args"].update(
+        model_path=ckpt,
+        dtype="float32",
+        chunk_size=8,
+        max_chunk_tokens=256,
+        warmup_query_tokens=None,  # compile on first use: replicas come up sooner
+        **args,
+    )
+    deps = {d["name"]: d for d in app["deployments"]}
+    deps["ScoreIngress"].update(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+    deps["Scorer"]["ray_actor_options"]["num_cpus"] = 0.1
+    deps["Scorer"].update(scorer)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _actors(address: str, class_name: str) -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(address=address, filters=[("class_name", "=", class_name)], detail=True)
+
+
+def _tpu_nodes(address: str) -> set[str]:
+    from ray.util.state import list_nodes
+
+    return {
+        n.node_id for n in list_nodes(address=address, detail=True) if "TPU" in n.resources_total
+    }
+
+
+def _request() -> dict:
+    query, items = random_request(seed=80, n_items=200, q_len=30, max_item=20)
+    return {"query": query, "items": items, "label_token_ids": LABELS, "apply_softmax": True}
+
+
+def _check_scores(resp, engine, record, what: str) -> None:
+    body = _request()
+    got = np.array(resp.json()["scores"])
+    want = engine("qwen3").score_ids(body["query"], body["items"], LABELS, apply_softmax=True)
+    record(f"multi-node {what} vs offline engine, softmax", np.abs(got - want).max())
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_tpu_config_replicas_on_tpu_hosts(cluster, ckpts, engine, record, tmp_path):
+    """configs/tpu-v6e.yaml: one replica per TPU host (tp_size 4 over its 4 devices); a
+    request's chunks are scored on both hosts."""
+    port = free_port()
+    config = _loopback_config(
+        tmp_path,
+        "tpu-v6e.yaml",
+        ckpts["qwen3"],
+        port,
+        {},
+        {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}},
+    )
+    url = f"http://127.0.0.1:{port}"
+    with serve_run(config, tmp_path / "serve.log", {"RAY_ADDRESS": cluster}) as log:
+        resp = wait_for_scores(url, _request(), log)
+        # The first answer may come while the second replica still warms up: ask until both
+        # are in service (Serve routes only to running replicas).
+        deadline = time.time() + 120
+        while len(resp.headers["X-MIS-Replicas"].split(",")) < 2 and time.time() < deadline:
+            time.sleep(2)
+            resp = requests.post(f"{url}/v1/score", json=_request(), timeout=120)
+        _check_scores(resp, engine, record, "tpu-v6e.yaml")
+        replicas = _actors(cluster, "ServeReplica:mis:Scorer")
+        assert len(replicas) == 2
+        tpu_nodes = _tpu_nodes(cluster)
+        nodes = {a.name.rsplit("#", 1)[-1]: a.node_id for a in replicas}
+        assert set(nodes.values()) == tpu_nodes  # one replica on each TPU host, none elsewhere
+        served = set(resp.headers["X-MIS-Replicas"].split(","))
+        assert {nodes[r] for r in served} == tpu_nodes  # one request, both hosts
+        resp = requests.post(f"{url}/v1/score", json={"query": [1]}, timeout=30)
+        assert resp.status_code == 400
+
+
+def test_slice_config_one_replica_over_two_hosts(cluster, ckpts, engine, record, tmp_path):
+    """configs/tpu-v6e-16-slice.yaml shrunk to 2 hosts: one replica whose two host actors
+    (2 devices each, one jax.distributed program, tp_size 4) sit on the two TPU nodes."""
+    port = free_port()
+    bundle = {"CPU": 0.2, **TPU_HOST}
+    config = _loopback_config(
+        tmp_path,
+        "tpu-v6e-16-slice.yaml",
+        ckpts["qwen3"],
+        port,
+        {"hosts_per_replica": 2, "tp_size": 4, "host_num_cpus": 0.1},
+        {
+            "placement_group_bundles": [bundle | {"CPU": 0.3, HEAD_RESOURCE: 1}, bundle],
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+            "ray_actor_options": {
+                "num_cpus": 0.1,
+                "runtime_env": {
+                    "env_vars": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+                },
+            },
+        },
+    )
+    url = f"http://127.0.0.1:{port}"
+    with serve_run(config, tmp_path / "serve.log", {"RAY_ADDRESS": cluster}) as log:
+        resp = wait_for_scores(url, _request(), log)
+        _check_scores(resp, engine, record, "2-host slice")
+        hosts = [a for a in _actors(cluster, "SliceHost") if a.state == "ALIVE"]
+        assert len(hosts) == 2
+        assert {a.node_id for a in hosts} == _tpu_nodes(cluster)  # one per TPU host
