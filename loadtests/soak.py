@@ -1,13 +1,15 @@
-"""Soak, burst and chaos runs against a live deployment: Locust for a while, with per-minute
-p99 latency, the status codes seen, and the RSS of the Serve processes sampled throughout.
+"""Soak, burst, chaos and autoscaling runs against a live deployment: Locust for a while,
+with per-minute p99 latency, the status codes seen, the RSS of the Serve processes and the
+Scorer replica count sampled throughout.
 
     python -m loadtests.soak --url http://127.0.0.1:8000 --users 2 --seconds 300 --out DIR \
-        [--kill-replica-after 20] [--api-key KEY]
+        [--kill-replica-after 20] [--cooldown-s 120] [--app mis] [--api-key KEY]
 
-`--kill-replica-after S` kills one Scorer replica actor S seconds in (the deployment must run
-on the Ray cluster this machine's `ray.init(address="auto")` reaches). Prints one line and
-writes DIR/soak.json. Workload: MIS_QUERY_TOKENS, MIS_ITEMS, MIS_ITEM_TOKENS (the Locust file's
-defaults otherwise).
+`--kill-replica-after S` kills one Scorer replica actor S seconds in. `--cooldown-s S` keeps
+sampling the replica count S seconds after the load stops (or until it is back where it began),
+to see an autoscaled deployment scale down. Both need the deployment's Ray cluster
+(`ray.init(address="auto")` from this machine). Prints one line and writes DIR/soak.json.
+Workload: MIS_QUERY_TOKENS, MIS_ITEMS, MIS_ITEM_TOKENS (the Locust file's defaults otherwise).
 """
 
 from __future__ import annotations
@@ -36,11 +38,26 @@ def serve_rss_mb() -> float:
     return total / 2**20
 
 
-def kill_one_scorer() -> str:
+def _connect():
     import ray
 
     if not ray.is_initialized():  # in-process callers (tests) are connected already
         ray.init(address="auto", log_to_driver=False)
+    return ray
+
+
+def scorer_replicas(app: str) -> tuple[int, int]:
+    """(running, all) Scorer replicas of `app` as Serve's controller reports them; `all`
+    counts replicas still starting (loading and compiling) or stopping."""
+    from ray import serve
+
+    _connect()
+    states = serve.status().applications[app].deployments["Scorer"].replica_states
+    return int(states.get("RUNNING", 0)), int(sum(states.values()))
+
+
+def kill_one_scorer() -> str:
+    ray = _connect()
     victim = next(
         a for a in ray.util.list_named_actors(all_namespaces=True) if "#Scorer#" in a["name"]
     )
@@ -81,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seconds", type=int, default=300)
     p.add_argument("--out", default="loadtests/out/soak")
     p.add_argument("--kill-replica-after", type=float, default=None)
+    p.add_argument("--cooldown-s", type=float, default=0.0)
+    p.add_argument("--app", default="mis", help="Serve application whose replicas to count")
     p.add_argument("--api-key", default=os.environ.get("MIS_API_KEY"))
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -108,10 +127,32 @@ def main(argv: list[str] | None = None) -> dict:
             killed = kill_one_scorer()
 
         threading.Thread(target=chaos, daemon=True).start()
+    # (seconds since start, running replicas, all replicas), at each change
+    timeline: list[tuple[float, int, int]] = []
+
+    def sample_replicas() -> None:
+        n = scorer_replicas(a.app)
+        if not timeline or timeline[-1][1:] != n:
+            timeline.append((round(time.time() - start, 1), *n))
+
+    ticks = 0
     while locust.poll() is None:
-        rss.append((time.time() - start, serve_rss_mb()))
-        time.sleep(5)
+        if ticks % 5 == 0:
+            rss.append((time.time() - start, serve_rss_mb()))
+        if a.cooldown_s:
+            sample_replicas()
+        ticks += 1
+        time.sleep(1)
+    load_end = time.time()
+    while a.cooldown_s and time.time() - load_end < a.cooldown_s:
+        sample_replicas()
+        if timeline[-1][1:] == timeline[0][1:] and len(timeline) > 1:
+            break  # back where it began
+        time.sleep(1)
     result = analyse(log, rss, start, a.seconds) | {"killed_replica": killed, "users": a.users}
+    if a.cooldown_s:
+        result["replica_timeline"] = timeline
+        result["load_stopped_at_s"] = round(load_end - start, 1)
     (out / "soak.json").write_text(json.dumps(result, indent=2))
     drift = result["p99_drift"]
     print(
@@ -121,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"(drift {drift if drift is None else f'{100 * drift:+.1f}%'}) RSS first/last/max="
         f"{result['rss_mb_first']:.0f}/{result['rss_mb_last']:.0f}/{result['rss_mb_max']:.0f} MB"
         + (f" killed={killed}" if killed else "")
+        + (f" replicas (t s, running, all)={timeline}" if timeline else "")
     )
     return result
 

@@ -28,7 +28,11 @@ def test_config_is_valid(path):
 def test_cpu_config_fits_two_cores():
     raw = yaml.safe_load((CONFIGS[0].parent / "config.yaml").read_text())
     deps = raw["applications"][0]["deployments"]
-    cpus = sum(d.get("num_replicas", 1) * d["ray_actor_options"]["num_cpus"] for d in deps)
+    cpus = sum(
+        d.get("autoscaling_config", {}).get("max_replicas", d.get("num_replicas", 1))
+        * d["ray_actor_options"]["num_cpus"]
+        for d in deps
+    )
     assert cpus <= 2
 
 
