@@ -64,6 +64,13 @@ class AppArgs(BaseModel):
         default={},
         description='Other resources each slice host actor takes from its bundle, e.g. {"TPU": 4}.',
     )
+    tpu_topology: str | None = Field(
+        default=None,
+        description='Multi-host TPU slices: the slice topology (e.g. "4x4"). Each replica then '
+        "reserves one whole slice itself (ray.util.tpu.slice_placement_group: all hosts of "
+        "one slice, by its slice-name label) instead of using placement_group_bundles.",
+    )
+    tpu_version: str = Field(default="v6e", description="TPU generation of `tpu_topology`.")
     max_items_per_request: int = Field(default=2048, ge=1)
     max_tokens_per_item: int = Field(default=512, ge=1)
     max_query_tokens: int = Field(default=8192, ge=1)
@@ -115,6 +122,8 @@ class AppArgs(BaseModel):
                 f"tp_size {self.tp_size} must be a multiple of hosts_per_replica "
                 f"{self.hosts_per_replica} (every host of a slice brings the same devices)"
             )
+        if self.tpu_topology is not None and self.hosts_per_replica < 2:
+            raise ValueError("tpu_topology is for multi-host slices: set hosts_per_replica >= 2")
         if self.model_path is None:  # the demo model's shape is known now, not only at load
             check_tp_size(PRESETS[self.demo_preset], self.tp_size)
         self.engine_config()  # the engine's own checks, at config time rather than at start

@@ -56,6 +56,11 @@ class Scorer:
                 self.args.hosts_per_replica,
                 {"num_cpus": self.args.host_num_cpus, "resources": self.args.host_resources},
                 self.args.request_timeout_s,
+                tpu_slice=(
+                    None
+                    if self.args.tpu_topology is None
+                    else (self.args.tpu_topology, self.args.tpu_version)
+                ),
             )
         else:
             self.engine = ScoringEngine(path, self.args.engine_config())

@@ -5,9 +5,12 @@ JAX runs one program per host (multi-controller SPMD): each host is a Ray actor 
 The Serve replica that owns them sends every batch of chunks to all hosts, in the same order,
 and returns host 0's answer (the scores are replicated on every host).
 
-Placement: the Scorer deployment declares one placement-group bundle per host
-(`placement_group_bundles`, strategy STRICT_SPREAD on TPU). Serve reserves the group for each
-replica, host actors go into its bundles, and autoscaling adds or removes whole slices.
+Placement, one placement group per replica, so autoscaling adds or removes whole slices:
+- TPU (`tpu_topology` set): the replica reserves a slice with `ray.util.tpu.slice_placement_group`,
+  which pins every bundle to the hosts of one slice (by the `ray.io/tpu-slice-name` label; plain
+  STRICT_SPREAD bundles could mix hosts of two slices once there are several);
+- otherwise: the Scorer deployment's own `placement_group_bundles`, one per host.
+The group lives as long as the replica that made or was given it.
 """
 
 from __future__ import annotations
@@ -66,6 +69,31 @@ class SliceHost:
         return dict(self.engine.stats)
 
 
+def reserve_tpu_slice(
+    topology: str, version: str, num_hosts: int, host_options: dict[str, Any]
+) -> Any:
+    """Ray's handle on one free TPU slice (waits until there is one): its placement group
+    has a bundle per host sized for one SliceHost actor, and its head reservation (the
+    slice's TPU-...-head resource) keeps other replicas off the slice while it is held."""
+    from ray.util.tpu import slice_placement_group
+
+    chips = host_options.get("resources", {}).get("TPU")
+    if not chips:
+        raise ValueError('tpu_topology needs host_resources with the chips per host: {"TPU": 4}')
+    bundle = {**host_options["resources"], "CPU": host_options.get("num_cpus", 0)}
+    handle = slice_placement_group(
+        topology, version, chips_per_vm=int(chips), resources_per_bundle=bundle
+    )
+    if handle.num_hosts != num_hosts:
+        raise ValueError(
+            f"a {version} {topology} slice of {chips}-chip hosts has {handle.num_hosts} hosts; "
+            f"hosts_per_replica is {num_hosts}"
+        )
+    log.info("waiting for a free %s %s slice (%d hosts)", version, topology, num_hosts)
+    ray.get(handle.placement_group.ready())
+    return handle
+
+
 class SliceEngine:
     """The engine interface the Scorer uses (`score_chunks`, `warmup`, `stats`, `config`),
     run by `num_hosts` SliceHost actors as one SPMD program."""
@@ -78,7 +106,14 @@ class SliceEngine:
         host_options: dict[str, Any],
         timeout_s: float,
         placement_group: PlacementGroup | None = None,
+        tpu_slice: tuple[str, str] | None = None,
     ):
+        """`tpu_slice` = (topology, version): reserve one TPU slice for this engine; else
+        `placement_group`, else the caller's own (the Serve replica's bundles)."""
+        self._tpu_slice = None  # held for the engine's lifetime
+        if tpu_slice is not None:
+            self._tpu_slice = reserve_tpu_slice(*tpu_slice, num_hosts, host_options)
+            placement_group = self._tpu_slice.placement_group
         pg = placement_group or get_current_placement_group()
         if pg is None or len(pg.bundle_specs) < num_hosts:
             found = 0 if pg is None else len(pg.bundle_specs)

@@ -48,17 +48,21 @@ def test_pallas_attention_with_the_dense_mask_is_rejected_at_config_time():
 
 
 def test_slice_configs_reserve_one_bundle_per_host():
+    """Multi-host replicas get their hosts from Serve's bundles, or a TPU slice they reserve
+    themselves (tpu_topology); single-host replicas need neither."""
     for path in CONFIGS:
         (app,) = yaml.safe_load(path.read_text())["applications"]
         args = AppArgs.model_validate(app["args"])
         (scorer,) = [d for d in app["deployments"] if d["name"] == "Scorer"]
         bundles = scorer.get("placement_group_bundles", [])
-        if args.hosts_per_replica > 1:
+        if args.hosts_per_replica > 1 and args.tpu_topology is None:
             assert len(bundles) == args.hosts_per_replica, path.name
             assert scorer["placement_group_strategy"] == "STRICT_SPREAD", path.name
             for b in bundles:  # each host actor fits its bundle
                 assert b["CPU"] >= args.host_num_cpus, path.name
                 assert all(b.get(k, 0) >= v for k, v in args.host_resources.items()), path.name
+        elif args.hosts_per_replica > 1:
+            assert not bundles and args.host_resources.get("TPU"), path.name
         else:
             assert not bundles, path.name
 

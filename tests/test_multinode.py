@@ -1,7 +1,9 @@
-"""A real multi-node Ray cluster on loopback: `ray start --head` plus two worker nodes whose
-custom resources stand for TPU v6e hosts ({"TPU": 4} each, one also "TPU-v6e-8-head"), each
+"""A real multi-node Ray cluster on loopback: `ray start --head` plus two worker nodes that
+stand for the two hosts of one TPU v6e-8 slice: {"TPU": 4} each, "TPU-v6e-8-head" on worker 0,
+and the node labels and TPU_NAME a TPU VM gives Ray (slice name, worker id, pod type), each
 with 4 simulated CPU devices. The shipped TPU configs are deployed there with `serve run`,
-changed only where a loopback cluster must differ (ports, CPU counts, a tiny float32 model).
+changed only where a loopback cluster must differ (ports, CPU counts, a tiny float32 model,
+a 2-host slice).
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from tests.conftest import BIN, LABELS, REPO, free_port, random_request, serve_r
 
 TPU_HOST = {"TPU": 4}
 HEAD_RESOURCE = "TPU-v6e-8-head"
+SLICE = "slice-a"
+
+
+def _tpu_labels(worker_id: int) -> str:
+    labels = {"ray.io/tpu-slice-name": SLICE, "ray.io/tpu-worker-id": str(worker_id)}
+    return ",".join(f"{k}={v}" for k, v in (labels | {"ray.io/tpu-pod-type": "v6e-8"}).items())
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +43,9 @@ def cluster():
     common += ["--disable-usage-stats"]
     address = f"127.0.0.1:{free_port()}"
 
-    def ray_cli(*args: str) -> None:
-        subprocess.run([str(BIN / "ray"), *args], env=env, check=True, capture_output=True)
+    def ray_cli(*args: str, tpu: dict[str, str] | None = None) -> None:
+        cmd = [str(BIN / "ray"), *args]
+        subprocess.run(cmd, env=env | (tpu or {}), check=True, capture_output=True)
 
     try:
         ray_cli(
@@ -50,8 +59,18 @@ def cluster():
             "--dashboard-port",
             str(free_port()),
         )
-        for resources in (TPU_HOST | {HEAD_RESOURCE: 1}, TPU_HOST):
-            ray_cli("start", "--address", address, "--resources", json.dumps(resources), *common)
+        for worker, resources in enumerate((TPU_HOST | {HEAD_RESOURCE: 1}, TPU_HOST)):
+            ray_cli(
+                "start",
+                "--address",
+                address,
+                "--resources",
+                json.dumps(resources),
+                "--labels",
+                _tpu_labels(worker),
+                *common,
+                tpu={"TPU_NAME": SLICE},  # what Ray reads the slice name from on GKE
+            )
         yield address
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
@@ -141,32 +160,35 @@ def test_tpu_config_replicas_on_tpu_hosts(cluster, ckpts, engine, record, tmp_pa
         assert resp.status_code == 400
 
 
-def test_slice_config_one_replica_over_two_hosts(cluster, ckpts, engine, record, tmp_path):
-    """configs/tpu-v6e-16-slice.yaml shrunk to 2 hosts: one replica whose two host actors
-    (2 devices each, one jax.distributed program, tp_size 4) sit on the two TPU nodes."""
+@pytest.mark.parametrize("placement", ["tpu_topology", "bundles"])
+def test_slice_config_one_replica_over_two_hosts(
+    cluster, ckpts, engine, record, tmp_path, placement
+):
+    """configs/tpu-v6e-16-slice.yaml shrunk to a 2-host slice: one replica whose two host
+    actors (2 devices each, one jax.distributed program, tp_size 4) sit on the two TPU hosts.
+    The replica reserves the slice itself (`tpu_topology`, Ray's slice placement group), or
+    Serve reserves the deployment's `placement_group_bundles` for it."""
     port = free_port()
-    bundle = {"CPU": 0.2, **TPU_HOST}
-    config = _loopback_config(
-        tmp_path,
-        "tpu-v6e-16-slice.yaml",
-        ckpts["qwen3"],
-        port,
-        {"hosts_per_replica": 2, "tp_size": 4, "host_num_cpus": 0.1},
-        {
-            "placement_group_bundles": [bundle | {"CPU": 0.3, HEAD_RESOURCE: 1}, bundle],
-            "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-            "ray_actor_options": {
-                "num_cpus": 0.1,
-                "runtime_env": {
-                    "env_vars": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-                },
-            },
+    args = {"hosts_per_replica": 2, "tp_size": 4, "host_num_cpus": 0.1}
+    scorer = {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+        "ray_actor_options": {
+            "num_cpus": 0.1,
+            "runtime_env": {"env_vars": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}},
         },
-    )
+    }
+    if placement == "tpu_topology":
+        args["tpu_topology"] = "2x4"  # v6e-8 as 2 hosts of 4 chips
+    else:
+        args["tpu_topology"] = None
+        bundle = {"CPU": 0.2, **TPU_HOST}
+        scorer["placement_group_bundles"] = [bundle | {"CPU": 0.3, HEAD_RESOURCE: 1}, bundle]
+        scorer["placement_group_strategy"] = "STRICT_SPREAD"
+    config = _loopback_config(tmp_path, "tpu-v6e-16-slice.yaml", ckpts["qwen3"], port, args, scorer)
     url = f"http://127.0.0.1:{port}"
     with serve_run(config, tmp_path / "serve.log", {"RAY_ADDRESS": cluster}) as log:
         resp = wait_for_scores(url, _request(), log)
-        _check_scores(resp, engine, record, "2-host slice")
+        _check_scores(resp, engine, record, f"2-host slice ({placement})")
         hosts = [a for a in _actors(cluster, "SliceHost") if a.state == "ALIVE"]
         assert len(hosts) == 2
         assert {a.node_id for a in hosts} == _tpu_nodes(cluster)  # one per TPU host
