@@ -34,6 +34,7 @@ from serve_app.schema import (
     error_body,
     format_errors,
 )
+from serve_app.scorer import EngineFailure
 
 log = logging.getLogger("ray.serve")
 
@@ -197,8 +198,8 @@ class ScoreIngress:
         )
 
     async def _score_chunk(self, chunk: Chunk, pending: list[DeploymentResponse]) -> Any:
-        """One chunk on some replica; retried elsewhere (bounded) when its replica dies, so a
-        request gets all of its scores or an error, never part of them."""
+        """One chunk on some replica; retried elsewhere (bounded) when its replica dies or its
+        engine fails, so a request gets all of its scores or an error, never part of them."""
         for attempt in range(self.args.chunk_retries + 1):
             response = self.scorer.score.remote(chunk)
             pending.append(response)
@@ -206,7 +207,7 @@ class ScoreIngress:
                 return await response
             except BackPressureError as e:
                 raise ReplicaFailure(f"scorers overloaded ({e}); retry later") from e
-            except (RayActorError, ActorUnavailableError) as e:
+            except (RayActorError, ActorUnavailableError, EngineFailure) as e:
                 log.warning(
                     "chunk of %d items: scorer replica failed (try %d of %d): %s",
                     len(chunk.items),
@@ -214,6 +215,9 @@ class ScoreIngress:
                     self.args.chunk_retries + 1,
                     type(e).__name__,
                 )
+                # Give the router a moment to learn the replica is gone, or the retry may
+                # be routed to it again.
+                await asyncio.sleep(0.2 * 2**attempt)
         raise ReplicaFailure(
             f"scorer replicas failed {self.args.chunk_retries + 1} times for one chunk; retry later"
         )

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import ray
 from ray import serve
 
 from models.checkpoint import ensure_demo_checkpoint, has_random_weights
@@ -28,6 +29,11 @@ def _route_engine_logs() -> None:
         if handler not in engine_log.handlers:
             engine_log.addHandler(handler)
     engine_log.propagate = False
+
+
+class EngineFailure(RuntimeError):
+    """This replica's engine failed (not a bad input: e.g. a slice host died). The ingress
+    retries the chunk on another replica; Serve replaces this one (check_health)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +62,7 @@ class Scorer:
                 self.args.hosts_per_replica,
                 {"num_cpus": self.args.host_num_cpus, "resources": self.args.host_resources},
                 self.args.request_timeout_s,
+                name=f"SliceHost:{self.replica}",
                 tpu_slice=(
                     None
                     if self.args.tpu_topology is None
@@ -84,6 +91,8 @@ class Scorer:
             self._score_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     async def score(self, chunk: Chunk) -> ChunkResult:
+        if self._failure is not None:  # a broken engine (a slice's hosts may hang) is not used
+            raise EngineFailure(f"replica {self.replica}: {self._failure}")
         result = await self._score_batch(chunk)
         if isinstance(result, ScoringInputError):
             raise result
@@ -96,8 +105,15 @@ class Scorer:
             return await asyncio.to_thread(self.engine.score_chunks, chunks)
         except Exception as e:  # not a bad input: the engine itself failed
             self._failure = f"{type(e).__name__}: {e}"
-            log.exception("replica %s: engine failure", self.replica)
-            raise
+            log.exception("replica %s: engine failure; asking Ray to replace it", self.replica)
+            # Gone at once rather than at the next health check: until then the router would
+            # keep picking this replica (it answers fastest, with an error). Chunks it holds
+            # fail with RayActorError and the ingress retries them elsewhere.
+            asyncio.get_running_loop().call_soon(self._exit)
+            raise EngineFailure(f"replica {self.replica}: {self._failure}") from e
+
+    def _exit(self) -> None:
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=False)
 
     def stats(self) -> dict[str, int]:
         """This replica's engine counters: items, forwards, prefix hits/misses, compiles."""

@@ -107,9 +107,11 @@ class SliceEngine:
         timeout_s: float,
         placement_group: PlacementGroup | None = None,
         tpu_slice: tuple[str, str] | None = None,
+        name: str | None = None,
     ):
         """`tpu_slice` = (topology, version): reserve one TPU slice for this engine; else
-        `placement_group`, else the caller's own (the Serve replica's bundles)."""
+        `placement_group`, else the caller's own (the Serve replica's bundles). Host actors
+        are named `{name}:{rank}` when `name` is given (`ray list actors` shows them)."""
         self._tpu_slice = None  # held for the engine's lifetime
         if tpu_slice is not None:
             self._tpu_slice = reserve_tpu_slice(*tpu_slice, num_hosts, host_options)
@@ -126,6 +128,7 @@ class SliceEngine:
         self.hosts = [
             SliceHost.options(
                 **host_options,
+                name=None if name is None else f"{name}:{i}",
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=i
                 ),

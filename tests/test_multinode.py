@@ -160,14 +160,17 @@ def test_tpu_config_replicas_on_tpu_hosts(cluster, ckpts, engine, record, tmp_pa
         assert resp.status_code == 400
 
 
-@pytest.mark.parametrize("placement", ["tpu_topology", "bundles"])
+@pytest.mark.parametrize(
+    "placement", ["tpu_topology", pytest.param("bundles", marks=pytest.mark.slow)]
+)
 def test_slice_config_one_replica_over_two_hosts(
     cluster, ckpts, engine, record, tmp_path, placement
 ):
     """configs/tpu-v6e-16-slice.yaml shrunk to a 2-host slice: one replica whose two host
     actors (2 devices each, one jax.distributed program, tp_size 4) sit on the two TPU hosts.
     The replica reserves the slice itself (`tpu_topology`, Ray's slice placement group), or
-    Serve reserves the deployment's `placement_group_bundles` for it."""
+    Serve reserves the deployment's `placement_group_bundles` for it (marker `slow`: the
+    same engine code, another placement)."""
     port = free_port()
     args = {"hosts_per_replica": 2, "tp_size": 4, "host_num_cpus": 0.1}
     scorer = {
