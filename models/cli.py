@@ -2,6 +2,8 @@
 
 mis-score make-checkpoint --preset qwen3-tiny --out /tmp/qwen3-tiny [--seed 0]
 mis-score score --model-path /tmp/qwen3-tiny --mode prefix --input req.jsonl --output resp.jsonl
+mis-score bench ...        (loadtests/bench_engine.py)
+mis-score validate --url http://127.0.0.1:8000 --model-path DIR   (loadtests/validate.py)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from loadtests import bench_engine
+from loadtests import bench_engine, validate
 from models.checkpoint import DTYPES, make_random_checkpoint
 from models.config import PRESETS
 from models.engine import AttentionKernel, EngineConfig, MaskImpl, Mode, ScoringEngine
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--output", required=True, help="JSONL: one response or error per line")
     sc.set_defaults(func=_cmd_score)
     bench_engine.add_parser(sub)  # the benchmark lives with the load tests
+    validate.add_parser(sub)  # so does the deployment validator
     return parser
 
 

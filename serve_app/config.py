@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from models.config import PRESETS
 from models.engine import AttentionKernel, EngineConfig, MaskImpl, Mode
 from models.parallel import check_tp_size
+from serve_app.rerank import RerankPrompt
 
 _ENGINE = EngineConfig()
 
@@ -94,6 +95,22 @@ class AppArgs(BaseModel):
         ge=0,
         description="Times a chunk is retried on another replica when its replica dies; then 503.",
     )
+    rerank_query_template: str = Field(
+        default=RerankPrompt.query_template,
+        description="/v1/rerank: the prompt up to the document, with {query} and optionally "
+        "{instruction} (default: Qwen3-Reranker's format).",
+    )
+    rerank_document_template: str = Field(
+        default=RerankPrompt.document_template,
+        description="/v1/rerank: the document part, with {document}; scores are read at its "
+        "last token.",
+    )
+    rerank_instruction: str = Field(default=RerankPrompt.instruction)
+    rerank_labels: tuple[str, str] = Field(
+        default=("yes", "no"),
+        description="/v1/rerank: (relevant, irrelevant) label texts, one token each; the "
+        "relevance score is P(first) under a softmax over the two.",
+    )
     api_keys: list[SecretStr] = Field(
         default=[],
         description="Bearer tokens accepted on every path but /health and the docs (also read "
@@ -127,7 +144,13 @@ class AppArgs(BaseModel):
         if self.model_path is None:  # the demo model's shape is known now, not only at load
             check_tp_size(PRESETS[self.demo_preset], self.tp_size)
         self.engine_config()  # the engine's own checks, at config time rather than at start
+        self.rerank_prompt()
         return self
+
+    def rerank_prompt(self) -> RerankPrompt:
+        return RerankPrompt(
+            self.rerank_query_template, self.rerank_document_template, self.rerank_instruction
+        )
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

@@ -15,7 +15,14 @@ from serve_app.schema import error_body
 
 # Paths that need no key and are not counted as work: liveness and the API docs.
 OPEN_PATHS = frozenset({"/health", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
+DOCS_ASSETS = "/docs-assets"  # the API docs' JS/CSS, served from a package (no CDN)
+
 KEYS_ENV = "MIS_API_KEYS"  # comma-separated; added to the config's api_keys
+
+
+def is_open(path: str) -> bool:
+    """No key needed, not counted as work: liveness, the API docs and their assets."""
+    return path in OPEN_PATHS or path.startswith(DOCS_ASSETS + "/")
 
 
 def _route_path(request: Request) -> str:
@@ -44,7 +51,7 @@ class Guard:
         return cls(keys, max_body_bytes, max_inflight, retry_after_s)
 
     def authorized(self, request: Request) -> bool:
-        if not self.api_keys or _route_path(request) in OPEN_PATHS:
+        if not self.api_keys or is_open(_route_path(request)):
             return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -73,7 +80,7 @@ class Guard:
                 "AuthenticationError",
                 {"WWW-Authenticate": "Bearer"},
             )
-        if _route_path(request) in OPEN_PATHS:
+        if is_open(_route_path(request)):
             return await call_next(request)
         if await self.body_too_large(request):
             return _reply(

@@ -1,10 +1,12 @@
 """HTTP ingress: validate and tokenize, split into chunks, fan out to scorers, merge in order.
+`/v1/score` and `/v1/rerank` share that path; the API docs are served without a CDN.
 
 No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations
 at import time to build the request models and the OpenAPI schema.
 """
 
 import asyncio
+import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -13,7 +15,9 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -23,9 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_hf_config
 from models.inputs import Chunk, ScoringInputError, check_token_ids, tokenize_request
 from models.tokenizer import TextTokenizer
-from serve_app import guard
+from serve_app import guard, metrics
 from serve_app.chunking import split_items
 from serve_app.config import AppArgs
+from serve_app.rerank import RerankRequest, RerankResponse, label_ids, rerank_response
 from serve_app.schema import (
     ErrorBody,
     ScoreRequest,
@@ -42,7 +47,50 @@ api = FastAPI(
     title="mis-serve",
     description="Multi-item scoring: P(label token | query ++ item) for every item.",
     version="0.1.0",
+    docs_url=None,  # FastAPI's pages load Swagger UI / ReDoc from a CDN: served below instead
+    redoc_url=None,
 )
+
+
+def _docs_assets() -> Path:
+    """Swagger UI and ReDoc as files of the fastapi-offline package (located, not imported)."""
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("package fastapi-offline is not installed (pip install mis-serve)")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+api.mount(guard.DOCS_ASSETS, StaticFiles(directory=_docs_assets()), name="docs-assets")
+
+
+def _root(request: Request) -> str:
+    return request.scope.get("root_path", "").rstrip("/")  # the app's route prefix
+
+
+@api.get("/docs", include_in_schema=False)
+async def _swagger_ui(request: Request) -> HTMLResponse:
+    root = _root(request)
+    return get_swagger_ui_html(
+        openapi_url=f"{root}/openapi.json",
+        title=f"{api.title} - API docs",
+        swagger_js_url=f"{root}{guard.DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{guard.DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{root}{guard.DOCS_ASSETS}/favicon.png",
+    )
+
+
+@api.get("/redoc", include_in_schema=False)
+async def _redoc(request: Request) -> HTMLResponse:
+    root = _root(request)
+    return get_redoc_html(
+        openapi_url=f"{root}/openapi.json",
+        title=f"{api.title} - API docs",
+        redoc_js_url=f"{root}{guard.DOCS_ASSETS}/redoc.standalone.js",
+        redoc_favicon_url=f"{root}{guard.DOCS_ASSETS}/favicon.png",
+        with_google_fonts=False,
+    )
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {
         "model": ErrorBody,
@@ -92,7 +140,30 @@ class ReplicaFailure(Exception):
     """A chunk's scorer replica died on every try."""
 
 
+class _Refused(Exception):
+    """A request answered with an error body (message naming the field, status, headers)."""
+
+    def __init__(self, message: str, code: int = 400, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.code, self.headers = code, headers
+
+    def response(self, field_names: dict[str, str] | None = None) -> JSONResponse:
+        message = str(self)
+        for ours, theirs in (field_names or {}).items():  # the route's own field names
+            if message.startswith(ours):
+                message = theirs + message[len(ours) :]
+        return _error(message, self.code, self.headers)
+
+
+async def _count_errors(request: Request, call_next) -> Response:
+    response = await call_next(request)
+    if response.status_code >= 400:
+        metrics.ingress().errors.inc(tags={"code": str(response.status_code)})
+    return response
+
+
 api.middleware("http")(guard.front_door)  # keys, body size, admission: before any parsing
+api.middleware("http")(_count_errors)  # outermost: also counts the guard's 401/413/503
 
 
 @serve.deployment(name="ScoreIngress", max_ongoing_requests=256)
@@ -109,6 +180,12 @@ class ScoreIngress:
         except FileNotFoundError:
             self.tokenizer = None
         self.scorer = scorer
+        self.rerank_prompt = self.args.rerank_prompt()
+        self.rerank_labels = (  # a label that is not one token fails the start, loudly
+            None
+            if self.tokenizer is None
+            else label_ids(self.tokenizer.encode, self.args.rerank_labels)
+        )
         front = guard.Guard.from_settings(
             [k.get_secret_value() for k in self.args.api_keys],
             self.args.max_body_bytes,
@@ -128,15 +205,37 @@ class ScoreIngress:
     @api.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
     async def score(self, body: ScoreRequest) -> Any:
         """Scores of every item, in item order (SGLang-compatible)."""
+        try:
+            response, headers = await self._score(body, "score")
+        except _Refused as e:
+            return e.response()
+        return JSONResponse(response.model_dump(), headers=headers)
+
+    @api.post("/v1/rerank", response_model=RerankResponse, responses=_ERRORS)
+    async def rerank(self, body: RerankRequest) -> Any:
+        """Documents sorted by relevance to the query (Cohere / Jina compatible): P(yes) of
+        each document in the rerank prompt, all documents in one multi-item fan-out."""
+        try:
+            if self.rerank_labels is None:
+                raise _Refused("query: /v1/rerank needs the model's tokenizer.json")
+            request = self.rerank_prompt.score_request(body, self.rerank_labels)
+            response, headers = await self._score(request, "rerank")
+        except _Refused as e:
+            return e.response({"items": "documents"})
+        out = rerank_response(body, response.scores, self.model_name, response.usage)
+        return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
+
+    async def _score(self, body: ScoreRequest, route: str) -> tuple[ScoreResponse, dict[str, str]]:
+        """Validate, split into chunks, fan out, merge in item order; raises _Refused."""
         start = time.perf_counter()
         if body.model is not None and body.model != self.model_name:
-            return _error(f"model: unknown model {body.model!r}; serving {self.model_name!r}", 404)
+            raise _Refused(f"model: unknown model {body.model!r}; serving {self.model_name!r}", 404)
         try:
             query, items = tokenize_request(body, self.tokenizer)
             self._check_limits(query, items, body.label_token_ids)
             check_token_ids(query, items, body.label_token_ids, self.vocab_size)
         except ScoringInputError as e:
-            return _error(str(e))
+            raise _Refused(str(e)) from e
         ranges = split_items(items, self.args.chunk_size, self.args.max_chunk_tokens)
         chunks = [
             Chunk(
@@ -155,8 +254,8 @@ class ScoreIngress:
                 asyncio.gather(*(self._score_chunk(c, pending) for c in chunks)), remaining
             )
         except ScoringInputError as e:
-            return _error(str(e))
-        except TimeoutError:
+            raise _Refused(str(e)) from e
+        except TimeoutError as e:
             for r in pending:  # chunks not started yet are dropped from the scorers' queues
                 r.cancel()
             log.warning(
@@ -165,14 +264,14 @@ class ScoreIngress:
                 self.args.request_timeout_s,
                 len(pending),
             )
-            return _error(
+            raise _Refused(
                 f"request timed out after request_timeout_s={self.args.request_timeout_s}",
                 504,
-            )
+            ) from e
         except ReplicaFailure as e:
             for r in pending:
                 r.cancel()
-            return _error(str(e), 503, {"Retry-After": str(self.args.retry_after_s)})
+            raise _Refused(str(e), 503, {"Retry-After": str(self.args.retry_after_s)}) from e
         scores = (
             np.concatenate([r.scores for r in results])
             if results
@@ -180,31 +279,39 @@ class ScoreIngress:
         )
         replicas = sorted({r.replica for r in results})
         n_tokens = len(query) + sum(map(len, items))
+        elapsed = time.perf_counter() - start
         log.info(
-            "scored %d items in %d chunks on %d replicas in %.1f ms",
+            "%s: %d items in %d chunks on %d replicas in %.1f ms",
+            route,
             len(items),
             len(chunks),
             len(replicas),
-            1e3 * (time.perf_counter() - start),
+            1e3 * elapsed,
         )
+        m = metrics.ingress()
+        m.request_latency.observe(elapsed, tags={"route": route})
+        m.chunks.observe(len(chunks))
+        if items:  # Ray counters refuse increments of 0
+            m.items.inc(len(items))
+            m.tokens.inc(n_tokens)
         response = ScoreResponse(
             scores=scores.tolist(),
             model=self.model_name,
             usage=Usage(prompt_tokens=n_tokens, total_tokens=n_tokens),
         )
-        return JSONResponse(
-            response.model_dump(),
-            headers={"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(chunks))},
-        )
+        return response, {"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(chunks))}
 
     async def _score_chunk(self, chunk: Chunk, pending: list[DeploymentResponse]) -> Any:
         """One chunk on some replica; retried elsewhere (bounded) when its replica dies or its
         engine fails, so a request gets all of its scores or an error, never part of them."""
+        start = time.perf_counter()
         for attempt in range(self.args.chunk_retries + 1):
             response = self.scorer.score.remote(chunk)
             pending.append(response)
             try:
-                return await response
+                result = await response
+                metrics.ingress().chunk_latency.observe(time.perf_counter() - start)
+                return result
             except BackPressureError as e:
                 raise ReplicaFailure(f"scorers overloaded ({e}); retry later") from e
             except (RayActorError, ActorUnavailableError, EngineFailure) as e:

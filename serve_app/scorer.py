@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from ray import serve
 from models.checkpoint import ensure_demo_checkpoint, has_random_weights
 from models.engine import ScoringEngine
 from models.inputs import Chunk, ScoringInputError
+from serve_app import metrics
 from serve_app.config import AppArgs
 from serve_app.slice import SliceEngine
 
@@ -79,6 +81,7 @@ class Scorer:
                 self.args.warmup_item_tokens,
                 self.args.warmup_num_labels,
             )
+        self._stats = dict(self.engine.stats)  # counters at the end of warm-up
         self._score_batch.set_max_batch_size(self.args.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         log.info("replica %s ready: %s", self.replica, self.engine.config)
@@ -93,16 +96,22 @@ class Scorer:
     async def score(self, chunk: Chunk) -> ChunkResult:
         if self._failure is not None:  # a broken engine (a slice's hosts may hang) is not used
             raise EngineFailure(f"replica {self.replica}: {self._failure}")
-        result = await self._score_batch(chunk)
+        result = await self._score_batch((chunk, time.perf_counter()))
         if isinstance(result, ScoringInputError):
             raise result
         return ChunkResult(scores=result, replica=self.replica)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def _score_batch(self, chunks: list[Chunk]) -> list[np.ndarray | ScoringInputError]:
+    async def _score_batch(
+        self, arrivals: list[tuple[Chunk, float]]
+    ) -> list[np.ndarray | ScoringInputError]:
+        m, start = metrics.scorer(), time.perf_counter()
+        for _, arrived in arrivals:
+            m.queue_wait.observe(start - arrived)
+        chunks = [c for c, _ in arrivals]
         # The forward runs in a thread so this replica keeps queueing chunks meanwhile.
         try:
-            return await asyncio.to_thread(self.engine.score_chunks, chunks)
+            out = await asyncio.to_thread(self.engine.score_chunks, chunks)
         except Exception as e:  # not a bad input: the engine itself failed
             self._failure = f"{type(e).__name__}: {e}"
             log.exception("replica %s: engine failure; asking Ray to replace it", self.replica)
@@ -111,6 +120,27 @@ class Scorer:
             # fail with RayActorError and the ingress retries them elsewhere.
             asyncio.get_running_loop().call_soon(self._exit)
             raise EngineFailure(f"replica {self.replica}: {self._failure}") from e
+        m.batch_latency.observe(time.perf_counter() - start)
+        self._record_stats()
+        return out
+
+    def _record_stats(self) -> None:
+        """Engine counters since the last batch -> metrics (compilations: after warm-up)."""
+        stats, m = dict(self.engine.stats), metrics.scorer()
+        delta = {k: v - self._stats.get(k, 0) for k, v in stats.items()}
+        self._stats = stats
+        for counter, key in ((m.items, "items"), (m.prefix_hits, "prefix_hits"),
+                             (m.prefix_misses, "prefix_misses")):  # fmt: skip
+            if delta.get(key):  # Ray counters refuse increments of 0
+                counter.inc(delta[key])
+        if delta.get("compiles"):
+            m.compiles_after_warmup.inc(delta["compiles"])
+            log.warning(
+                "replica %s compiled %d new shapes after warm-up (see 'compiling shape' lines); "
+                "widen the warm-up envelope to avoid these stalls",
+                self.replica,
+                delta["compiles"],
+            )
 
     def _exit(self) -> None:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=False)

@@ -123,15 +123,22 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @contextlib.contextmanager
-def running_serve(*apps: tuple[str, str, object]) -> Iterator[str]:
+def running_serve(*apps: tuple[str, str, object], metrics_port: int | None = None) -> Iterator[str]:
     """Real Ray + Serve on a free local port running `apps` ((name, route prefix, built
-    application) each); yields the base URL, shuts everything down afterwards."""
+    application) each); yields the base URL, shuts everything down afterwards. Ray exports
+    Prometheus metrics on `metrics_port` when given."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",  # never a cluster some other test left running
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         for name, route, app in apps:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +17,10 @@ import pytest
 import requests
 
 from loadtests.summary import summarize
-from tests.conftest import LABELS, running_serve
+from tests.conftest import LABELS, free_port, running_serve
 
 CHUNK = 8
+METRICS_PORT = free_port()  # Ray's Prometheus endpoint for this module's cluster
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,8 @@ def service(ckpts):
         "warmup_item_tokens": [1, 24],
     }
     scorers = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}
-    with running_serve(("mis", "/", build_graph(args, scorer_options=scorers))) as url:
+    app = build_graph(args, scorer_options=scorers)
+    with running_serve(("mis", "/", app), metrics_port=METRICS_PORT) as url:
         yield url
 
 
@@ -132,8 +138,105 @@ def test_health_models_and_openapi(service):
     models = requests.get(f"{service}/v1/models", timeout=30).json()
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["random_weights"] is True
     spec = requests.get(f"{service}/openapi.json", timeout=30).json()
-    assert "/v1/score" in spec["paths"]
-    assert requests.get(f"{service}/docs", timeout=30).status_code == 200
+    assert {"/v1/score", "/v1/rerank"} <= set(spec["paths"])
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_nothing_from_the_internet(service, page):
+    """Every script, style and icon of the docs pages is served by the app itself."""
+    html = requests.get(f"{service}{page}", timeout=30).text
+    urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", html)
+    assert urls and all(u.startswith("/") for u in urls), urls  # no http(s)://cdn...
+    for u in urls:
+        resp = requests.get(f"{service}{u}", timeout=30)
+        assert resp.status_code == 200 and len(resp.content) > 0, u
+    assert "openapi.json" in html
+
+
+@pytest.mark.browser
+def test_swagger_page_renders_in_headless_chromium(service):
+    """`bash scripts/test.sh -m browser` (needs Debian's chromium): the page as a browser
+    builds it, offline assets and all, lists the scoring operation."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+         "--dump-dom", f"{service}/docs"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert "/v1/score" in dom and "/v1/rerank" in dom and "opblock" in dom
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Prometheus text -> {series name with labels: value}, our series only."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("ray_mis_"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def _total(series: dict[str, float], name: str, **labels: str) -> float:
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(
+        v for k, v in series.items()
+        if k.split("{")[0] == name and all(w in k for w in want)
+    )  # fmt: skip
+
+
+def test_metrics_move_after_a_request(service):
+    """Scrape Ray's metrics endpoint, send requests, see our counters and histograms move."""
+    # Inside the warm-up envelope (query <= 64 tokens, items <= 24, 2 labels): every replica
+    # compiled these shapes before it was ready, so serving them compiles nothing.
+    body = {"query": [5] * 20, "items": [[7] * 9] * 20, "label_token_ids": [9454, 2753]}
+
+    def read(s: dict[str, float]) -> dict[str, float]:
+        return {
+            "items scored": _total(s, "ray_mis_items_scored_total"),
+            "request items": _total(s, "ray_mis_request_items_total"),
+            "tokens": _total(s, "ray_mis_request_tokens_total"),
+            "requests": _total(s, "ray_mis_request_latency_s_count", route="score"),
+            "chunks": _total(s, "ray_mis_request_chunks_sum"),
+            "chunk calls": _total(s, "ray_mis_chunk_latency_s_count"),
+            "queue waits": _total(s, "ray_mis_queue_wait_s_count"),
+            "prefix lookups": _total(s, "ray_mis_prefix_cache_hits_total")
+            + _total(s, "ray_mis_prefix_cache_misses_total"),
+            "400s": _total(s, "ray_mis_errors_total", code="400"),
+            "compiles": _total(s, "ray_mis_compilations_after_warmup_total"),
+        }
+
+    assert _post(service, body).ok  # every series exists from here on
+    assert _post(service, {"query": [1]}).status_code == 400
+    time.sleep(12)  # Ray exports every few seconds
+    before = read(_scrape(METRICS_PORT))
+    for _ in range(3):
+        assert _post(service, body).ok
+    assert _post(service, {"query": [1]}).status_code == 400
+    deadline, after = time.time() + 60, before
+    while time.time() < deadline:
+        after = read(_scrape(METRICS_PORT))
+        if after["requests"] >= before["requests"] + 3 and after["400s"] > before["400s"]:
+            break
+        time.sleep(3)
+    moved = {k: after[k] - before[k] for k in before}
+    assert moved["requests"] == 3 and moved["400s"] == 1, moved
+    assert moved["items scored"] == moved["request items"] == 60, moved
+    assert moved["tokens"] == 3 * (20 + 20 * 9), moved
+    assert moved["chunks"] == moved["chunk calls"] == moved["queue waits"] == 9, moved
+    assert moved["prefix lookups"] >= 3, moved
+    assert moved["compiles"] == 0, moved
+    # A shape outside the envelope (a 300-token query) is compiled, and counted.
+    assert _post(service, body | {"query": [5] * 300}).ok
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        compiles = _total(_scrape(METRICS_PORT), "ray_mis_compilations_after_warmup_total")
+        if compiles > after["compiles"]:
+            break
+        time.sleep(3)
+    assert compiles > after["compiles"]
 
 
 def test_locust_headless_against_the_service(service, tmp_path):
@@ -167,3 +270,99 @@ def test_locust_headless_against_the_service(service, tmp_path):
     )
     s = summarize(str(tmp_path / "l_stats.csv"), items_per_request=24, duration_s=8)
     assert s["requests"] > 0 and s["failures"] == 0
+
+
+def _rerank(url, body):
+    return requests.post(f"{url}/v1/rerank", json=body, timeout=300)
+
+
+def test_rerank_equals_scoring_each_prompt(service, engine, record):
+    """P(yes) of every document in its Qwen3-Reranker prompt, from one multi-item fan-out,
+    equals scoring each full prompt on its own offline; sorted, cut to top_n, with texts."""
+    from serve_app.rerank import RerankPrompt, RerankRequest
+
+    rng = np.random.default_rng(11)
+    docs = [_words(rng, int(rng.integers(1, 15))) for _ in range(40)]
+    body = {
+        "query": "light laptop with a long battery",
+        "documents": [d if i % 2 else {"text": d} for i, d in enumerate(docs)],
+        "top_n": 7,
+        "return_documents": True,
+    }
+    resp = _rerank(service, body)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["object"] == "rerank" and out["model"] == "tiny"
+    assert int(resp.headers["X-MIS-Chunks"]) >= len(docs) // CHUNK  # one fan-out
+
+    eng = engine("qwen3", "serial")
+    yes_no = [eng.tokenizer.encode("yes")[0], eng.tokenizer.encode("no")[0]]
+    score_req = RerankPrompt().score_request(RerankRequest.model_validate(body), tuple(yes_no))
+    q, items = eng.tokenize(score_req)
+    want = eng.score_ids(q, items, yes_no, apply_softmax=True)[:, 0]
+
+    results = out["results"]
+    assert len(results) == 7
+    got = np.array([r["relevance_score"] for r in results])
+    assert np.all(np.diff(got) <= 0)  # best first
+    chosen = [r["index"] for r in results]
+    for r in results:
+        assert r["document"]["text"] == docs[r["index"]]
+        diff = abs(r["relevance_score"] - want[r["index"]])
+        record("rerank via HTTP vs offline serial, P(yes)", diff)
+        assert diff <= 1e-5
+    rest = np.delete(want, chosen)
+    assert want[chosen].min() >= rest.max() - 1e-5  # the best 7, not any 7
+    n_tokens = len(q) + sum(map(len, items))
+    assert out["usage"] == {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
+
+
+def test_rerank_defaults_and_bad_input(service):
+    resp = _rerank(service, {"query": "q", "documents": ["a", "b", "c"]})
+    assert resp.status_code == 200
+    results = resp.json()["results"]
+    assert sorted(r["index"] for r in results) == [0, 1, 2]  # all, no texts by default
+    assert all("document" not in r for r in results)
+    assert _rerank(service, {"query": "q", "documents": []}).json()["results"] == []
+    for body, code, field in [
+        ({"query": "q"}, 400, "documents"),
+        ({"query": "", "documents": ["a"]}, 400, "query"),
+        ({"query": "q", "documents": ["a"], "top_n": 0}, 400, "top_n"),
+        ({"query": "q", "documents": [{"txt": "a"}]}, 400, "documents.0"),
+        ({"query": "q", "documents": ["a"], "model": "x"}, 404, "model"),
+        ({"query": "q", "documents": ["a"] * 3000}, 400, "documents"),
+        ({"query": "q", "documents": ["word " * 600]}, 400, "documents[0]"),
+    ]:
+        resp = _rerank(service, body)
+        assert resp.status_code == code, (body, resp.text)
+        assert field in resp.json()["message"], (field, resp.text)
+
+
+def test_validate_against_the_live_service(service, ckpts, tmp_path):
+    """`mis-score validate` as a user runs it: every check passes on this deployment (exit 0),
+    and the same measurements fail against impossible thresholds."""
+    from loadtests import validate
+    from models.cli import build_parser
+
+    out = tmp_path / "validate.json"
+    res = subprocess.run(
+        [str(Path(sys.executable).with_name("mis-score")), "validate", "--url", service,
+         "--model-path", ckpts["qwen3"], "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "| check | measured | threshold | result |" in res.stdout and "PASSED" in res.stdout
+    result = json.loads(out.read_text())
+    statuses = {c["check"]: c["status"] for c in result["checks"]}
+    assert len(statuses) == 6 and set(statuses.values()) == {"pass"}, statuses
+    assert result["isolation"] == 0.0  # exact, through HTTP and chunking
+
+    strict = build_parser().parse_args(
+        ["validate", "--url", service, "--model-path", ckpts["qwen3"],
+         "--equivalence-tol", "-1", "--min-speedup", "1e9", "1", "1"]
+    )  # fmt: skip
+    measured = {**result, "speedup": {int(n): v for n, v in result["speedup"].items()}}
+    judged = validate.judge(measured, strict)
+    failed = [c["check"] for c in judged["checks"] if c["status"] == "FAIL"]
+    assert not judged["passed"] and len(failed) == 2, judged["checks"]
+    assert "FAILED" in validate.markdown(judged)
