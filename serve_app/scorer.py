@@ -111,7 +111,7 @@ class Scorer:
         chunks = [c for c, _ in arrivals]
         # The forward runs in a thread so this replica keeps queueing chunks meanwhile.
         try:
-            out = await asyncio.to_thread(self.engine.score_chunks, chunks)
+            out, stats = await asyncio.to_thread(self._forward, chunks)
         except Exception as e:  # not a bad input: the engine itself failed
             self._failure = f"{type(e).__name__}: {e}"
             log.exception("replica %s: engine failure; asking Ray to replace it", self.replica)
@@ -121,12 +121,16 @@ class Scorer:
             asyncio.get_running_loop().call_soon(self._exit)
             raise EngineFailure(f"replica {self.replica}: {self._failure}") from e
         m.batch_latency.observe(time.perf_counter() - start)
-        self._record_stats()
+        self._record_stats(stats)
         return out
 
-    def _record_stats(self) -> None:
+    def _forward(self, chunks: list[Chunk]) -> tuple[list, dict[str, int]]:
+        # The counters are read here, off the event loop: a slice's are a remote call.
+        return self.engine.score_chunks(chunks), dict(self.engine.stats)
+
+    def _record_stats(self, stats: dict[str, int]) -> None:
         """Engine counters since the last batch -> metrics (compilations: after warm-up)."""
-        stats, m = dict(self.engine.stats), metrics.scorer()
+        m = metrics.scorer()
         delta = {k: v - self._stats.get(k, 0) for k, v in stats.items()}
         self._stats = stats
         for counter, key in ((m.items, "items"), (m.prefix_hits, "prefix_hits"),
