@@ -117,13 +117,9 @@ def shard_params(params: Any, cfg: ModelConfig, mesh: Mesh) -> Any:
     def place(path, x, sharding):
         host = np.asarray(x)
         names = [getattr(k, "key", str(k)) for k in path]
-        if repeat > 1 and names[-2:] in (
-            ["k_proj", "kernel"],
-            ["k_proj", "bias"],
-            ["v_proj", "kernel"],
-            ["v_proj", "bias"],
-        ):
-            host = np.repeat(host, repeat, axis=host.ndim + SHARDED_AXIS[tuple(names[-2:])])
+        key = tuple(names[-2:])
+        if repeat > 1 and key[0] in ("k_proj", "v_proj"):
+            host = np.repeat(host, repeat, axis=host.ndim + SHARDED_AXIS[key])
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
     return jax.tree_util.tree_map_with_path(place, params, param_shardings(params, mesh))

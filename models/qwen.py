@@ -122,8 +122,7 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         qg = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
         head_kv = (k[:, : lay.head_len], v[:, : lay.head_len])
-        arrays = {"q": qg, "k": k, "v": v, "item_off": meta.item_off}
-        arrays["prefix_len"] = meta.prefix_len
+        arrays = {"q": qg, "k": k, "v": v, "item_off": meta.item_off, "prefix_len": meta.prefix_len}
         if prefix_kv is not None:
             arrays["pk"], arrays["pv"] = prefix_kv
         if lay.attention is AttentionImpl.DENSE:

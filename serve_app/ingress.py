@@ -63,30 +63,32 @@ def _docs_assets() -> Path:
 api.mount(guard.DOCS_ASSETS, StaticFiles(directory=_docs_assets()), name="docs-assets")
 
 
-def _root(request: Request) -> str:
-    return request.scope.get("root_path", "").rstrip("/")  # the app's route prefix
+def _docs_urls(request: Request) -> tuple[str, str]:
+    """(OpenAPI URL, assets URL) under the app's route prefix."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    return f"{root}/openapi.json", f"{root}{guard.DOCS_ASSETS}"
 
 
 @api.get("/docs", include_in_schema=False)
 async def _swagger_ui(request: Request) -> HTMLResponse:
-    root = _root(request)
+    spec, assets = _docs_urls(request)
     return get_swagger_ui_html(
-        openapi_url=f"{root}/openapi.json",
+        openapi_url=spec,
         title=f"{api.title} - API docs",
-        swagger_js_url=f"{root}{guard.DOCS_ASSETS}/swagger-ui-bundle.js",
-        swagger_css_url=f"{root}{guard.DOCS_ASSETS}/swagger-ui.css",
-        swagger_favicon_url=f"{root}{guard.DOCS_ASSETS}/favicon.png",
+        swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+        swagger_css_url=f"{assets}/swagger-ui.css",
+        swagger_favicon_url=f"{assets}/favicon.png",
     )
 
 
 @api.get("/redoc", include_in_schema=False)
 async def _redoc(request: Request) -> HTMLResponse:
-    root = _root(request)
+    spec, assets = _docs_urls(request)
     return get_redoc_html(
-        openapi_url=f"{root}/openapi.json",
+        openapi_url=spec,
         title=f"{api.title} - API docs",
-        redoc_js_url=f"{root}{guard.DOCS_ASSETS}/redoc.standalone.js",
-        redoc_favicon_url=f"{root}{guard.DOCS_ASSETS}/favicon.png",
+        redoc_js_url=f"{assets}/redoc.standalone.js",
+        redoc_favicon_url=f"{assets}/favicon.png",
         with_google_fonts=False,
     )
 

@@ -69,33 +69,20 @@ def test_make_checkpoint_and_score(tmp_path, engine):
     assert resp[4]["code"] == 404 and "model" in resp[4]["message"]
 
 
-def test_missing_model_dir_is_a_clear_error(tmp_path):
+def _score_nothing(tmp_path, model_path: str, *extra: str):
+    """`mis-score score` on an empty input file: only loading can fail."""
     (tmp_path / "req.jsonl").write_text("")
-    res = run_cli(
-        "score",
-        "--model-path",
-        str(tmp_path / "nope"),
-        "--input",
-        str(tmp_path / "req.jsonl"),
-        "--output",
-        str(tmp_path / "o.jsonl"),
-    )
+    inputs = ["--input", str(tmp_path / "req.jsonl"), "--output", str(tmp_path / "o.jsonl")]
+    return run_cli("score", "--model-path", model_path, *extra, *inputs)
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    res = _score_nothing(tmp_path, str(tmp_path / "nope"))
     assert res.returncode == 2
     assert "config.json" in res.stderr
 
 
-def test_tp_size_beyond_the_devices_is_a_clear_error(tmp_path, ckpts):
-    (tmp_path / "req.jsonl").write_text("")
-    res = run_cli(
-        "score",
-        "--model-path",
-        ckpts["qwen3"],
-        "--tp-size",
-        "3",
-        "--input",
-        str(tmp_path / "req.jsonl"),
-        "--output",
-        str(tmp_path / "o.jsonl"),
-    )
+def test_tp_size_that_does_not_split_the_heads_is_a_clear_error(tmp_path, ckpts):
+    res = _score_nothing(tmp_path, ckpts["qwen3"], "--tp-size", "3")
     assert res.returncode == 2
     assert "tp_size 3 must divide num_attention_heads 4" in res.stderr
