@@ -272,10 +272,11 @@ def _transformers_rows(args, model_dir, cfg, dtype, workload, labels, reference,
 
 
 def _dense_bytes(cfg: ModelConfig, workload: Workload, chunk: int) -> float:
-    """Rough peak memory of one packed-dense forward: the [heads, T, T] f32 scores, their exp
-    and the bool mask."""
+    """Rough peak memory of one packed-dense forward: three [heads, T, T] float32 arrays live
+    at once (scores, masked scores, their exp) and the bool mask. Measured: chunk 500 of the
+    reference workload on qwen3-bench-s (T = 14048) peaked at 20.7 GB; this says 19.1 GB."""
     t = workload.query_tokens + min(chunk, workload.items) * workload.item_tokens
-    return cfg.num_heads * t * t * 4 * 2 + t * t
+    return cfg.num_heads * t * t * 4 * 3 + t * t
 
 
 def _best(rows: list[Row], names: tuple[str, ...]) -> Row | None:

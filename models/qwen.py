@@ -15,6 +15,7 @@ from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from kernels.ragged_attention import stream_segment_attention
@@ -82,11 +83,24 @@ class RMSNorm(nn.Module):
         return scale * y.astype(x.dtype)  # HF: weight * hidden.to(input_dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """HF's RoPE frequencies `1 / theta ** (arange(0, d, 2) / d)`, rounded to float32 where HF
+    rounds, with a correctly rounded pow, computed once on the host.
+
+    Not inside the jitted program: there XLA evaluates the pow itself, one or two ulps off HF's
+    value (and not necessarily the same in every program or on every CPU), and an angle is
+    `position * inv_freq`, so an ulp of a frequency becomes an angle error that grows with the
+    position: cos/sin were up to 1e-3 off HF's at position 8704 for the Qwen3-0.6B shape, and
+    long queries lost precision against the float64 reference (tests/test_long_query.py).
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
+    return np.float32(1.0) / power
+
+
 def rope_tables(pos: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos/sin [B, T, head_dim] for RoPE positions `pos` [B, T] (float32, as HF computes them)."""
-    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    inv_freq = 1.0 / (theta**exponent)
-    freqs = pos.astype(jnp.float32)[..., None] * inv_freq
+    freqs = pos.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 

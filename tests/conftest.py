@@ -91,6 +91,31 @@ def engine(ckpts):
     return get
 
 
+_HF_REFERENCE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def hf_reference(path: str, query, items, labels, dtype=None, item_first: bool = False):
+    """HF transformers' PyTorch model on the same checkpoint, one forward per item:
+    (softmax over the label logits, full-vocab log-probs of the labels). `dtype`: a torch
+    dtype (default float32; float64 is the reference for float32 precision)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    key = (path, str(dtype), item_first, tuple(query), tuple(map(tuple, items)), tuple(labels))
+    if key not in _HF_REFERENCE:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        soft, logp = [], []
+        with torch.no_grad():
+            for it in items:
+                ids = it + query if item_first else query + it
+                logits = model(torch.tensor([ids])).logits[0, -1].double()
+                soft.append(torch.softmax(logits[labels], -1).numpy())
+                logp.append(torch.log_softmax(logits, -1)[labels].numpy())
+        _HF_REFERENCE[key] = (np.array(soft), np.array(logp))
+    return _HF_REFERENCE[key]
+
+
 def random_request(seed: int, n_items: int = 21, q_len: int = 37, max_item: int = 30):
     """Token-id query and items; item lengths cover several slot buckets (1..max_item)."""
     rng = np.random.default_rng(seed)

@@ -5,27 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from tests.conftest import LABELS, MODES, random_request
-
-_REF: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-
-
-def hf_reference(path: str, query, items, labels, dtype=torch.float32, item_first=False):
-    """(softmax over label logits, full-vocab log-probs of the labels), one forward per item."""
-    key = (path, str(dtype), item_first)
-    if key not in _REF:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        soft, logp = [], []
-        with torch.no_grad():
-            for it in items:
-                ids = it + query if item_first else query + it
-                logits = model(torch.tensor([ids])).logits[0, -1].double()
-                soft.append(torch.softmax(logits[labels], -1).numpy())
-                logp.append(torch.log_softmax(logits, -1)[labels].numpy())
-        _REF[key] = (np.array(soft), np.array(logp))
-    return _REF[key]
+from tests.conftest import LABELS, MODES, hf_reference, random_request
 
 
 @pytest.mark.parametrize("name", ["qwen3", "qwen3-untied", "qwen2"])
