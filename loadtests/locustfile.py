@@ -4,9 +4,10 @@
         [--query-tokens 2000 --items 500 --item-tokens 20 --labels 9454,2753]
 
 Workload flags default to the env vars MIS_QUERY_TOKENS, MIS_ITEMS, MIS_ITEM_TOKENS,
-MIS_LABELS; MIS_API_KEY is sent as a bearer token when set. Chunk size is a deployment
-setting (`chunk_size` in the app args), not a request field. Every response is checked (item
-count, label count, probabilities in [0, 1]); a bad payload counts as a failure.
+MIS_LABELS; MIS_API_KEY is sent as a bearer token when set. How a request is cut into chunks
+is a deployment setting (`fanout.chunk_items` / `fanout.chunk_tokens` in the app args), not a
+request field. Every response is checked (item count, label count, probabilities in [0, 1]); a
+bad payload counts as a failure.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 from locust import HttpUser, events, task
 
-from loadtests.workload import Workload, check_response
+from mis_score.workload import Workload, check_response
 
 _SEEDS = itertools.count()
 # Per-request log "unix time,latency ms,status" for loadtests/soak.py (per-minute p99).
@@ -47,7 +48,7 @@ class ScoreUser(HttpUser):
         self.workload = Workload(
             o.query_tokens, o.items, o.item_tokens, tuple(int(x) for x in o.labels.split(","))
         )
-        if os.environ.get("MIS_API_KEY"):  # deployments with api_keys set
+        if os.environ.get("MIS_API_KEY"):  # deployments with auth.api_keys set
             self.client.headers["Authorization"] = f"Bearer {os.environ['MIS_API_KEY']}"
 
     @task

@@ -1,35 +1,56 @@
-"""Where a prefix-mode request's time goes: a timing table of its parts, one run.
+"""Where a request's time goes in the engine: a timing table of its parts, one run.
 
-    python -m loadtests.profile_engine [--preset qwen3-bench-s] [--query-tokens 2000]
-        [--items 500] [--item-tokens 20] [--chunk-size 64]
+    python -m loadtests.profile_engine [--preset qwen3-bench-s] [--mode prefix]
+        [--attention auto] [--query-tokens 2000] [--items 500] [--item-tokens 20]
+        [--max-batch-tokens 8192]
 
-Times, on the workload's shapes and the model's own functions (weights passed as arguments,
-not captured as constants): the query prefill (whole
-model), and per chunk forward the attention, the dense projections + MLP of all layers, and
-the LM head; then compares their sum with a measured request. Each part is jitted alone and
-timed best-of-5, so the parts add up to a bit less than the fused forward.
+One request of the reference workload (a new query) is planned into the forwards the engine
+runs for it (models/plan.py). For each forward, on its own shapes and metadata and the model's
+own weights: the block attention of every layer (the kernel the engine resolved, on random
+q/k/v), the projections + MLP of every layer, and the LM head at its score positions. Each
+part is jitted alone and timed best-of-5, so the parts add up to a bit less than the fused
+forward. The forward's tokens are the query's run (prefill), the items and padding: the
+projections + MLP are split between them by token count, the attention by keys read (the
+materialised `dense` baseline: by token count). Then the sum is compared with the engine's own
+forwards and with a measured request (planning and host transfers included).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.segment_attention import segment_attention
-from loadtests.bench_engine import matmul_peak_gflops, useful_flops
-from loadtests.workload import Workload
-from models.buckets import ladder_bucket, pow2_bucket
+from kernels.block_attention import BlockMeta, block_attention, dense_attention
+from kernels.ragged_attention import ragged_block_attention
+from mis_score.bench import matmul_peak_gflops, useful_flops
+from mis_score.workload import Workload
+from models.buckets import pow2_bucket
 from models.checkpoint import ensure_demo_checkpoint
-from models.engine import MIN_HEAD_TOKENS, MIN_SLOTS, EngineConfig, ScoringEngine, slot_bucket
-from models.qwen import label_logits_and_lse
+from models.engine import (
+    HEAD_ROWS,
+    KEY_TILES,
+    MIN_ROWS,
+    POOL_ALIGN,
+    EngineConfig,
+    ScoringEngine,
+    score_ids,
+)
+from models.inputs import Chunk
+from models.plan import Forward, Mode, plan
+from models.pool import PrefixPool
+from models.qwen import MLP, Attention, RMSNorm, label_logits_and_lse
+
+REPEATS = 5
 
 
-def _best_ms(fn, *args, repeats: int = 5) -> float:
-    fn = jax.jit(fn)
+def best_ms(fn: Callable[..., Any], *args, repeats: int = REPEATS) -> float:
+    """Best wall time of `fn(*args)` (already jitted, or a plain call) after one untimed run."""
     jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
@@ -39,80 +60,190 @@ def _best_ms(fn, *args, repeats: int = 5) -> float:
     return best * 1e3
 
 
-def main() -> None:
+def token_kinds(f: Forward, block: int, query_len: int) -> dict[str, np.ndarray]:
+    """Masks over the forward's stream: the query's run (prefill), item tokens, padding."""
+    t = len(f.tokens)
+    run = np.zeros(t, bool)  # tokens of causal runs: a query, or serial `query ++ item`
+    for _, _, start, length in f.ranges:
+        run[start : start + length] = True
+    item = np.zeros(t, bool)  # an item's tokens: from its first local key to its score
+    for s in f.score_idx:
+        item[s // block * block + f.local_start[s] : s + 1] = True
+    query = run & (f.pos < query_len)
+    real = run | item
+    return {"query": query, "items": real & ~query, "padding": ~real}
+
+
+def keys_read(f: Forward, block: int) -> np.ndarray:
+    """Keys each token of the stream attends to (its pool range, the stream range before its
+    own keys, its own keys): the block kernels' work per token."""
+    t = np.arange(len(f.tokens))
+    r = f.ranges[t // block]  # [T, 4] per token
+    own = t // block * block + f.local_start
+    stream = np.clip(own - r[:, 2], 0, r[:, 3])
+    return r[:, 1] + stream + (t - own + 1)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="qwen3-bench-s")
+    p.add_argument("--mode", default="prefix", choices=[m.value for m in Mode])
+    p.add_argument("--attention", default="auto", choices=[a.value for a in Attention])
     p.add_argument("--query-tokens", type=int, default=2000)
     p.add_argument("--items", type=int, default=500)
     p.add_argument("--item-tokens", type=int, default=20)
-    p.add_argument("--chunk-size", type=int, default=64)
-    args = p.parse_args()
+    p.add_argument("--max-batch-tokens", type=int, default=EngineConfig().max_batch_tokens)
+    args = p.parse_args(argv)
     w = Workload(args.query_tokens, args.items, args.item_tokens)
-    engine = ScoringEngine(
-        ensure_demo_checkpoint(args.preset), EngineConfig(chunk_size=args.chunk_size)
+    labels = list(w.label_ids)
+    config = EngineConfig(
+        mode=args.mode,
+        attention=args.attention,
+        max_batch_tokens=args.max_batch_tokens,
+        max_item_tokens=w.item_tokens,
+        max_query_tokens=w.query_tokens,
+        max_labels=len(labels),
+        prefix_pool_tokens=max(EngineConfig().prefix_pool_tokens, w.query_tokens),
     )
-    cfg, dt = engine.cfg, engine.dtype
-    slots, width = pow2_bucket(min(args.chunk_size, w.items), MIN_SLOTS), slot_bucket(w.item_tokens)
-    chunks = -(-w.items // args.chunk_size)
-    t, prefix = slots * width, ladder_bucket(w.query_tokens, MIN_HEAD_TOKENS)
-    rnd = lambda *shape: jax.random.normal(jax.random.key(len(shape)), shape, dt)  # noqa: E731
-    kv, g, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    q, k, pk = rnd(1, t, kv, g, hd), rnd(1, t, kv, hd), rnd(1, prefix, kv, hd)
-    pos = np.full((1, t), w.query_tokens, np.int32)
-    off = np.tile(np.where(np.arange(width) < w.item_tokens, np.arange(width), -1), slots)[None]
-    plen = np.array([w.query_tokens], np.int32)
+    engine = ScoringEngine(ensure_demo_checkpoint(args.preset), config)
+    cfg, dt, block = engine.run_cfg, engine.dtype, config.block
 
-    def attention(q, k, pk):
-        return segment_attention(
-            q, k, k, pk, pk, pos, off, plen, head_len=0, num_slots=slots, slot_len=width
-        )
+    # The measured request: a new query each time (prefix mode: a pool miss, as in the plan).
+    def request(seed: int) -> None:
+        body = w.body(seed)
+        score_ids(engine, body["query"], body["items"], labels, apply_softmax=True)
+
+    request(0)  # compiles the shapes it needs
+    request_ms = float("inf")
+    for seed in (1, 2, 3):  # not best_ms: a second run of one query would hit the pool
+        start = time.perf_counter()
+        request(seed)
+        request_ms = min(request_ms, (time.perf_counter() - start) * 1e3)
+
+    # The forwards of one more new query, planned on a fresh pool as the engine plans them.
+    body = w.body(4)
+    chunk = Chunk(
+        tuple(body["query"]), tuple(map(tuple, body["items"])), tuple(labels), True, False
+    )
+    pool = PrefixPool(config.prefix_pool_tokens, POOL_ALIGN) if config.mode is Mode.PREFIX else None
+    forwards = plan(
+        [chunk],
+        config.mode,
+        block=block,
+        max_blocks=config.max_blocks,
+        max_labels=config.max_labels,
+        pool=pool,
+    ).forwards
+
+    rnd = lambda *shape: jax.random.normal(jax.random.key(len(shape)), shape, dt)  # noqa: E731
+    kv, g, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    pool_rows = (config.prefix_pool_tokens if pool is not None else 0) + KEY_TILES[0]
+    pool_k = pool_v = rnd(kv, pool_rows, hd)
+    kernel = {
+        Attention.XLA: jax.jit(
+            lambda q, k, v, pk, pv, meta: block_attention(
+                q, k, v, pk, pv, meta, block=block, key_tiles=KEY_TILES
+            )
+        ),
+        Attention.PALLAS: lambda q, k, v, pk, pv, meta: ragged_block_attention(
+            q, k, v, pk, pv, meta, block=block
+        ),
+        Attention.DENSE: jax.jit(
+            lambda q, k, v, pk, pv, meta: dense_attention(q, k, v, meta, block=block)
+        ),
+    }[engine.attention]
 
     layer = jax.tree.map(lambda a: a[0], engine.params["layers"])
-    x = rnd(t, cfg.hidden_size)
+    norm = RMSNorm(cfg.rms_norm_eps, dt)
 
-    def dense(x, layer):
+    @jax.jit
+    def projections_mlp(x, attn_out, layer):
+        """One layer without its attention: norms, q/k/v and o projections, the MLP."""
         a = layer["self_attn"]
-        qkv = [x @ a[f"{n}_proj"]["kernel"].reshape(cfg.hidden_size, -1) for n in "qkv"]
-        o = qkv[0] @ a["o_proj"]["kernel"].reshape(-1, cfg.hidden_size)
-        m = layer["mlp"]
-        up = jax.nn.silu(x @ m["gate_proj"]["kernel"]) * (x @ m["up_proj"]["kernel"])
-        return o + up @ m["down_proj"]["kernel"] + qkv[1].sum() + qkv[2].sum()
+        h = norm.apply({"params": layer["input_layernorm"]}, x)
 
-    head = engine.params.get("lm_head", engine.params["embed_tokens"]["embedding"])
-    h = rnd(1, slots, cfg.hidden_size)
-    labels = jnp.asarray([list(w.label_ids)], jnp.int32)
-    per_chunk = {
-        "attention (all layers)": cfg.num_layers * _best_ms(attention, q, k, pk),
-        "projections + MLP (all layers)": cfg.num_layers * _best_ms(dense, x, layer),
-        "LM head (log-sum-exp over vocab)": _best_ms(label_logits_and_lse, h, head, labels),
-    }
-    body = w.body(0)
-    engine.score_ids(body["query"], body["items"], list(w.label_ids))  # compile
-    prefill = float("inf")
-    for seed in (1, 2, 3):
-        query = w.body(seed)["query"]
-        start = time.perf_counter()
-        jax.block_until_ready(engine._prefill(query))
-        prefill = min(prefill, (time.perf_counter() - start) * 1e3)
-    body = w.body(4)
-    start = time.perf_counter()
-    engine.score_ids(body["query"], body["items"], list(w.label_ids))
-    request_ms = (time.perf_counter() - start) * 1e3
-    rows = [("query prefill (once per request)", prefill)]
-    rows += [(f"{name} x {chunks} chunks", ms * chunks) for name, ms in per_chunk.items()]
+        def proj(name):
+            y = jnp.einsum("td,dhk->thk", h, a[name]["kernel"])
+            return y + a[name]["bias"] if "bias" in a[name] else y
+
+        q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
+        if cfg.qk_norm:
+            q = norm.apply({"params": a["q_norm"]}, q)
+            k = norm.apply({"params": a["k_norm"]}, k)
+        x = x + jnp.einsum("thk,hkd->td", attn_out, a["o_proj"]["kernel"])
+        h = norm.apply({"params": layer["post_attention_layernorm"]}, x)
+        return x + MLP(cfg, dt).apply({"params": layer["mlp"]}, h), q, k, v
+
+    head_w = engine.params.get("lm_head", engine.params["embed_tokens"]["embedding"])
+    head = jax.jit(label_logits_and_lse)
+    dense_ms: dict[int, float] = {}  # by stream length
+    head_ms: dict[int, float] = {}  # by score rows
+    kinds = ("query", "items", "padding")
+    attn_by = dict.fromkeys(kinds, 0.0)  # ms per request, by token kind
+    dense_by = dict.fromkeys(kinds, 0.0)
+    tokens = dict.fromkeys(kinds, 0)
+    head_total = 0.0
+    engine_ms = 0.0
+    for f in forwards:
+        t = len(f.tokens)
+        meta = BlockMeta(jnp.asarray(f.ranges), jnp.asarray(f.local_start))
+        attn = cfg.num_layers * best_ms(
+            kernel, rnd(t, kv, g, hd), rnd(t, kv, hd), rnd(t, kv, hd), pool_k, pool_v, meta
+        )
+        if t not in dense_ms:
+            x, o = rnd(t, cfg.hidden_size), rnd(t, cfg.num_heads, hd)
+            dense_ms[t] = cfg.num_layers * best_ms(projections_mlp, x, o, layer)
+        dense = dense_ms[t]
+        for start in range(0, len(f.score_idx), HEAD_ROWS):
+            rows = pow2_bucket(len(f.score_idx[start : start + HEAD_ROWS]), MIN_ROWS)
+            if rows not in head_ms:
+                h = rnd(rows, cfg.hidden_size)
+                head_ms[rows] = best_ms(head, h, head_w, jnp.asarray(f.labels))
+            head_total += head_ms[rows]
+        per_token = np.ones(t) if engine.attention is Attention.DENSE else keys_read(f, block)
+        for kind, mask in token_kinds(f, block, w.query_tokens).items():
+            tokens[kind] += int(mask.sum())
+            dense_by[kind] += dense * mask.sum() / t
+            attn_by[kind] += attn * per_token[mask].sum() / per_token.sum()
+        engine_ms += best_ms(engine._run, f)  # its compiled body + LM head, host transfers
+
+    attention, dense = sum(attn_by.values()), sum(dense_by.values())
+    n_items, n_pad = tokens["items"], tokens["padding"]
+    rows = [
+        (
+            f"query prefill ({tokens['query']} tokens): projections + MLP + attention",
+            dense_by["query"] + attn_by["query"],
+        ),
+        (f"items ({n_items} tokens): attention", attn_by["items"]),
+        (f"items ({n_items} tokens): projections + MLP", dense_by["items"]),
+        (
+            f"padding ({n_pad} tokens): projections + MLP + attention",
+            sum(d["padding"] for d in (dense_by, attn_by)),
+        ),
+        ("LM head (log-sum-exp over the vocab)", head_total),
+    ]
     total = sum(ms for _, ms in rows)
-    flops = useful_flops(cfg, w.query_tokens, w.items, w.item_tokens)
+    flops = useful_flops(engine.cfg, w.query_tokens, w.items, w.item_tokens)
     peak = matmul_peak_gflops(engine.dtype_name)
+    shapes = ", ".join(str(len(f.tokens)) for f in forwards)
     print(
-        f"{args.preset}, Q={w.query_tokens} N={w.items} L={w.item_tokens}, chunk "
-        f"{args.chunk_size} ({slots} slots x {width}), peak {peak:.0f} GFLOP/s\n"
+        f"{args.preset} ({engine.dtype_name}), {config.mode.value} mode, "
+        f"{engine.attention.value} attention; Q={w.query_tokens} N={w.items} "
+        f"L={w.item_tokens}: {len(forwards)} forwards of {shapes} tokens (blocks of {block}); "
+        f"peak {peak:.0f} GFLOP/s\n"
     )
     print("| part | ms per request | share |\n|---|---|---|")
     for name, ms in rows:
-        print(f"| {name} | {ms:.0f} | {100 * ms / total:.0f}% |")
-    print(f"| sum of parts | {total:.0f} | |")
-    print(f"| measured request | {request_ms:.0f} | |")
-    print("\nuseful GFLOP: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in flops.items()))
+        print(f"| {name} | {ms:.1f} | {100 * ms / total:.0f}% |")
+    print(f"| sum of parts | {total:.1f} | |")
+    print(f"| engine forwards, measured (compiled programs, host transfers) | {engine_ms:.1f} | |")
+    print(f"| request, measured (engine.score: planning included) | {request_ms:.1f} | |")
+    print(
+        f"\nall layers, all tokens: attention {attention:.1f} ms "
+        f"({100 * attention / total:.0f}%), projections + MLP {dense:.1f} ms "
+        f"({100 * dense / total:.0f}%)"
+    )
+    print("useful GFLOP: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in flops.items()))
     print(f"MFU of the measured request: {100 * flops['total'] / request_ms / 1e6 / peak:.1f}%")
 
 

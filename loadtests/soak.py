@@ -5,11 +5,12 @@ Scorer replica count sampled throughout.
     python -m loadtests.soak --url http://127.0.0.1:8000 --users 2 --seconds 300 --out DIR \
         [--kill-replica-after 20] [--cooldown-s 120] [--app mis] [--api-key KEY]
 
-`--kill-replica-after S` kills one Scorer replica actor S seconds in. `--cooldown-s S` keeps
-sampling the replica count S seconds after the load stops (or until it is back where it began),
-to see an autoscaled deployment scale down. Both need the deployment's Ray cluster
-(`ray.init(address="auto")` from this machine). Prints one line and writes DIR/soak.json.
-Workload: MIS_QUERY_TOKENS, MIS_ITEMS, MIS_ITEM_TOKENS (the Locust file's defaults otherwise).
+`--kill-replica-after S` kills one Scorer replica actor of `--app` S seconds in.
+`--cooldown-s S` keeps sampling the replica count S seconds after the load stops (or until it
+is back where it began), to see an autoscaled deployment scale down. Both need the
+deployment's Ray cluster (`ray.init(address="auto")` from this machine). Prints one line
+and writes DIR/soak.json. Workload: MIS_QUERY_TOKENS, MIS_ITEMS, MIS_ITEM_TOKENS (the Locust
+file's defaults otherwise).
 """
 
 from __future__ import annotations
@@ -56,10 +57,13 @@ def scorer_replicas(app: str) -> tuple[int, int]:
     return int(states.get("RUNNING", 0)), int(sum(states.values()))
 
 
-def kill_one_scorer() -> str:
+def kill_one_scorer(app: str) -> str:
+    """Kills one Scorer replica actor of `app` (Serve names them `SERVE_REPLICA::app#Scorer#id`;
+    other applications on the cluster are left alone); Serve replaces it."""
     ray = _connect()
+    prefix = f"SERVE_REPLICA::{app}#Scorer#"
     victim = next(
-        a for a in ray.util.list_named_actors(all_namespaces=True) if "#Scorer#" in a["name"]
+        a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)
     )
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=False)
     return victim["name"]
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="loadtests/out/soak")
     p.add_argument("--kill-replica-after", type=float, default=None)
     p.add_argument("--cooldown-s", type=float, default=0.0)
-    p.add_argument("--app", default="mis", help="Serve application whose replicas to count")
+    p.add_argument("--app", default="mis", help="Serve application whose Scorer to watch")
     p.add_argument("--api-key", default=os.environ.get("MIS_API_KEY"))
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         def chaos() -> None:
             nonlocal killed
             time.sleep(a.kill_replica_after)
-            killed = kill_one_scorer()
+            killed = kill_one_scorer(a.app)
 
         threading.Thread(target=chaos, daemon=True).start()
     # (seconds since start, running replicas, all replicas), at each change

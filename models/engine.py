@@ -1,35 +1,39 @@
 """The scoring engine: exact multi-item scoring (DESIGN.md section 1) in three modes, no Ray.
 
-    serial : one causal row per `query ++ item` (batched rows); the fallback for item_first
-    packed : per chunk one stream `[query | item slots]` with the segment mask
-    prefix : the query is prefilled once (LRU-cached by its tokens); chunks of items then
-             attend to the cached query K/V plus their own slot
+    serial : one causal run per `query ++ item`; the fallback for item_first
+    packed : each forward runs the query, then its items against it; nothing is kept
+    prefix : the query runs once and its K/V stay in a device pool (LRU); later chunks and
+             requests with the same query read them from there
 
-Host code only builds small int32 arrays (tokens and O(T) metadata); every array op runs inside
-a jitted function keyed by a padded shape bucket, so steady-state traffic compiles nothing.
+Chunks of any number of requests are packed into forwards over one flat stream of blocks
+(models/plan.py). A forward is two compiled programs: the body over T tokens and the LM head
+over S score positions, T and S each from a short ladder fixed by the config. So `warmup()`
+compiles every shape the engine can ever run, and after it nothing compiles, whatever the mix
+of query lengths, item lengths, item counts and labels within the config's limits.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kernels.segment_attention import build_dense_mask
-from models.buckets import ladder_bucket, pow2_bucket, pow2_upto
+from kernels.block_attention import BlockMeta
+from models.buckets import pow2_bucket, pow2_upto
 from models.checkpoint import load_checkpoint
-from models.inputs import Chunk, ScoringInputError, check_token_ids, tokenize_request
+from models.config import ModelConfig
+from models.inputs import Chunk, ScoringInputError, check_chunk
 from models.parallel import (
-    kv_cache_sharding,
+    kv_pool_sharding,
     param_shardings,
     replicated,
     shard_params,
@@ -37,519 +41,377 @@ from models.parallel import (
     tp_config,
     tp_mesh,
 )
-from models.qwen import AttentionImpl, QwenForScoring, StreamLayout, StreamMeta
-from models.tokenizer import TextTokenizer
-from serve_app.schema import ScoreRequest, ScoreResponse, Usage
+from models.plan import Forward, Mode, plan, stream_ladder
+from models.pool import PrefixPool
+from models.qwen import Attention, Qwen, StreamShape, init_shape
 
 log = logging.getLogger(__name__)
 
-# Smallest buckets: keeping every matmul at >= 64 rows keeps XLA:CPU on one GEMM kernel whose
-# per-row results do not depend on the row count (small-M paths reorder the sums).
-MIN_HEAD_TOKENS = 64
-MIN_SLOTS = 8
-MIN_LABELS = 2
+# Fewest rows a matmul gets: XLA:CPU keeps matmuls of >= 64 rows on one GEMM kernel whose
+# per-row results do not depend on the row count (its small-M paths reorder the sums), so a
+# block of 64 tokens and 64 score positions per LM-head call keep isolation exact.
+MIN_ROWS = 64
+HEAD_ROWS = 512  # score positions per LM-head call, at most
+POOL_ALIGN = 128  # pool ranges start at multiples of this (the Pallas TPU tile)
+KEY_TILES = (512, 128)  # XLA attention: big and small key tiles of a range
+STATS = ("items", "forwards", "tokens", "padded_tokens", "prefix_hits", "prefix_misses", "compiles")
 
 
-class Mode(enum.Enum):
-    SERIAL = "serial"
-    PACKED = "packed"
-    PREFIX = "prefix"
+class EngineConfig(BaseModel):
+    """How the engine runs and what it accepts; every engine default lives here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Mode = Field(default=Mode.PREFIX, description="serial | packed | prefix")
+    attention: Attention = Field(
+        default=Attention.AUTO,
+        description="auto | xla | pallas | dense. auto: resolved once when the engine starts "
+        "(resolve_attention). dense: the materialised-mask baseline, packed mode only.",
+    )
+    dtype: Literal["float32", "bfloat16"] | None = Field(
+        default=None, description="Compute dtype (default: the checkpoint's)."
+    )
+    tp_size: int = Field(default=1, ge=1, description="Devices one engine spans (tensor parallel).")
+    max_batch_tokens: int = Field(
+        default=8192,
+        ge=MIN_ROWS,
+        description="Tokens per forward, padding included: the largest compiled shape.",
+    )
+    max_item_tokens: int = Field(
+        default=128,
+        ge=1,
+        description="Longest item. The stream's block is the next power of two >= it (and "
+        f">= {MIN_ROWS}): an item never crosses a block, and a small request pads at most one "
+        "block.",
+    )
+    max_query_tokens: int = Field(default=4096, ge=1, description="Longest query.")
+    max_labels: int = Field(
+        default=32, ge=1, description="Labels per request; also the label columns per forward."
+    )
+    prefix_pool_tokens: int = Field(
+        default=32768,
+        ge=1,
+        description="prefix mode: tokens of cached query K/V held on the device (LRU).",
+    )
+
+    @property
+    def block(self) -> int:
+        return pow2_bucket(self.max_item_tokens, MIN_ROWS)
+
+    @property
+    def max_blocks(self) -> int:
+        return self.max_batch_tokens // self.block
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.max_batch_tokens % self.block:
+            raise ValueError(
+                f"max_batch_tokens {self.max_batch_tokens} must be a multiple of the block "
+                f"({self.block}, from max_item_tokens {self.max_item_tokens})"
+            )
+        longest = self.max_query_tokens + (
+            self.max_item_tokens if self.mode is Mode.SERIAL else self.block
+        )
+        if longest > self.max_batch_tokens:
+            raise ValueError(
+                f"max_query_tokens {self.max_query_tokens}: a query and an item must fit one "
+                f"forward of max_batch_tokens {self.max_batch_tokens}"
+            )
+        if self.mode is Mode.PREFIX and self.max_query_tokens > self.prefix_pool_tokens:
+            raise ValueError(
+                f"prefix_pool_tokens {self.prefix_pool_tokens} must hold the longest query "
+                f"(max_query_tokens {self.max_query_tokens})"
+            )
+        if self.attention is Attention.DENSE and self.mode is not Mode.PACKED:
+            raise ValueError("attention 'dense' (the materialised-mask baseline) is packed mode's")
+        return self
 
 
-class MaskImpl(enum.Enum):
-    """Packed-mode attention. `auto` resolves to `segment`: on CPU it was not slower than
-    the dense mask at any length we measured, and only it is exactly isolated when an item
-    moves to another slot bucket (dense sums over the whole stream's keys)."""
+class Engine(Protocol):
+    """What a scorer replica needs of an engine: ScoringEngine (one process) and
+    serve_app.slice.SliceEngine (one program over a multi-host slice) implement it."""
 
-    DENSE = "dense"
-    SEGMENT = "segment"
-    AUTO = "auto"
+    config: EngineConfig
+
+    def score(self, chunks: Sequence[Chunk]) -> list[np.ndarray | ScoringInputError]:
+        """Scores [items, labels] (float64) per chunk, or the chunk's input error in its
+        place; a bad chunk does not affect the others."""
+        ...
+
+    def warmup(self) -> dict[str, float]:
+        """Compile every shape the engine can run; returns {"shapes": n, "seconds": s}."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters (STATS): items, forwards, tokens, padded_tokens, prefix_hits,
+        prefix_misses, compiles."""
+        ...
 
 
-class AttentionKernel(enum.Enum):
-    """Who computes the segment mask attention: XLA ops (the fastest on CPU) or the Pallas
-    ragged kernel (TPU Mosaic / GPU Triton; TPU interpret mode on CPU, for tests only)."""
-
-    XLA = "xla"
-    PALLAS = "pallas"
+def resolve_attention(requested: Attention, backend: str | None = None) -> Attention:
+    """`auto` -> what runs best and has been verified on this backend: the XLA kernel
+    everywhere until the Pallas kernel has passed its tests natively on a GPU/TPU (its
+    interpret-mode and lowering tests pass; see README: Accelerators)."""
+    if requested is not Attention.AUTO:
+        return requested
+    return Attention.XLA
 
 
 @dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """How the engine runs; every default lives here."""
-
-    mode: Mode = Mode.PREFIX
-    mask_impl: MaskImpl = MaskImpl.AUTO  # packed mode only
-    attention_impl: AttentionKernel = AttentionKernel.XLA
-    chunk_size: int = 64  # items per packed stream / per prefix batch / serial rows per forward
-    dtype: str | None = None  # None: the checkpoint's dtype
-    max_batch_tokens: int = 8192  # rows per forward are capped by this token count
-    # Multi-item rows (chunks, possibly of different requests) packed into one forward. 1 on a
-    # CPU (no gain, and each row count is another compiled shape); raise it on accelerators.
-    max_batch_rows: int = 1
-    prefix_cache_size: int = 32  # prefix mode: cached query prefills (LRU)
-    # Devices one engine spans (tensor parallel, models/parallel.py): jax.devices()[:tp_size];
-    # in a multi-process (multi-host) run, every device of every process.
-    tp_size: int = 1
-
-    def __post_init__(self) -> None:
-        # Accept the enums' string values (CLI, YAML): Mode("prefix") is Mode.PREFIX.
-        object.__setattr__(self, "mode", Mode(self.mode))
-        object.__setattr__(self, "mask_impl", MaskImpl(self.mask_impl))
-        object.__setattr__(self, "attention_impl", AttentionKernel(self.attention_impl))
-        if self.attention_impl is AttentionKernel.PALLAS and self.mask_impl is MaskImpl.DENSE:
-            raise ValueError(
-                "attention_impl 'pallas' computes the segment mask; mask_impl "
-                "'dense' is the XLA baseline: pick one"
-            )
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.max_batch_tokens < 1 or self.max_batch_rows < 1 or self.prefix_cache_size < 0:
-            raise ValueError(
-                "max_batch_tokens and max_batch_rows must be >= 1, prefix_cache_size >= 0"
-            )
-        if self.tp_size < 1:
-            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+class _ProgramKey:
+    cfg: ModelConfig
+    dtype: str
+    mesh: Any
+    kind: str  # "body" | "head"
+    shape: tuple  # everything else the program's shapes depend on
 
 
-@dataclasses.dataclass
-class _Row:
-    """One multi-item stream row: a query and up to chunk_size items of one slot length."""
-
-    query: list[int]
-    items: list[list[int]]
-    slot_len: int
-    label_ids: Sequence[int]
-    prefix_kv: Any  # prefix mode: the query's cached prefill; None in packed mode
-    dest: tuple[int, list[int]]  # (chunk index, item indices inside that chunk)
-
-
-@dataclasses.dataclass
-class _Batch:
-    """Host-side int32 inputs of one forward."""
-
-    layout: StreamLayout
-    tokens: np.ndarray  # [B, T]
-    pos: np.ndarray  # [B, T]
-    item_off: np.ndarray  # [B, T]
-    prefix_len: np.ndarray  # [B]
-    score_idx: np.ndarray  # [B, S]
-    label_ids: np.ndarray  # [B, NL] (padded to a bucket; callers drop the padded columns)
+# Compiled programs by what they compute, shared by every engine of this process: equal engines
+# (tests, benchmarks building one per mode) compile each program once.
+_PROGRAMS: dict[_ProgramKey, Any] = {}
 
 
 class ScoringEngine:
-    """Loads a HF checkpoint and scores requests; thread-compatible, not thread-safe."""
+    """Loads a HF checkpoint and scores chunks; thread-compatible, not thread-safe."""
 
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
-        self.config = config or EngineConfig()
+        self.config = config = config or EngineConfig()
         self.model_dir = Path(model_dir)
-        self.cfg, params = load_checkpoint(self.model_dir, self.config.dtype)
-        self.dtype_name = self.config.dtype or self.cfg.dtype
+        self.cfg, params = load_checkpoint(self.model_dir, config.dtype)
+        self.dtype_name = config.dtype or self.cfg.dtype
         self.dtype = jnp.dtype(self.dtype_name)
-        tp = self.config.tp_size
+        self.vocab_size = self.cfg.vocab_size
+        tp = config.tp_size
         self.mesh = tp_mesh(tp) if tp > 1 or jax.process_count() > 1 else None
+        self.run_cfg = tp_config(self.cfg, tp)
         if self.mesh is None:
-            self.run_cfg, self.params = self.cfg, jax.device_put(params)
+            self.params = jax.device_put(params)
         else:
-            self.run_cfg = tp_config(self.cfg, tp)
             self.params = shard_params(params, self.cfg, self.mesh)
             log.info(
                 "tensor parallel over %d devices (%s): %d q heads, %d kv heads%s per device",
                 tp,
-                self.mesh.devices[0].platform,
+                self.mesh.devices.flat[0].platform,
                 self.cfg.num_heads // tp,
                 self.run_cfg.num_kv_heads // tp,
                 " (repeated)" if self.run_cfg.num_kv_heads > self.cfg.num_kv_heads else "",
             )
-        try:
-            self.tokenizer: TextTokenizer | None = TextTokenizer.from_model_dir(self.model_dir)
-        except FileNotFoundError:
-            log.warning("%s has no tokenizer.json: only token-id requests work", model_dir)
-            self.tokenizer = None
-        self._fns: dict[StreamLayout, Any] = {}
-        self._shapes: set[tuple] = set()  # every input shape compiled so far
-        # query tokens -> per-layer (K, V) of its prefill, each [layers, 1, P, kv_heads, dim]
-        self._prefix_cache: collections.OrderedDict[tuple[int, ...], Any] = (
-            collections.OrderedDict()
+        self.attention = resolve_attention(config.attention)
+        log.info(
+            "engine: %s mode, %s attention (%s requested), blocks of %d tokens, forwards of up "
+            "to %d tokens",
+            config.mode.value,
+            self.attention.value,
+            config.attention.value,
+            config.block,
+            config.max_batch_tokens,
         )
-        self.stats = collections.Counter()
-
-    def reconfigure(self, **changes: Any) -> None:
-        """Change run settings (mode, chunk size, ...) in place, keeping the loaded weights and
-        every compiled shape; the dtype and tp_size are fixed at load."""
-        for fixed in ("dtype", "tp_size"):
-            if fixed in changes:
-                raise ValueError(f"{fixed} is fixed when the checkpoint is loaded")
-        self.config = dataclasses.replace(self.config, **changes)
-        self._prefix_cache.clear()
-
-    @property
-    def _segment_impl(self) -> AttentionImpl:
-        pallas = self.config.attention_impl is AttentionKernel.PALLAS
-        return AttentionImpl.PALLAS if pallas else AttentionImpl.SEGMENT
-
-    @property
-    def vocab_size(self) -> int:
-        return self.cfg.vocab_size
-
-    # ----------------------------------------------------------------- public API
-
-    def score_request(self, request: ScoreRequest, model_name: str | None = None) -> ScoreResponse:
-        """Score a validated `/v1/score` body (text or token ids)."""
-        query_ids, items_ids = self.tokenize(request)
-        scores = self.score_ids(
-            query_ids,
-            items_ids,
-            request.label_token_ids,
-            apply_softmax=request.apply_softmax,
-            item_first=request.item_first,
+        prefix = config.mode is Mode.PREFIX
+        self.pool = PrefixPool(config.prefix_pool_tokens, POOL_ALIGN) if prefix else None
+        # Device pool: [layers, kv heads, tokens + one big tile of padding, head_dim]; packed
+        # and serial modes read no pool, and get one tile of zeros.
+        rows = (config.prefix_pool_tokens if prefix else 0) + KEY_TILES[0]
+        shape = (self.run_cfg.num_layers, self.run_cfg.num_kv_heads, rows, self.cfg.head_dim)
+        sharding = None if self.mesh is None else kv_pool_sharding(self.mesh)
+        self._pool_kv = tuple(
+            jax.device_put(jnp.zeros(shape, self.dtype), sharding) for _ in range(2)
         )
-        n_tokens = len(query_ids) + sum(len(it) for it in items_ids)
-        return ScoreResponse(
-            scores=scores.tolist(),
-            model=model_name or str(self.model_dir),
-            usage=Usage(prompt_tokens=n_tokens, total_tokens=n_tokens),
-        )
+        self._stats: collections.Counter[str] = collections.Counter()
 
-    def tokenize(self, request: ScoreRequest) -> tuple[list[int], list[list[int]]]:
-        return tokenize_request(request, self.tokenizer)
+    # ----------------------------------------------------------------- interface
 
-    def score_chunks(self, chunks: Sequence[Chunk]) -> list[np.ndarray | ScoringInputError]:
-        """Score chunks (possibly of different queries) -> scores [items, labels] per chunk.
-
-        A bad chunk yields its error in its place and does not affect the others. Chunks of one
-        query share its prefill; multi-item rows of all chunks that share a shape bucket go
-        through one forward (up to `max_batch_rows` rows).
-        """
+    def score(self, chunks: Sequence[Chunk]) -> list[np.ndarray | ScoringInputError]:
         out: list[np.ndarray | ScoringInputError | None] = [None] * len(chunks)
-        partial: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        rows: list[_Row] = []
+        valid: list[Chunk | None] = []
         for ci, c in enumerate(chunks):
             try:
-                check_token_ids(c.query, c.items, c.label_ids, self.vocab_size)
+                check_chunk(c, self.vocab_size, self._limits())
+                valid.append(c)
             except ScoringInputError as e:
                 out[ci] = e
-                continue
-            query, items = list(c.query), [list(it) for it in c.items]
-            ll = np.zeros((len(items), len(c.label_ids)), np.float32)
-            lse = np.zeros((len(items),), np.float32)
-            partial[ci] = (ll, lse)
-            if not items:
-                continue
-            if c.item_first or self.config.mode is Mode.SERIAL:
-                seqs = [it + query if c.item_first else query + it for it in items]
-                ll[:], lse[:] = self._score_serial(seqs, c.label_ids)
-            else:
-                rows += self._plan_rows(ci, query, items, c.label_ids)
-        self._run_rows(rows, partial)
-        for ci, (ll, lse) in partial.items():
-            out[ci] = _finish(ll, lse, chunks[ci].apply_softmax)
-            self.stats["items"] += len(ll)
+                valid.append(None)
+        p = plan(
+            valid,
+            self.config.mode,
+            block=self.config.block,
+            max_blocks=self.config.max_blocks,
+            max_labels=self.config.max_labels,
+            pool=self.pool,
+        )
+        self._stats["prefix_hits"] += p.prefix_hits
+        self._stats["prefix_misses"] += p.prefix_misses
+        results = {
+            ci: (np.zeros((len(c.items), len(c.label_ids)), np.float32), np.zeros(len(c.items)))
+            for ci, c in enumerate(valid)
+            if c is not None
+        }
+        for f in p.forwards:
+            ll, lse = self._run(f)
+            for s, (ci, ii) in enumerate(f.dest):
+                results[ci][0][ii] = ll[s, f.label_cols[ci]]
+                results[ci][1][ii] = lse[s]
+        for ci, (ll, lse) in results.items():
+            out[ci] = finish_scores(ll, lse, valid[ci].apply_softmax)  # type: ignore[union-attr]
+            self._stats["items"] += len(ll)
         return out  # type: ignore[return-value]
 
-    def score_ids(
-        self,
-        query: Sequence[int],
-        items: Sequence[Sequence[int]],
-        label_ids: Sequence[int],
-        *,
-        apply_softmax: bool = False,
-        item_first: bool = False,
-    ) -> np.ndarray:
-        """Scores [len(items), len(label_ids)] (float64) for token-id inputs."""
-        chunk = Chunk(
-            tuple(query), tuple(map(tuple, items)), tuple(label_ids), apply_softmax, item_first
-        )
-        (result,) = self.score_chunks([chunk])
-        if isinstance(result, ScoringInputError):
-            raise result
-        return result
-
-    def warmup(
-        self,
-        query_tokens: tuple[int, int],
-        item_tokens: tuple[int, int],
-        num_labels: tuple[int, int] = (1, 2),
-    ) -> int:
-        """Compile every shape bucket that requests inside this envelope can reach, whatever
-        their item count: queries of `query_tokens` = (min, max) tokens, items of
-        `item_tokens` = (min, max), `num_labels` = (min, max) labels. Afterwards such requests
-        compile nothing. Returns the number of shapes compiled."""
-        start, before = time.perf_counter(), len(self._shapes)
-        q_buckets = _buckets(query_tokens, lambda n: ladder_bucket(n, MIN_HEAD_TOKENS))
-        w_buckets = _buckets(item_tokens, slot_bucket)
-        for nl in _buckets(num_labels, lambda n: pow2_bucket(n, MIN_LABELS)):
-            labels = list(range(nl))
-            if self.config.mode is Mode.SERIAL:
-                rows_range = (query_tokens[0] + item_tokens[0], query_tokens[1] + item_tokens[1])
-                for rb in _buckets(rows_range, lambda n: ladder_bucket(n, MIN_HEAD_TOKENS)):
-                    for rows in pow2_upto(self._serial_rows(rb)):
-                        self._score_serial([[0] * rb] * rows, labels)
-                continue
-            head = self.config.mode is Mode.PACKED
-            for qb in q_buckets:
-                for w in w_buckets:
-                    for s in pow2_upto(self.config.chunk_size, MIN_SLOTS):
-                        n = min(s, self.config.chunk_size)
-                        cap = self._rows_per_forward((qb if head else 0) + s * w)
-                        for rows in pow2_upto(min(self.config.max_batch_rows, cap)):
-                            chunk = Chunk(tuple([0] * qb), ((0,) * w,) * n, tuple(labels))
-                            self.score_chunks([chunk] * rows)
-        self._prefix_cache.clear()
-        compiled = len(self._shapes) - before
+    def warmup(self) -> dict[str, float]:
+        start, before = time.perf_counter(), self._stats["compiles"]
+        for blocks in stream_ladder(self.config.max_blocks):
+            self._body(blocks * self.config.block)
+        for rows in pow2_upto(HEAD_ROWS, MIN_ROWS):
+            self._head(rows)
+        report = {
+            "shapes": float(self._stats["compiles"] - before),
+            "seconds": time.perf_counter() - start,
+        }
         log.info(
-            "warm-up: compiled %d shapes in %.1fs (queries %s tokens, items %s, labels %s)",
-            compiled,
-            time.perf_counter() - start,
-            query_tokens,
-            item_tokens,
-            num_labels,
+            "warm-up: %d shapes compiled in %.1f s (every shape this engine can run)",
+            report["shapes"],
+            report["seconds"],
         )
-        return compiled
+        return report
 
-    # ----------------------------------------------------------------- modes
-
-    def _rows_per_forward(self, length: int) -> int:
-        """Most rows of `length` tokens that fit `max_batch_tokens` (a power of two, >= 1)."""
-        cap = max(1, self.config.max_batch_tokens // length)
-        return 1 << (cap.bit_length() - 1)
-
-    def _serial_rows(self, row_len: int) -> int:
-        return min(pow2_bucket(self.config.chunk_size), self._rows_per_forward(row_len))
-
-    def _score_serial(self, seqs: list[list[int]], label_ids) -> tuple[np.ndarray, np.ndarray]:
-        row_len = ladder_bucket(max(len(s) for s in seqs), MIN_HEAD_TOKENS)
-        per_forward = self._serial_rows(row_len)
-        outs = []
-        for start in range(0, len(seqs), per_forward):
-            group = seqs[start : start + per_forward]
-            rows = pow2_bucket(len(group))
-            layout = StreamLayout(head_len=row_len, attention=self._segment_impl)
-            batch = _empty_batch(layout, rows, 1, pow2_bucket(len(label_ids), MIN_LABELS))
-            batch.label_ids[:, : len(label_ids)] = label_ids
-            for r, s in enumerate(group):
-                batch.tokens[r, : len(s)] = s
-                batch.prefix_len[r] = len(s)
-                batch.score_idx[r, 0] = len(s) - 1
-            batch.pos[:] = np.arange(row_len)
-            ll, lse = self._run(batch)
-            outs.append((ll[: len(group), 0, : len(label_ids)], lse[: len(group), 0]))
-        return _concat(outs)
-
-    def _plan_rows(self, ci: int, query, items, label_ids) -> list[_Row]:
-        """Items are grouped by their own slot-length bucket, then chunked in item order.
-
-        Grouping pads each item only to its own bucket, and it keeps an item's slot shape
-        independent of every other item, so changing one item cannot move another item's
-        arithmetic onto a different program (isolation is exact, not approximate).
-        """
-        prefix_kv = self._prefill(query) if self.config.mode is Mode.PREFIX else None
-        groups: dict[int, list[int]] = {}
-        for i, it in enumerate(items):
-            groups.setdefault(slot_bucket(len(it)), []).append(i)
-        rows = []
-        for slot_len, members in sorted(groups.items()):
-            for start in range(0, len(members), self.config.chunk_size):
-                idx = members[start : start + self.config.chunk_size]
-                rows.append(
-                    _Row(query, [items[i] for i in idx], slot_len, label_ids, prefix_kv, (ci, idx))
-                )
-        return rows
-
-    def _run_rows(self, rows: list[_Row], partial) -> None:
-        """Forward rows that share a shape bucket together; scatter results to their chunks."""
-        with_head = self.config.mode is Mode.PACKED
-        groups: dict[tuple[int, int, int, int], list[_Row]] = {}
-        for r in rows:
-            key = (
-                r.slot_len,
-                pow2_bucket(len(r.items), MIN_SLOTS),
-                ladder_bucket(len(r.query), MIN_HEAD_TOKENS),
-                pow2_bucket(len(r.label_ids), MIN_LABELS),
-            )
-            groups.setdefault(key, []).append(r)
-        for (slot_len, slots, head, labels), members in groups.items():
-            length = (head if with_head else 0) + slots * slot_len
-            per = min(self.config.max_batch_rows, self._rows_per_forward(length))
-            for start in range(0, len(members), per):
-                part = members[start : start + per]
-                batch = self._pack_rows(part, slots, slot_len, head if with_head else 0, labels)
-                prefix_kv = None
-                if self.config.mode is Mode.PREFIX:
-                    kvs = [r.prefix_kv for r in part]
-                    kvs += kvs[:1] * (len(batch.tokens) - len(part))  # padding rows
-                    prefix_kv = (
-                        kvs[0]
-                        if len(kvs) == 1
-                        else tuple(jnp.concatenate([kv[i] for kv in kvs], axis=1) for i in (0, 1))
-                    )
-                ll, lse = self._run(batch, prefix_kv)
-                for i, r in enumerate(part):
-                    ci, idx = r.dest
-                    n = len(idx)
-                    partial[ci][0][idx] = ll[i, :n, : len(r.label_ids)]
-                    partial[ci][1][idx] = lse[i, :n]
-
-    def _pack_rows(
-        self, part: list[_Row], slots: int, slot_len: int, head: int, labels: int
-    ) -> _Batch:
-        """Row r: `[query (padded to head) | slot per item]`; head = 0 in prefix mode."""
-        dense = head > 0 and self.config.mask_impl is MaskImpl.DENSE
-        attention = AttentionImpl.DENSE if dense else self._segment_impl
-        layout = StreamLayout(head, slots, slot_len, attention)
-        b = _empty_batch(layout, pow2_bucket(len(part)), slots, labels)
-        for r, row in enumerate(part):
-            q = len(row.query)
-            b.prefix_len[r] = q
-            b.label_ids[r, : len(row.label_ids)] = row.label_ids
-            if head:
-                b.tokens[r, :q] = row.query
-                b.pos[r, :head] = np.arange(head)
-            b.pos[r, head:] = q
-            for s, item in enumerate(row.items):
-                base, n = head + s * slot_len, len(item)
-                b.tokens[r, base : base + n] = item
-                b.pos[r, base : base + n] = q + np.arange(n)
-                b.item_off[r, base : base + n] = np.arange(n)
-                b.score_idx[r, s] = base + n - 1
-        return b
-
-    def _prefill(self, query: list[int]):
-        key = tuple(query)
-        cached = self._prefix_cache.get(key)
-        if cached is not None:
-            self._prefix_cache.move_to_end(key)
-            self.stats["prefix_hits"] += 1
-            return cached
-        self.stats["prefix_misses"] += 1
-        head = ladder_bucket(len(query), MIN_HEAD_TOKENS)
-        layout = StreamLayout(head_len=head, attention=self._segment_impl, return_kv=True)
-        b = _empty_batch(layout, 1, 1, MIN_LABELS)
-        b.tokens[0, : len(query)] = query
-        b.pos[0] = np.arange(head)
-        b.prefix_len[0] = len(query)
-        self._note_shape(layout, rows=1)
-        fn = self._fn(layout)
-        _, _, kv = fn(
-            self.params, b.tokens, b.pos, b.item_off, b.prefix_len, None, None, None, None
-        )
-        if self.config.prefix_cache_size:
-            self._prefix_cache[key] = kv
-            while len(self._prefix_cache) > self.config.prefix_cache_size:
-                self._prefix_cache.popitem(last=False)
-        return kv
+    def stats(self) -> dict[str, int]:
+        return {key: self._stats[key] for key in STATS}
 
     # ----------------------------------------------------------------- execution
 
-    def _fn(self, layout: StreamLayout):
-        fn = self._fns.get(layout)
-        if fn is None:
-            model = QwenForScoring(self.run_cfg, layout, self.dtype, self.mesh)
+    def _limits(self) -> dict[str, int]:
+        c = self.config
+        return {
+            "max_query_tokens": c.max_query_tokens,
+            "max_item_tokens": c.max_item_tokens,
+            "max_labels": c.max_labels,
+        }
 
-            def forward(
-                params,
-                tokens,
-                pos,
-                item_off,
-                prefix_len,
-                prefix_kv,
-                dense_mask,
-                score_idx,
-                label_ids,
-            ):
-                meta = StreamMeta(pos=pos, item_off=item_off, prefix_len=prefix_len)
+    def _program(self, kind: str, shape: tuple, build) -> Any:
+        key = _ProgramKey(self.run_cfg, self.dtype_name, self.mesh, kind, shape)
+        program = _PROGRAMS.get(key)
+        if program is None:
+            start = time.perf_counter()
+            program = _PROGRAMS[key] = build()
+            self._stats["compiles"] += 1
+            log.info("compiled %s %s in %.1f s", kind, shape, time.perf_counter() - start)
+        return program
+
+    def _body(self, tokens: int):
+        shape = StreamShape(tokens, self.config.block, self.attention, KEY_TILES)
+
+        def build():
+            model = Qwen(self.run_cfg, shape, self.dtype, self.mesh)
+
+            def body(params, pool_k, pool_v, tokens, pos, ranges, local_start, write_idx):
+                hidden, (k, v) = model.apply(
+                    {"params": params},
+                    tokens,
+                    pos,
+                    BlockMeta(ranges, local_start),
+                    pool_k,
+                    pool_v,
+                    method=Qwen.body,
+                )
+                # This forward's K/V [layers, T, kv, dim] into the pool where it keeps a query
+                # (write_idx past the pool's end: dropped).
+                pool_k = pool_k.at[:, :, write_idx].set(k.swapaxes(1, 2), mode="drop")
+                pool_v = pool_v.at[:, :, write_idx].set(v.swapaxes(1, 2), mode="drop")
+                # Padded to the longest stream: the LM head then has one input shape.
+                rows = self.config.max_batch_tokens - tokens.shape[0]
+                return jnp.pad(hidden, [(0, rows), (0, 0)]), pool_k, pool_v
+
+            ints = jax.ShapeDtypeStruct((tokens,), jnp.int32)
+            args = (self.params, *self._pool_kv, ints, ints, self._ranges_struct(tokens))
+            args += (ints, ints)
+            return self._compile(body, args, outs=3, pool_args=(1, 2))
+
+        pool_rows, padded = self._pool_kv[0].shape[2], self.config.max_batch_tokens
+        return self._program("body", (shape, pool_rows, padded), build)
+
+    def _head(self, rows: int):
+        labels = self.config.max_labels
+
+        def build():
+            model = Qwen(self.run_cfg, init_shape(), self.dtype, self.mesh)
+
+            def head(params, hidden, score_idx, label_ids):
                 return model.apply(
-                    {"params": params}, tokens, meta, prefix_kv, dense_mask, score_idx, label_ids
+                    {"params": params}, hidden, score_idx, label_ids, method=Qwen.head
                 )
 
-            if self.mesh is None:
-                fn = jax.jit(forward)
-            else:
-                # Host inputs replicated on every device (and process); results replicated,
-                # the prefill's K/V left split by head for the scoring forwards that read it.
-                rep, kv = replicated(self.mesh), kv_cache_sharding(self.mesh)
-                params = param_shardings(self.params, self.mesh)
-                fn = jax.jit(
-                    forward,
-                    in_shardings=(params, rep, rep, rep, rep, kv, rep, rep, rep),
-                    out_shardings=(rep, rep, kv),
-                )
-            self._fns[layout] = fn
-        return fn
-
-    def _note_shape(self, layout: StreamLayout, rows: int, prefix: int = 0, labels: int = 0):
-        """Log each new input shape: each one costs an XLA compilation."""
-        key = (layout, rows, prefix, labels)
-        if key not in self._shapes:
-            self._shapes.add(key)
-            self.stats["compiles"] += 1
-            log.info(
-                "compiling shape #%d: %s, %d rows, prefix %d, %d labels",
-                len(self._shapes),
-                layout,
-                rows,
-                prefix,
-                labels,
+            hidden = (self.config.max_batch_tokens, self.cfg.hidden_size)
+            args = (
+                self.params,
+                jax.ShapeDtypeStruct(hidden, self.dtype),
+                jax.ShapeDtypeStruct((rows,), jnp.int32),
+                jax.ShapeDtypeStruct((labels,), jnp.int32),
             )
+            return self._compile(head, args, outs=2, pool_args=())
 
-    def _run(self, b: _Batch, prefix_kv=None) -> tuple[np.ndarray, np.ndarray]:
-        dense_mask = None
-        if b.layout.attention is AttentionImpl.DENSE:
-            dense_mask = build_dense_mask(
-                b.pos,
-                b.item_off,
-                b.prefix_len,
-                head_len=b.layout.head_len,
-                slot_len=b.layout.slot_len,
+        return self._program("head", (rows, labels, self.config.max_batch_tokens), build)
+
+    def _ranges_struct(self, tokens: int):
+        return jax.ShapeDtypeStruct((tokens // self.config.block, 4), jnp.int32)
+
+    def _compile(self, fn, args, *, outs: int, pool_args: tuple[int, ...]):
+        """jit -> lower -> compile, with the mesh's shardings (host inputs replicated, the
+        pool split by kv head and updated in place)."""
+        if self.mesh is None:
+            jitted = jax.jit(fn, donate_argnums=pool_args)
+        else:
+            rep, pool = replicated(self.mesh), kv_pool_sharding(self.mesh)
+            ins = [param_shardings(self.params, self.mesh)] + [rep] * (len(args) - 1)
+            for i in pool_args:
+                ins[i] = pool
+            out_sh = (rep,) * (outs - len(pool_args)) + (pool,) * len(pool_args)
+            jitted = jax.jit(
+                fn, in_shardings=tuple(ins), out_shardings=out_sh, donate_argnums=pool_args
             )
-        prefix = 0 if prefix_kv is None else prefix_kv[0].shape[2]
-        self._note_shape(b.layout, len(b.tokens), prefix, b.label_ids.shape[1])
-        ll, lse, _ = self._fn(b.layout)(
-            self.params,
-            b.tokens,
-            b.pos,
-            b.item_off,
-            b.prefix_len,
-            prefix_kv,
-            dense_mask,
-            b.score_idx,
-            b.label_ids,
+        return jitted.lower(*args).compile()
+
+    def _run(self, f: Forward) -> tuple[np.ndarray, np.ndarray]:
+        t = len(f.tokens)
+        hidden, *self._pool_kv = self._body(t)(
+            self.params, *self._pool_kv, f.tokens, f.pos, f.ranges, f.local_start, f.write_idx
         )
-        self.stats["forwards"] += 1
-        return to_host(ll), to_host(lse)
+        pieces = []
+        for start in range(0, len(f.score_idx), HEAD_ROWS):
+            idx = f.score_idx[start : start + HEAD_ROWS]
+            rows = pow2_bucket(len(idx), MIN_ROWS)
+            padded = np.zeros(rows, np.int32)
+            padded[: len(idx)] = idx
+            ll, lse = self._head(rows)(self.params, hidden, padded, f.labels)
+            pieces.append((ll, lse, len(idx)))
+        self._stats["forwards"] += 1
+        self._stats["tokens"] += f.real_tokens
+        self._stats["padded_tokens"] += t - f.real_tokens
+        if not pieces:
+            return np.zeros((0, len(f.labels)), np.float32), np.zeros(0, np.float32)
+        ll = np.concatenate([to_host(a)[:n] for a, _, n in pieces])
+        lse = np.concatenate([to_host(b)[:n] for _, b, n in pieces])
+        return ll, lse
 
 
-def _buckets(bounds: tuple[int, int], bucket) -> list[int]:
-    lo, hi = bounds
-    if not 1 <= lo <= hi:
-        raise ValueError(f"bad warm-up range {bounds}: need 1 <= min <= max")
-    return sorted({bucket(n) for n in range(lo, hi + 1)})
-
-
-def slot_bucket(n: int) -> int:
-    """Slot length for an item of n tokens: 8, 16, 24, 32, 48, 64, 96, ... (multiples of 8
-    keep every slot aligned to the CPU's vector width)."""
-    return 8 if n <= 8 else ladder_bucket(n, 16)
-
-
-def _empty_batch(layout: StreamLayout, rows: int, slots: int, labels: int) -> _Batch:
-    t = layout.length
-    return _Batch(
-        layout=layout,
-        tokens=np.zeros((rows, t), np.int32),
-        pos=np.zeros((rows, t), np.int32),
-        item_off=np.full((rows, t), -1, np.int32),
-        prefix_len=np.ones((rows,), np.int32),
-        score_idx=np.zeros((rows, slots), np.int32),
-        label_ids=np.zeros((rows, labels), np.int32),
+def score_ids(
+    engine: Engine,
+    query: Sequence[int],
+    items: Sequence[Sequence[int]],
+    label_ids: Sequence[int],
+    *,
+    apply_softmax: bool = False,
+    item_first: bool = False,
+) -> np.ndarray:
+    """Scores [len(items), len(label_ids)] of one token-id request (a convenience over
+    `Engine.score`); raises ScoringInputError for bad input."""
+    chunk = Chunk(
+        tuple(query), tuple(map(tuple, items)), tuple(label_ids), apply_softmax, item_first
     )
+    (result,) = engine.score([chunk])
+    if isinstance(result, ScoringInputError):
+        raise result
+    return result
 
 
-def _concat(outs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
-
-
-def _finish(label_logits: np.ndarray, lse: np.ndarray, apply_softmax: bool) -> np.ndarray:
+def finish_scores(label_logits: np.ndarray, lse: np.ndarray, apply_softmax: bool) -> np.ndarray:
     """Scores from f32 label logits and the full-vocab log-sum-exp (DESIGN.md section 1)."""
     ll = label_logits.astype(np.float64)
     if apply_softmax:

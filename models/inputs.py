@@ -1,13 +1,10 @@
-"""Request inputs shared by the engine and the HTTP ingress (no JAX here): tokenization,
-token-id validation and the unit of work sent to a scorer replica."""
+"""What the engine scores and how it says no (no JAX here): the unit of work sent to a scorer
+replica, and its checks."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-
-from models.tokenizer import TextTokenizer
-from serve_app.schema import ScoreRequest
+from collections.abc import Mapping, Sequence
 
 
 class ScoringInputError(ValueError):
@@ -23,24 +20,6 @@ class Chunk:
     label_ids: tuple[int, ...]
     apply_softmax: bool = False
     item_first: bool = False
-
-
-def tokenize_request(
-    request: ScoreRequest, tokenizer: TextTokenizer | None
-) -> tuple[list[int], list[list[int]]]:
-    """Token ids of the query and every item (text is tokenized separately per piece)."""
-    if isinstance(request.query, list):
-        return list(request.query), [list(it) for it in request.items]  # type: ignore[arg-type]
-    if tokenizer is None:
-        raise ScoringInputError("query: text input needs a tokenizer.json in the model dir")
-    query_ids = tokenizer.encode(request.query)
-    items_ids = tokenizer.encode_batch(list(request.items))  # type: ignore[arg-type]
-    if not query_ids:
-        raise ScoringInputError("query: tokenizes to zero tokens")
-    for i, ids in enumerate(items_ids):
-        if not ids:
-            raise ScoringInputError(f"items[{i}]: tokenizes to zero tokens")
-    return query_ids, items_ids
 
 
 def check_token_ids(
@@ -72,3 +51,34 @@ def check_token_ids(
         raise ScoringInputError("label_token_ids: must not be empty")
     if (t := first_bad(label_ids)) is not None:
         raise outside("label_token_ids", t)
+
+
+def check_limits(
+    query: Sequence[int],
+    items: Sequence[Sequence[int]],
+    label_ids: Sequence[int],
+    limits: Mapping[str, int],
+) -> None:
+    """Raise ScoringInputError naming the field and the limit (`max_query_tokens`,
+    `max_item_tokens`, `max_labels`) when the input is larger than it."""
+    if len(query) > limits["max_query_tokens"]:
+        raise ScoringInputError(
+            f"query: {len(query)} tokens exceed max_query_tokens={limits['max_query_tokens']}"
+        )
+    for i, it in enumerate(items):
+        if len(it) > limits["max_item_tokens"]:
+            raise ScoringInputError(
+                f"items[{i}]: {len(it)} tokens exceed max_item_tokens={limits['max_item_tokens']}"
+            )
+    if len(label_ids) > limits["max_labels"]:
+        raise ScoringInputError(
+            f"label_token_ids: {len(label_ids)} labels exceed max_labels={limits['max_labels']}"
+        )
+    if len(set(label_ids)) != len(label_ids):
+        raise ScoringInputError("label_token_ids: must not contain duplicates")
+
+
+def check_chunk(chunk: Chunk, vocab_size: int, limits: Mapping[str, int]) -> None:
+    """Everything the engine needs of a chunk, or a ScoringInputError naming the field."""
+    check_token_ids(chunk.query, chunk.items, chunk.label_ids, vocab_size)
+    check_limits(chunk.query, chunk.items, chunk.label_ids, limits)

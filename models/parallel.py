@@ -43,8 +43,9 @@ SHARDED_AXIS: dict[tuple[str, str], int] = {
     ("up_proj", "kernel"): -1,
     ("down_proj", "kernel"): -2,
 }
-# Activations and cached K/V with a head axis: [B, T, heads, ...].
-HEAD_AXIS = 2
+# Stream activations carry heads on axis 1 ([T, heads, ...]); the KV pool of one layer on
+# axis 0 ([kv_heads, tokens, head_dim]); the layer-stacked pool on axis 1.
+HEAD_AXIS = 1
 
 
 def check_tp_size(cfg: ModelConfig, tp_size: int) -> None:
@@ -129,17 +130,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
-    """Cached prefix K/V [layers, B, P, kv_heads, head_dim]: split by KV head, like the
-    projections that produce it (no gather between prefill and scoring)."""
-    spec: list[str | None] = [None] * 5
-    spec[HEAD_AXIS + 1] = AXIS
-    return NamedSharding(mesh, P(*spec))
+def kv_pool_sharding(mesh: Mesh) -> NamedSharding:
+    """The KV pool [layers, kv_heads, tokens, head_dim]: split by KV head, like the projections
+    that fill it (no gather between a prefill and the forwards that read it)."""
+    return NamedSharding(mesh, P(None, AXIS))
 
 
-def over_heads(fn: Callable[[dict[str, jax.Array]], jax.Array], mesh: Mesh | None, heads: set[str]):
-    """`fn(arrays) -> out [B, T, heads, ...]` run on each device's heads under `shard_map`:
-    the arrays named in `heads` are split on HEAD_AXIS, the others (metadata, masks) are
+def over_heads(
+    fn: Callable[[dict[str, jax.Array]], jax.Array], mesh: Mesh | None, heads: dict[str, int]
+):
+    """`fn(arrays) -> out [T, heads, ...]` run on each device's heads under `shard_map`: the
+    arrays named in `heads` are split on the axis given there, the others (metadata) are
     replicated. With no mesh, `fn` itself."""
     if mesh is None:
         return fn
@@ -148,7 +149,7 @@ def over_heads(fn: Callable[[dict[str, jax.Array]], jax.Array], mesh: Mesh | Non
         if name not in heads:
             return P()
         axes: list[str | None] = [None] * x.ndim
-        axes[HEAD_AXIS] = AXIS
+        axes[heads[name]] = AXIS
         return P(*axes)
 
     def run(arrays: dict[str, jax.Array]) -> jax.Array:

@@ -1,9 +1,12 @@
 """Qwen3 and Qwen2/Qwen2.5 decoders in Flax, shaped for multi-item scoring.
 
-One model serves every scoring mode: the token stream layout (`StreamLayout`) and the
-attention implementation are static, the per-token metadata (`pos`, `item_off`) and the prefix
-KV are traced inputs. Layers are stacked with `nn.scan` so compile time does not grow with depth.
-Numerics follow HF transformers: RMSNorm and softmax in float32, RoPE with rotate-half.
+A forward is two programs. `body` runs a flat stream of T tokens, cut into blocks (the mask
+and its metadata: kernels/block_attention.py), through the layers and returns the hidden states
+and each layer's K/V (the engine writes a query's K/V into its pool). `head` runs the LM head at
+the score positions only. So the stream's length and the number of scores are two separate short
+ladders of compiled shapes, not a product. Layers are stacked with `nn.scan` so compile time
+does not grow with depth. Numerics follow HF transformers: RMSNorm and softmax in float32,
+RoPE with rotate-half and float32 angles.
 """
 
 from __future__ import annotations
@@ -18,52 +21,35 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kernels.ragged_attention import stream_segment_attention
-from kernels.segment_attention import dense_mask_attention, segment_attention
+from kernels.block_attention import BlockMeta, block_attention, dense_attention
+from kernels.ragged_attention import ragged_block_attention
 from models.config import ModelConfig
 from models.parallel import over_heads
 
 
-class AttentionImpl(enum.Enum):
-    SEGMENT = "segment"  # mask computed from O(T) metadata inside the kernel
-    DENSE = "dense"  # materialised [B, T, T] mask from the host
-    PALLAS = "pallas"  # the segment mask in the Pallas ragged kernel (kernels/ragged_attention.py)
+class Attention(enum.Enum):
+    """Who computes block attention: one choice per deployment, resolved once at start."""
+
+    AUTO = "auto"  # the engine picks (models/engine.py: resolve_attention)
+    XLA = "xla"  # tiled flash attention in XLA ops (kernels/block_attention.py)
+    PALLAS = "pallas"  # the Pallas kernel: TPU Mosaic / GPU Triton (kernels/ragged_attention.py)
+    DENSE = "dense"  # the materialised [T, T] mask baseline (packed mode, no pool)
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamLayout:
-    """Static shape of a token stream: `head_len` head tokens, then `num_slots` x `slot_len`."""
+class StreamShape:
+    """Static shape of one forward's stream: `tokens` tokens in blocks of `block`."""
 
-    head_len: int
-    num_slots: int = 0
-    slot_len: int = 0
-    attention: AttentionImpl = AttentionImpl.SEGMENT
-    return_kv: bool = False  # return the head region's K/V per layer (prefill)
+    tokens: int
+    block: int
+    attention: Attention
+    key_tiles: tuple[int, int] = (512, 128)  # XLA: big and small key tiles of a range
 
-    @property
-    def length(self) -> int:
-        return self.head_len + self.num_slots * self.slot_len
-
-    def __str__(self) -> str:
-        kv = " +kv" if self.return_kv else ""
-        return (
-            f"head {self.head_len} + {self.num_slots}x{self.slot_len} slots, "
-            f"{self.attention.value}{kv}"
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamMeta:
-    """Traced per-token metadata; see kernels/segment_attention.py for the mask it implies."""
-
-    pos: jax.Array  # [B, T] int32
-    item_off: jax.Array  # [B, T] int32
-    prefix_len: jax.Array  # [B] int32
-
-
-jax.tree_util.register_dataclass(
-    StreamMeta, data_fields=["pos", "item_off", "prefix_len"], meta_fields=[]
-)
+    def __post_init__(self) -> None:
+        if self.attention is Attention.AUTO:
+            raise ValueError("resolve attention 'auto' before building a stream shape")
+        if self.tokens % self.block:
+            raise ValueError(f"{self.tokens=} must be a multiple of {self.block=}")
 
 
 class RMSNorm(nn.Module):
@@ -99,81 +85,77 @@ def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
 
 
 def rope_tables(pos: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin [B, T, head_dim] for RoPE positions `pos` [B, T] (float32, as HF computes them)."""
+    """cos/sin [..., head_dim] for RoPE positions `pos` (float32, as HF computes them)."""
     freqs = pos.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, heads, D]; cos/sin [B, T, D]."""
+    """x [T, heads, D]; cos/sin [T, D]."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    cos, sin = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
     return x * cos + rotated * sin
 
 
-class Attention(nn.Module):
+class SelfAttention(nn.Module):
     cfg: ModelConfig
-    layout: StreamLayout
+    shape: StreamShape
     dtype: jnp.dtype
     mesh: Mesh | None = None  # tensor parallel: attention runs per device's heads
 
     @nn.compact
-    def __call__(self, x, cos, sin, meta: StreamMeta, prefix_kv, dense_mask):
-        cfg, lay = self.cfg, self.layout
+    def __call__(self, x, cos, sin, meta: BlockMeta, pool_k, pool_v):
+        cfg = self.cfg
         dense = lambda feats, bias, name, axis=-1: nn.DenseGeneral(  # noqa: E731
             feats, axis=axis, use_bias=bias, name=name, dtype=self.dtype, param_dtype=self.dtype
         )
         with jax.named_scope("qkv"):
-            q = dense((cfg.num_heads, cfg.head_dim), cfg.qkv_bias, "q_proj")(x)
-            k = dense((cfg.num_kv_heads, cfg.head_dim), cfg.qkv_bias, "k_proj")(x)
+            q = dense((cfg.num_heads, cfg.head_dim), cfg.qkv_bias, "q_proj")(x)  # [T, H, D]
+            k = dense((cfg.num_kv_heads, cfg.head_dim), cfg.qkv_bias, "k_proj")(x)  # [T, K, D]
             v = dense((cfg.num_kv_heads, cfg.head_dim), cfg.qkv_bias, "v_proj")(x)
             if cfg.qk_norm:
                 q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
                 k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        b, t = x.shape[:2]
-        qg = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
-        head_kv = (k[:, : lay.head_len], v[:, : lay.head_len])
-        arrays = {"q": qg, "k": k, "v": v, "item_off": meta.item_off, "prefix_len": meta.prefix_len}
-        if prefix_kv is not None:
-            arrays["pk"], arrays["pv"] = prefix_kv
-        if lay.attention is AttentionImpl.DENSE:
-            arrays["mask"] = dense_mask
-        elif lay.attention is AttentionImpl.SEGMENT:
-            arrays["pos"] = meta.pos
+        t = x.shape[0]
+        arrays = {
+            "q": q.reshape(t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim),
+            "k": k,
+            "v": v,
+            "pool_k": pool_k,
+            "pool_v": pool_v,
+            "ranges": meta.ranges,
+            "local_start": meta.local_start,
+        }
         with jax.named_scope("attention"):
-            attend = over_heads(partial(_attend, lay), self.mesh, {"q", "k", "v", "pk", "pv"})
-            o = attend(arrays)
-        o = o.reshape(b, t, cfg.num_heads, cfg.head_dim)
-        out = dense(cfg.hidden_size, cfg.o_bias, "o_proj", axis=(-2, -1))(o)
-        return out, (head_kv if lay.return_kv else None)
+            heads = {"q": 1, "k": 1, "v": 1, "pool_k": 0, "pool_v": 0}  # their head axes
+            attend = partial(_attend, self.shape, self.mesh is not None)
+            o = over_heads(attend, self.mesh, heads)(arrays)
+        o = o.reshape(t, cfg.num_heads, cfg.head_dim)
+        return dense(cfg.hidden_size, cfg.o_bias, "o_proj", axis=(-2, -1))(o), (k, v)
 
 
-def _attend(lay: StreamLayout, a: dict[str, jax.Array]) -> jax.Array:
-    """Masked attention of one layer on whatever heads `a` holds (all, or one device's)."""
-    prefix = (a["pk"], a["pv"]) if "pk" in a else None
-    if lay.attention is AttentionImpl.DENSE:
-        return dense_mask_attention(a["q"], a["k"], a["v"], a["mask"])
-    if lay.attention is AttentionImpl.PALLAS:
-        return stream_segment_attention(
-            a["q"], a["k"], a["v"], prefix, a["item_off"], a["prefix_len"], head_len=lay.head_len
-        )
-    pk, pv = prefix or (a["k"][:, : lay.head_len], a["v"][:, : lay.head_len])
-    return segment_attention(
-        a["q"],
-        a["k"],
-        a["v"],
-        pk,
-        pv,
-        a["pos"],
-        a["item_off"],
-        a["prefix_len"],
-        head_len=lay.head_len,
-        num_slots=lay.num_slots,
-        slot_len=lay.slot_len,
-    )
+def _attend(shape: StreamShape, sharded: bool, a: dict[str, jax.Array]) -> jax.Array:
+    """Block attention of one layer on whatever heads `a` holds (all, or one device's)."""
+    meta = BlockMeta(a["ranges"], a["local_start"])
+    q, k, v, pool_k, pool_v = (a[n] for n in ("q", "k", "v", "pool_k", "pool_v"))
+    match shape.attention:
+        case Attention.XLA:
+            return block_attention(
+                q, k, v, pool_k, pool_v, meta, block=shape.block, key_tiles=shape.key_tiles
+            )
+        case Attention.PALLAS:
+            # Simulated CPU devices under shard_map: the TPU interpreter's callbacks block
+            # XLA:CPU's device threads (4 devices on 2 cores hang), the generic one has none.
+            backend = "gpu" if sharded and jax.default_backend() == "cpu" else None
+            return ragged_block_attention(
+                q, k, v, pool_k, pool_v, meta, block=shape.block, backend=backend
+            )
+        case Attention.DENSE:
+            return dense_attention(q, k, v, meta, block=shape.block)
+    raise ValueError(f"unresolved attention {shape.attention}")
 
 
 class MLP(nn.Module):
@@ -192,16 +174,16 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     cfg: ModelConfig
-    layout: StreamLayout
+    shape: StreamShape
     dtype: jnp.dtype
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x, prefix_kv, cos, sin, meta, dense_mask):
+    def __call__(self, x, pool_kv, cos, sin, meta):
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        a, kv = Attention(self.cfg, self.layout, self.dtype, self.mesh, name="self_attn")(
-            h, cos, sin, meta, prefix_kv, dense_mask
+        a, kv = SelfAttention(self.cfg, self.shape, self.dtype, self.mesh, name="self_attn")(
+            h, cos, sin, meta, *pool_kv
         )
         x = x + a
         with jax.named_scope("mlp"):
@@ -210,65 +192,59 @@ class DecoderLayer(nn.Module):
         return x, kv
 
 
-class QwenForScoring(nn.Module):
-    """Decoder + LM head evaluated only at the score positions.
-
-    Returns (label_logits [B, S, NL] f32, logsumexp over the full vocab [B, S] f32, kv) where
-    kv is the head region's per-layer (K, V), each [layers, B, head_len, kv_heads, head_dim],
-    when `layout.return_kv`, else None. With `score_idx=None` only kv is computed (prefill).
-    """
+class Qwen(nn.Module):
+    """The decoder (`body`) and the LM head at chosen positions (`head`); `__call__` runs both
+    (it is what `init` traces)."""
 
     cfg: ModelConfig
-    layout: StreamLayout
+    shape: StreamShape
     dtype: jnp.dtype = jnp.float32
     mesh: Mesh | None = None  # tensor parallel over this mesh (models/parallel.py)
 
-    @nn.compact
-    def __call__(
-        self,
-        tokens,  # [B, T] int32
-        meta: StreamMeta,
-        prefix_kv=None,  # (K, V) each [layers, B, P, kv_heads, head_dim], or None
-        dense_mask=None,  # [B, T, T] bool for AttentionImpl.DENSE
-        score_idx=None,  # [B, S] int32: stream index whose next-token logits are scored
-        label_ids=None,  # [B, NL] int32
-    ):
+    def setup(self) -> None:
         cfg = self.cfg
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            name="embed_tokens",
-            dtype=self.dtype,
-            param_dtype=self.dtype,
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype
         )
-        x = embed(tokens)
-        cos, sin = rope_tables(meta.pos, cfg.head_dim, cfg.rope_theta)
-        layers = nn.scan(
+        self.layers = nn.scan(
             DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
-        )
-        x, kv = layers(cfg, self.layout, self.dtype, self.mesh, name="layers")(
-            x, prefix_kv, cos, sin, meta, dense_mask
-        )
-        if score_idx is None:
-            return None, None, kv
+        )(cfg, self.shape, self.dtype, self.mesh)
+        self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head", nn.initializers.normal(), (cfg.vocab_size, cfg.hidden_size), self.dtype
+            )
+
+    def body(
+        self,
+        tokens: jax.Array,  # [T] int32
+        pos: jax.Array,  # [T] int32 RoPE positions
+        meta: BlockMeta,
+        pool_k: jax.Array,  # [layers, P, kv_heads, head_dim]
+        pool_v: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # [T, hidden]; K, V [layers, T, K, D]
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta)
+        return self.layers(x, (pool_k, pool_v), cos, sin, meta)
+
+    def head(
+        self,
+        hidden: jax.Array,  # [T, hidden]
+        score_idx: jax.Array,  # [S] int32: stream index whose next-token logits are scored
+        label_ids: jax.Array,  # [U] int32
+    ) -> tuple[jax.Array, jax.Array]:  # label logits [S, U] f32, log-sum-exp [S] f32
         with jax.named_scope("lm_head"):
-            h = jnp.take_along_axis(x, score_idx[..., None], axis=1)  # [B, S, hidden]
-            h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h)
-            if cfg.tie_word_embeddings:
-                head = embed.embedding
-            else:
-                head = self.param(
-                    "lm_head",
-                    nn.initializers.normal(),
-                    (cfg.vocab_size, cfg.hidden_size),
-                    self.dtype,
-                )
-            label_logits, lse = label_logits_and_lse(h, head, label_ids)
-        return label_logits, lse, kv
+            h = self.norm(jnp.take(hidden, score_idx, axis=0))
+            w = self.embed_tokens.embedding if self.cfg.tie_word_embeddings else self.lm_head
+            return label_logits_and_lse(h, w, label_ids)
+
+    def __call__(self, tokens, pos, meta, pool_k, pool_v, score_idx, label_ids):
+        hidden, _ = self.body(tokens, pos, meta, pool_k, pool_v)
+        return self.head(hidden, score_idx, label_ids)
 
 
 def vocab_blocks(vocab: int, target: int = 8192, smallest: int = 1024) -> int:
@@ -281,38 +257,45 @@ def vocab_blocks(vocab: int, target: int = 8192, smallest: int = 1024) -> int:
 
 
 def label_logits_and_lse(
-    h: jax.Array,  # [B, S, hidden]
+    h: jax.Array,  # [S, hidden]
     head: jax.Array,  # [vocab, hidden] (HF layout of the LM head / tied embedding)
-    label_ids: jax.Array,  # [B, NL] int32
-) -> tuple[jax.Array, jax.Array]:  # [B, S, NL] f32, [B, S] f32
+    label_ids: jax.Array,  # [U] int32
+) -> tuple[jax.Array, jax.Array]:  # [S, U] f32, [S] f32
     """Label logits and the log-sum-exp over the whole vocab, without writing out the
-    [B, S, vocab] logits: the vocab is walked in blocks with a running max and sum (a
-    150k-wide logit array cost more to write and re-read than its matmul on the CPU)."""
+    [S, vocab] logits: the vocab is walked in blocks with a running max and sum (a 150k-wide
+    logit array cost more to write and re-read than its matmul on the CPU)."""
     vocab, hidden = head.shape
     n = vocab_blocks(vocab)
     ones = jnp.ones((vocab // n,), jnp.float32)
 
     def block(w):
-        logits = jnp.einsum("bsd,vd->bsv", h, w, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("sd,vd->sv", h, w, preferred_element_type=jnp.float32)
         m = logits.max(axis=-1)
         # A dot, not a reduce: its per-row bits do not depend on how many rows there are.
-        return m, jnp.einsum("bsv,v->bs", jnp.exp(logits - m[..., None]), ones)
+        return m, jnp.einsum("sv,v->s", jnp.exp(logits - m[..., None]), ones)
 
-    m, sums = jax.lax.map(block, head.reshape(n, vocab // n, hidden))  # [n, B, S] each
+    m, sums = jax.lax.map(block, head.reshape(n, vocab // n, hidden))  # [n, S] each
     top = m.max(axis=0)
-    lse = top + jnp.log(jnp.einsum("nbs,nbs->bs", sums, jnp.exp(m - top)))
-    labels = jnp.take(head, label_ids, axis=0)  # [B, NL, hidden]
-    label_logits = jnp.einsum("bsd,bnd->bsn", h, labels, preferred_element_type=jnp.float32)
+    lse = top + jnp.log(jnp.einsum("ns,ns->s", sums, jnp.exp(m - top)))
+    labels = jnp.take(head, label_ids, axis=0)  # [U, hidden]
+    label_logits = jnp.einsum("sd,ud->su", h, labels, preferred_element_type=jnp.float32)
     return label_logits, lse
+
+
+def init_shape(block: int = 8) -> StreamShape:
+    """The smallest stream shape: what `init` and shape inspection trace."""
+    return StreamShape(tokens=block, block=block, attention=Attention.XLA, key_tiles=(8, 8))
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Flax parameter path ("layers/mlp/up_proj/kernel") -> shape, from the model itself."""
-    model = QwenForScoring(cfg, StreamLayout(head_len=1))
-    one = jnp.zeros((1, 1), jnp.int32)
-    meta = StreamMeta(pos=one, item_off=one, prefix_len=jnp.zeros((1,), jnp.int32))
+    shape = init_shape()
+    model = Qwen(cfg, shape)
+    ints = jnp.zeros((shape.tokens,), jnp.int32)
+    meta = BlockMeta(jnp.zeros((1, 4), jnp.int32), ints)
+    pool = jnp.zeros((cfg.num_layers, cfg.num_kv_heads, 16, cfg.head_dim))  # [layers, K, P, D]
     tree = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), one, meta, score_idx=one, label_ids=one)
+        lambda: model.init(jax.random.key(0), ints, ints, meta, pool, pool, ints[:1], ints[:2])
     )["params"]
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}

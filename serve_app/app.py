@@ -1,5 +1,5 @@
-"""Application builder: `serve run configs/config.yaml` or
-`serve run serve_app.app:build_app model_path=DIR mode=prefix ...`."""
+"""Application builder: `serve run configs/config.yaml`, or on the command line
+`serve run serve_app.app:build_app model.path=DIR engine.mode=prefix ...`."""
 
 import logging
 from typing import Any
@@ -14,9 +14,9 @@ from serve_app.scorer import Scorer
 log = logging.getLogger("ray.serve")
 
 
-def build_app(args: AppArgs) -> Application:
-    """The builder `serve run` calls (Serve validates `args` against AppArgs). Replica counts
-    and resources come from the config's `deployments:` section."""
+def build_app(args: dict[str, Any]) -> Application:
+    """The builder `serve run` calls with a config's `args` (or key=value pairs; dotted keys
+    reach into a group). Replica counts and resources come from the config's `deployments:`."""
     return build_graph(args)
 
 
@@ -27,18 +27,16 @@ def build_graph(
 ) -> Application:
     """Ingress -> Scorer replicas; `scorer_options` / `ingress_options` go to the deployments'
     `.options()` (Python callers; `serve run` configs set them under `deployments:`)."""
-    args = AppArgs.model_validate(args)
-    if args.model_path is None:
-        path = ensure_demo_checkpoint(args.demo_preset)
+    args = AppArgs.parse(args)
+    if args.model.path is None:
+        path = ensure_demo_checkpoint(args.model.demo_preset)
         log.warning(
-            "no model_path: serving the RANDOM-WEIGHT demo checkpoint %s (%s); scores "
+            "no model.path: serving the RANDOM-WEIGHT demo checkpoint %s (%s); scores "
             "are meaningless",
-            args.demo_preset,
+            args.model.demo_preset,
             path,
         )
     log.info("mis-serve settings: %s", args.model_dump(mode="json"))  # keys print as ***
-    plain = args.model_dump(mode="json")
-    plain["api_keys"] = [k.get_secret_value() for k in args.api_keys]
     scorer = Scorer.options(**scorer_options) if scorer_options else Scorer
     ingress = ScoreIngress.options(**ingress_options) if ingress_options else ScoreIngress
-    return ingress.bind(scorer.bind(plain), plain)
+    return ingress.bind(scorer.bind(args.scorer_args()), args.ingress_args())

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -25,11 +24,10 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_hf_config
-from models.inputs import Chunk, ScoringInputError, check_token_ids, tokenize_request
+from models.inputs import Chunk, ScoringInputError
 from models.tokenizer import TextTokenizer
 from serve_app import guard, metrics
-from serve_app.chunking import split_items
-from serve_app.config import AppArgs
+from serve_app.config import IngressArgs
 from serve_app.rerank import RerankRequest, RerankResponse, label_ids, rerank_response
 from serve_app.schema import (
     ErrorBody,
@@ -40,6 +38,13 @@ from serve_app.schema import (
     format_errors,
 )
 from serve_app.scorer import EngineFailure
+from serve_app.scoring import (
+    make_chunks,
+    merge_scores,
+    prepare_request,
+    prompt_tokens,
+    response_body,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -171,10 +176,10 @@ api.middleware("http")(_count_errors)  # outermost: also counts the guard's 401/
 @serve.deployment(name="ScoreIngress", max_ongoing_requests=256)
 @serve.ingress(api)
 class ScoreIngress:
-    def __init__(self, scorer: DeploymentHandle, args: dict[str, Any]):
-        self.args = AppArgs.model_validate(args)
-        path = Path(self.args.model_path or ensure_demo_checkpoint(self.args.demo_preset))
-        self.model_name = self.args.model_name or path.name
+    def __init__(self, scorer: DeploymentHandle, args: IngressArgs):
+        self.args = IngressArgs.model_validate(args)
+        path = Path(self.args.model.path or ensure_demo_checkpoint(self.args.model.demo_preset))
+        self.model_name = self.args.model.name or path.name
         self.vocab_size = int(read_hf_config(path)["vocab_size"])
         self.random_weights = has_random_weights(path)
         try:
@@ -182,17 +187,18 @@ class ScoreIngress:
         except FileNotFoundError:
             self.tokenizer = None
         self.scorer = scorer
-        self.rerank_prompt = self.args.rerank_prompt()
+        self.rerank_prompt = self.args.rerank.prompt()
         self.rerank_labels = (  # a label that is not one token fails the start, loudly
             None
             if self.tokenizer is None
-            else label_ids(self.tokenizer.encode, self.args.rerank_labels)
+            else label_ids(self.tokenizer.encode, self.args.rerank.labels)
         )
+        limits = self.args.limits
         front = guard.Guard.from_settings(
-            [k.get_secret_value() for k in self.args.api_keys],
-            self.args.max_body_bytes,
-            self.args.max_inflight_requests,
-            self.args.retry_after_s,
+            [k.get_secret_value() for k in self.args.auth.api_keys],
+            limits.max_body_bytes,
+            limits.max_inflight_requests,
+            limits.retry_after_s,
         )
         guard.install(front)
         log.info(
@@ -201,7 +207,7 @@ class ScoreIngress:
             path,
             " RANDOM WEIGHTS" if self.random_weights else "",
             len(front.api_keys),
-            self.args.model_dump(exclude={"api_keys"}),
+            self.args.model_dump(mode="json", exclude={"auth"}),
         )
 
     @api.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
@@ -211,7 +217,7 @@ class ScoreIngress:
             response, headers = await self._score(body, "score")
         except _Refused as e:
             return e.response()
-        return JSONResponse(response.model_dump(), headers=headers)
+        return JSONResponse(response, headers=headers)
 
     @api.post("/v1/rerank", response_model=RerankResponse, responses=_ERRORS)
     async def rerank(self, body: RerankRequest) -> Any:
@@ -224,33 +230,30 @@ class ScoreIngress:
             response, headers = await self._score(request, "rerank")
         except _Refused as e:
             return e.response({"items": "documents"})
-        out = rerank_response(body, response.scores, self.model_name, response.usage)
+        usage = Usage.model_validate(response["usage"])
+        out = rerank_response(body, response["scores"], self.model_name, usage)
         return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
 
-    async def _score(self, body: ScoreRequest, route: str) -> tuple[ScoreResponse, dict[str, str]]:
+    async def _score(self, body: ScoreRequest, route: str) -> tuple[dict, dict[str, str]]:
         """Validate, split into chunks, fan out, merge in item order; raises _Refused."""
         start = time.perf_counter()
         if body.model is not None and body.model != self.model_name:
             raise _Refused(f"model: unknown model {body.model!r}; serving {self.model_name!r}", 404)
         try:
-            query, items = tokenize_request(body, self.tokenizer)
-            self._check_limits(query, items, body.label_token_ids)
-            check_token_ids(query, items, body.label_token_ids, self.vocab_size)
+            query, items = prepare_request(
+                body,
+                self.tokenizer,
+                vocab_size=self.vocab_size,
+                engine=self.args.engine,
+                max_items=self.args.limits.max_items_per_request,
+            )
         except ScoringInputError as e:
             raise _Refused(str(e)) from e
-        ranges = split_items(items, self.args.chunk_size, self.args.max_chunk_tokens)
-        chunks = [
-            Chunk(
-                tuple(query),
-                tuple(tuple(items[i]) for i in r),
-                tuple(body.label_token_ids),
-                body.apply_softmax,
-                body.item_first,
-            )
-            for r in ranges
-        ]
+        fanout = self.args.fanout
+        chunks = make_chunks(body, query, items, fanout.chunk_items, fanout.chunk_tokens)
+        timeout_s = self.args.limits.request_timeout_s
         pending: list[DeploymentResponse] = []
-        remaining = self.args.request_timeout_s - (time.perf_counter() - start)
+        remaining = timeout_s - (time.perf_counter() - start)
         try:
             results = await asyncio.wait_for(
                 asyncio.gather(*(self._score_chunk(c, pending) for c in chunks)), remaining
@@ -263,24 +266,18 @@ class ScoreIngress:
             log.warning(
                 "request of %d items timed out after %.1f s; %d chunk calls cancelled",
                 len(items),
-                self.args.request_timeout_s,
+                timeout_s,
                 len(pending),
             )
-            raise _Refused(
-                f"request timed out after request_timeout_s={self.args.request_timeout_s}",
-                504,
-            ) from e
+            raise _Refused(f"request timed out after request_timeout_s={timeout_s}", 504) from e
         except ReplicaFailure as e:
             for r in pending:
                 r.cancel()
-            raise _Refused(str(e), 503, {"Retry-After": str(self.args.retry_after_s)}) from e
-        scores = (
-            np.concatenate([r.scores for r in results])
-            if results
-            else np.zeros((0, len(body.label_token_ids)))
-        )
+            retry = str(self.args.limits.retry_after_s)
+            raise _Refused(str(e), 503, {"Retry-After": retry}) from e
+        scores = merge_scores([r.scores for r in results], len(body.label_token_ids))
         replicas = sorted({r.replica for r in results})
-        n_tokens = len(query) + sum(map(len, items))
+        n_tokens = prompt_tokens(query, items)
         elapsed = time.perf_counter() - start
         log.info(
             "%s: %d items in %d chunks on %d replicas in %.1f ms",
@@ -296,18 +293,14 @@ class ScoreIngress:
         if items:  # Ray counters refuse increments of 0
             m.items.inc(len(items))
             m.tokens.inc(n_tokens)
-        response = ScoreResponse(
-            scores=scores.tolist(),
-            model=self.model_name,
-            usage=Usage(prompt_tokens=n_tokens, total_tokens=n_tokens),
-        )
+        response = response_body(scores, self.model_name, n_tokens)
         return response, {"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(chunks))}
 
     async def _score_chunk(self, chunk: Chunk, pending: list[DeploymentResponse]) -> Any:
         """One chunk on some replica; retried elsewhere (bounded) when its replica dies or its
         engine fails, so a request gets all of its scores or an error, never part of them."""
-        start = time.perf_counter()
-        for attempt in range(self.args.chunk_retries + 1):
+        start, tries = time.perf_counter(), self.args.fanout.retries + 1
+        for attempt in range(tries):
             response = self.scorer.score.remote(chunk)
             pending.append(response)
             try:
@@ -321,36 +314,13 @@ class ScoreIngress:
                     "chunk of %d items: scorer replica failed (try %d of %d): %s",
                     len(chunk.items),
                     attempt + 1,
-                    self.args.chunk_retries + 1,
+                    tries,
                     type(e).__name__,
                 )
                 # Give the router a moment to learn the replica is gone, or the retry may
                 # be routed to it again.
                 await asyncio.sleep(0.2 * 2**attempt)
-        raise ReplicaFailure(
-            f"scorer replicas failed {self.args.chunk_retries + 1} times for one chunk; retry later"
-        )
-
-    def _check_limits(self, query: list[int], items: list[list[int]], labels: list[int]) -> None:
-        a = self.args
-        if len(items) > a.max_items_per_request:
-            raise ScoringInputError(
-                f"items: {len(items)} items exceed max_items_per_request={a.max_items_per_request}"
-            )
-        if len(labels) > a.max_labels:
-            raise ScoringInputError(
-                f"label_token_ids: {len(labels)} labels exceed max_labels={a.max_labels}"
-            )
-        if len(query) > a.max_query_tokens:
-            raise ScoringInputError(
-                f"query: {len(query)} tokens exceed max_query_tokens={a.max_query_tokens}"
-            )
-        for i, it in enumerate(items):
-            if len(it) > a.max_tokens_per_item:
-                raise ScoringInputError(
-                    f"items[{i}]: {len(it)} tokens exceed "
-                    f"max_tokens_per_item={a.max_tokens_per_item}"
-                )
+        raise ReplicaFailure(f"scorer replicas failed {tries} times for one chunk; retry later")
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:

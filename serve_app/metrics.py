@@ -58,8 +58,16 @@ class ScorerMetrics:
         )
         self.batch_latency = metrics.Histogram(
             "mis_batch_latency_s",
-            description="Engine time of one batch of chunks (the forwards).",
+            description="Engine time of one batch of chunks (its forwards).",
             boundaries=LATENCY_S,
+        )
+        self.batch_chunks = metrics.Histogram(
+            "mis_batch_chunks",
+            description="Chunks (of any requests) the batcher packed into one engine call.",
+            boundaries=COUNTS,
+        )
+        self.forwards = metrics.Counter(
+            "mis_forwards_total", description="Forwards (body + LM head programs) run."
         )
         self.prefix_hits = metrics.Counter(
             "mis_prefix_cache_hits_total", description="Query prefills found in the cache."
@@ -69,8 +77,8 @@ class ScorerMetrics:
         )
         self.compiles_after_warmup = metrics.Counter(
             "mis_compilations_after_warmup_total",
-            description="XLA compilations after the replica's warm-up: should stay 0 for "
-            "requests inside the warm-up envelope (each costs seconds).",
+            description="Programs compiled after the replica's warm-up: 0 whatever the requests "
+            "(the warm-up compiles every shape the engine can run); each costs seconds.",
         )
 
 

@@ -1,30 +1,40 @@
-"""Scorer replica: one engine per replica (on one host, or spanning a multi-host slice), chunks
-from concurrent requests batched together."""
+"""Scorer replica: one engine (on one host, or spanning a multi-host slice), fed by a continuous
+batcher.
+
+Chunks from any number of concurrent requests queue up in the replica. One batcher task takes
+about one forward's worth of them (query tokens counted once per distinct query) as soon as the
+engine is free, runs them through the engine in a worker thread (chunks keep arriving
+meanwhile), and answers each. So an idle replica dispatches a chunk at once, and a busy one
+packs everything that arrived during its last forward into the next: no fixed batching wait,
+no batch size to tune.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
-from typing import Any
 
 import numpy as np
 import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from models.checkpoint import ensure_demo_checkpoint, has_random_weights
-from models.engine import ScoringEngine
+from models.engine import Engine, ScoringEngine
 from models.inputs import Chunk, ScoringInputError
 from serve_app import metrics
-from serve_app.config import AppArgs
+from serve_app.config import ScorerArgs
+from serve_app.routing import QueryAffinityRouter
 from serve_app.slice import SliceEngine
 
 log = logging.getLogger("ray.serve")
 
 
 def _route_engine_logs() -> None:
-    """Send the engine's INFO logs (loads, warm-up, new shapes) to this replica's Serve log."""
+    """Send the engine's INFO logs (loads, warm-up, compilations) to this replica's Serve log."""
     engine_log = logging.getLogger("models")
     engine_log.setLevel(logging.INFO)
     for handler in log.handlers:
@@ -44,104 +54,143 @@ class ChunkResult:
     replica: str  # which replica scored it (the ingress reports these)
 
 
-# max_ongoing_requests bounds what one replica holds (two batches of 8 chunks); beyond it the
-# router must pick another replica, which spreads a burst of chunks over the replicas.
-@serve.deployment(name="Scorer", max_ongoing_requests=16, health_check_period_s=10)
-class Scorer:
-    """Loads the model and compiles the warm-up buckets before it reports healthy."""
+@dataclasses.dataclass
+class _Pending:
+    chunk: Chunk
+    future: asyncio.Future
+    arrived: float
 
-    def __init__(self, args: dict[str, Any]):
+
+# max_ongoing_requests: chunk calls one replica holds; with the batcher they share forwards,
+# so it bounds the queue, not the batch. Replicas are chosen by query affinity (routing.py).
+@serve.deployment(
+    name="Scorer",
+    max_ongoing_requests=64,
+    health_check_period_s=10,
+    request_router_config=RequestRouterConfig(request_router_class=QueryAffinityRouter),
+)
+class Scorer:
+    """Loads the model and, unless told not to, compiles every shape it can run before it
+    reports healthy."""
+
+    def __init__(self, args: ScorerArgs):
         _route_engine_logs()
-        self.args = AppArgs.model_validate(args)
+        self.args = ScorerArgs.model_validate(args)
         self._failure: str | None = None
-        path = self.args.model_path or ensure_demo_checkpoint(self.args.demo_preset)
+        path = str(self.args.model.path or ensure_demo_checkpoint(self.args.model.demo_preset))
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.engine: ScoringEngine | SliceEngine
-        if self.args.hosts_per_replica > 1:
+        p = self.args.placement
+        self.engine: Engine
+        if p.hosts_per_replica > 1:
             self.engine = SliceEngine(
-                str(path),
-                self.args.engine_config(),
-                self.args.hosts_per_replica,
-                {"num_cpus": self.args.host_num_cpus, "resources": self.args.host_resources},
-                self.args.request_timeout_s,
+                path,
+                self.args.engine,
+                p.hosts_per_replica,
+                {"num_cpus": p.host_num_cpus, "resources": p.host_resources},
+                self.args.call_timeout_s,
                 name=f"SliceHost:{self.replica}",
-                tpu_slice=(
-                    None
-                    if self.args.tpu_topology is None
-                    else (self.args.tpu_topology, self.args.tpu_version)
-                ),
+                tpu_slice=None if p.tpu_topology is None else (p.tpu_topology, p.tpu_version),
             )
         else:
-            self.engine = ScoringEngine(path, self.args.engine_config())
+            self.engine = ScoringEngine(path, self.args.engine)
         if has_random_weights(path):
             log.warning("replica %s serves RANDOM WEIGHTS from %s", self.replica, path)
-        if self.args.warmup_query_tokens is not None:
-            self.engine.warmup(
-                self.args.warmup_query_tokens,
-                self.args.warmup_item_tokens,
-                self.args.warmup_num_labels,
-            )
-        self._stats = dict(self.engine.stats)  # counters at the end of warm-up
-        self._score_batch.set_max_batch_size(self.args.max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        log.info("replica %s ready: %s", self.replica, self.engine.config)
-
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Live settings: `max_batch_size`, `batch_wait_timeout_s`."""
-        if "max_batch_size" in user_config:
-            self._score_batch.set_max_batch_size(int(user_config["max_batch_size"]))
-        if "batch_wait_timeout_s" in user_config:
-            self._score_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        self.warmup = self.engine.warmup() if self.args.warmup else None
+        self._stats = self.engine.stats()  # counters at the end of warm-up
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._wake: asyncio.Event | None = None
+        self._batcher: asyncio.Task | None = None
+        log.info("replica %s ready: %s, warm-up %s", self.replica, self.args.engine, self.warmup)
 
     async def score(self, chunk: Chunk) -> ChunkResult:
         if self._failure is not None:  # a broken engine (a slice's hosts may hang) is not used
             raise EngineFailure(f"replica {self.replica}: {self._failure}")
-        result = await self._score_batch((chunk, time.perf_counter()))
+        loop = asyncio.get_running_loop()
+        if self._batcher is None:  # started here: __init__ runs outside the event loop
+            self._wake = asyncio.Event()
+            self._batcher = loop.create_task(self._run_batches())
+        pending = _Pending(chunk, loop.create_future(), time.perf_counter())
+        self._queue.append(pending)
+        self._wake.set()  # type: ignore[union-attr]
+        # Cancelling this call (a deadline) cancels the future: the batcher then skips it.
+        result = await pending.future
         if isinstance(result, ScoringInputError):
             raise result
         return ChunkResult(scores=result, replica=self.replica)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def _score_batch(
-        self, arrivals: list[tuple[Chunk, float]]
-    ) -> list[np.ndarray | ScoringInputError]:
-        m, start = metrics.scorer(), time.perf_counter()
-        for _, arrived in arrivals:
-            m.queue_wait.observe(start - arrived)
-        chunks = [c for c, _ in arrivals]
-        # The forward runs in a thread so this replica keeps queueing chunks meanwhile.
-        try:
-            out, stats = await asyncio.to_thread(self._forward, chunks)
-        except Exception as e:  # not a bad input: the engine itself failed
-            self._failure = f"{type(e).__name__}: {e}"
-            log.exception("replica %s: engine failure; asking Ray to replace it", self.replica)
-            # Gone at once rather than at the next health check: until then the router would
-            # keep picking this replica (it answers fastest, with an error). Chunks it holds
-            # fail with RayActorError and the ingress retries them elsewhere.
-            asyncio.get_running_loop().call_soon(self._exit)
-            raise EngineFailure(f"replica {self.replica}: {self._failure}") from e
-        m.batch_latency.observe(time.perf_counter() - start)
-        self._record_stats(stats)
-        return out
+    def _take(self) -> list[_Pending]:
+        """The queue's oldest chunks, about one forward's worth of tokens."""
+        budget = self.args.engine.max_batch_tokens
+        batch: list[_Pending] = []
+        queries: set[tuple[int, ...]] = set()
+        tokens = 0
+        while self._queue and (not batch or tokens < budget):
+            p = self._queue.popleft()
+            if p.future.done():  # cancelled while waiting
+                continue
+            c = p.chunk
+            tokens += sum(map(len, c.items)) + (0 if c.query in queries else len(c.query))
+            queries.add(c.query)
+            batch.append(p)
+        return batch
+
+    async def _run_batches(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while batch := self._take():
+                m, start = metrics.scorer(), time.perf_counter()
+                for p in batch:
+                    m.queue_wait.observe(start - p.arrived)
+                m.batch_chunks.observe(len(batch))
+                try:
+                    out, stats = await asyncio.to_thread(self._forward, [p.chunk for p in batch])
+                except Exception as e:  # not a bad input: the engine itself failed
+                    self._fail(e, batch)
+                    return
+                m.batch_latency.observe(time.perf_counter() - start)
+                self._record_stats(stats)
+                for p, result in zip(batch, out, strict=True):
+                    if not p.future.done():
+                        p.future.set_result(result)
 
     def _forward(self, chunks: list[Chunk]) -> tuple[list, dict[str, int]]:
         # The counters are read here, off the event loop: a slice's are a remote call.
-        return self.engine.score_chunks(chunks), dict(self.engine.stats)
+        return self.engine.score(chunks), self.engine.stats()
+
+    def _fail(self, e: Exception, batch: list[_Pending]) -> None:
+        self._failure = f"{type(e).__name__}: {e}"
+        log.error("replica %s: engine failure; asking Ray to replace it", self.replica, exc_info=e)
+        failure = EngineFailure(f"replica {self.replica}: {self._failure}")
+        for p in [*batch, *self._queue]:
+            if not p.future.done():
+                p.future.set_exception(failure)
+        self._queue.clear()
+        # Gone at once rather than at the next health check: until then the router would keep
+        # picking this replica (it answers fastest, with an error). Chunks it holds fail with
+        # RayActorError and the ingress retries them elsewhere.
+        asyncio.get_running_loop().call_soon(self._exit)
 
     def _record_stats(self, stats: dict[str, int]) -> None:
         """Engine counters since the last batch -> metrics (compilations: after warm-up)."""
         m = metrics.scorer()
         delta = {k: v - self._stats.get(k, 0) for k, v in stats.items()}
         self._stats = stats
-        for counter, key in ((m.items, "items"), (m.prefix_hits, "prefix_hits"),
-                             (m.prefix_misses, "prefix_misses")):  # fmt: skip
+        counters = {
+            "items": m.items,
+            "prefix_hits": m.prefix_hits,
+            "prefix_misses": m.prefix_misses,
+            "forwards": m.forwards,
+        }
+        for key, counter in counters.items():
             if delta.get(key):  # Ray counters refuse increments of 0
                 counter.inc(delta[key])
         if delta.get("compiles"):
             m.compiles_after_warmup.inc(delta["compiles"])
             log.warning(
-                "replica %s compiled %d new shapes after warm-up (see 'compiling shape' lines); "
-                "widen the warm-up envelope to avoid these stalls",
+                "replica %s compiled %d programs after warm-up (see 'compiled' lines): "
+                "that stalled its traffic",
                 self.replica,
                 delta["compiles"],
             )
@@ -150,8 +199,9 @@ class Scorer:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=False)
 
     def stats(self) -> dict[str, int]:
-        """This replica's engine counters: items, forwards, prefix hits/misses, compiles."""
-        return dict(self.engine.stats)
+        """This replica's engine counters: items, forwards, tokens, prefix hits/misses,
+        compiles."""
+        return self.engine.stats()
 
     def check_health(self) -> None:
         """Unhealthy after an engine failure, so Serve replaces this replica."""

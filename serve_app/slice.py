@@ -26,7 +26,7 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from models.engine import EngineConfig, ScoringEngine
-from models.inputs import Chunk
+from models.inputs import Chunk, ScoringInputError
 
 log = logging.getLogger("ray.serve")
 
@@ -59,14 +59,14 @@ class SliceHost:
             "devices": jax.device_count(),
         }
 
-    def score_chunks(self, chunks: Sequence[Chunk]) -> list:
-        return self.engine.score_chunks(chunks)
+    def score(self, chunks: Sequence[Chunk]) -> list:
+        return self.engine.score(chunks)
 
-    def warmup(self, *args: Any) -> int:
-        return self.engine.warmup(*args)
+    def warmup(self) -> dict[str, float]:
+        return self.engine.warmup()
 
     def stats(self) -> dict[str, int]:
-        return dict(self.engine.stats)
+        return self.engine.stats()
 
 
 def reserve_tpu_slice(
@@ -95,8 +95,8 @@ def reserve_tpu_slice(
 
 
 class SliceEngine:
-    """The engine interface the Scorer uses (`score_chunks`, `warmup`, `stats`, `config`),
-    run by `num_hosts` SliceHost actors as one SPMD program."""
+    """The engine interface (models.engine.Engine) run by `num_hosts` SliceHost actors as one
+    SPMD program."""
 
     def __init__(
         self,
@@ -159,13 +159,12 @@ class SliceEngine:
             ray.get(done)  # a failed host raises here, not after the others
         return ray.get(refs)
 
-    def score_chunks(self, chunks: Sequence[Chunk]) -> list:
-        refs = [h.score_chunks.remote(list(chunks)) for h in self.hosts]
+    def score(self, chunks: Sequence[Chunk]) -> list[Any | ScoringInputError]:
+        refs = [h.score.remote(list(chunks)) for h in self.hosts]
         return self._all(refs, self.timeout_s)[0]
 
-    def warmup(self, *args: Any) -> int:
-        return self._all([h.warmup.remote(*args) for h in self.hosts])[0]
+    def warmup(self) -> dict[str, float]:
+        return self._all([h.warmup.remote() for h in self.hosts])[0]
 
-    @property
     def stats(self) -> dict[str, int]:
         return self._all([self.hosts[0].stats.remote()], self.timeout_s)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import socket
@@ -13,6 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache, under the checkout (not the user's home): every process
+# of the run (Serve replicas, CLI subprocesses, slice hosts) inherits it, so a program compiled
+# once is loaded, not compiled, by the next process that needs it; a second run starts warm.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "jax")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Four simulated CPU devices for the tensor-parallel tests, set before JAX starts (the last
 # occurrence of a flag wins); engines without tp_size use the first device only.
 os.environ["XLA_FLAGS"] = (
@@ -24,13 +33,19 @@ import pytest
 
 from models.checkpoint import make_random_checkpoint
 from models.engine import EngineConfig, ScoringEngine
+from models.tokenizer import TextTokenizer
 
 TP_DEVICES = 4  # the simulated device count set above
 
-# Every engine configuration the equivalence tests sweep: (mode, mask_impl).
-MODES = [("serial", "auto"), ("packed", "dense"), ("packed", "segment"), ("prefix", "auto")]
+# Every engine configuration the equivalence tests sweep: (mode, attention).
+MODES = [("serial", "auto"), ("packed", "dense"), ("packed", "auto"), ("prefix", "auto")]
 LABELS = [9454, 2753, 13]
-CHUNK = 8  # small, so 21 items make several chunks and a partial one
+# Test engines: small forwards, so a request spans several and the planner's budget paths run.
+TEST_ENGINE = {"max_batch_tokens": 1024, "max_item_tokens": 64, "max_query_tokens": 512}
+
+
+def mode_name(mode: str, attention: str = "auto") -> str:
+    return mode if attention == "auto" else f"{mode}-{attention}"
 
 
 @pytest.fixture(scope="session")
@@ -64,31 +79,23 @@ _ENGINES: dict[tuple, ScoringEngine] = {}
 
 @pytest.fixture(scope="session")
 def engine(ckpts):
-    """engine(ckpt_name, mode, mask_impl, chunk, rows, attention_impl) -> a cached engine."""
+    """engine(ckpt_name, mode="prefix", attention="auto", **engine settings) -> an engine,
+    one per distinct configuration for the whole session."""
 
-    def get(
-        name: str,
-        mode: str = "prefix",
-        mask: str = "auto",
-        chunk: int = CHUNK,
-        rows: int = 1,
-        impl: str = "xla",
-    ):
-        key = (name, mode, mask, chunk, rows, impl)
+    def get(name: str, mode: str = "prefix", attention: str = "auto", **settings):
+        config = TEST_ENGINE | {"mode": mode, "attention": attention} | settings
+        key = (name, tuple(sorted(config.items())))
         if key not in _ENGINES:
-            _ENGINES[key] = ScoringEngine(
-                ckpts[name],
-                EngineConfig(
-                    mode=mode,
-                    mask_impl=mask,
-                    chunk_size=chunk,
-                    max_batch_rows=rows,
-                    attention_impl=impl,
-                ),
-            )
+            _ENGINES[key] = ScoringEngine(ckpts[name], EngineConfig(**config))
         return _ENGINES[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tokenizer(ckpts):
+    """tokenizer(ckpt_name) -> the checkpoint's tokenizer (the real Qwen3 one)."""
+    return lambda name: TextTokenizer.from_model_dir(ckpts[name])
 
 
 _HF_REFERENCE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -105,11 +112,19 @@ def hf_reference(path: str, query, items, labels, dtype=None, item_first: bool =
     key = (path, str(dtype), item_first, tuple(query), tuple(map(tuple, items)), tuple(labels))
     if key not in _HF_REFERENCE:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        # float64: the query runs once and each item continues from a copy of its K/V cache
+        # (transformers' own decoding path; 1e-14 from full forwards, 30x faster at 2000
+        # query tokens). float32 references run every prompt whole, as serial scoring does.
+        cached = dtype is torch.float64 and not item_first
         soft, logp = [], []
         with torch.no_grad():
+            past = model(torch.tensor([query]), use_cache=True).past_key_values if cached else None
             for it in items:
-                ids = it + query if item_first else query + it
-                logits = model(torch.tensor([ids])).logits[0, -1].double()
+                if cached:
+                    out = model(torch.tensor([it]), past_key_values=copy.deepcopy(past))
+                else:
+                    out = model(torch.tensor([it + query if item_first else query + it]))
+                logits = out.logits[0, -1].double()
                 soft.append(torch.softmax(logits[labels], -1).numpy())
                 logp.append(torch.log_softmax(logits, -1)[labels].numpy())
         _HF_REFERENCE[key] = (np.array(soft), np.array(logp))
@@ -147,31 +162,62 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{name:60s} {FIGURES[name]:.3g}")
 
 
+# One Ray cluster with Serve for every in-process serving test of the session (started on
+# first use, stopped at the end): each module deploys its apps and deletes them afterwards.
+_CLUSTER: dict[str, object] = {}
+
+
+def serve_cluster() -> tuple[str, int]:
+    """(base URL, Prometheus metrics port) of the session's local Ray + Serve."""
+    if not _CLUSTER:
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        import ray
+        from ray import serve
+
+        port, metrics = free_port(), free_port()
+        # Metrics reach the Prometheus endpoint within a second or two, not Ray's default 10 s.
+        os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112 (Ray spells it so)
+        ray.init(
+            address="local",  # never a cluster the user (or another test) has running
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            _metrics_export_port=metrics,
+        )
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        _CLUSTER.update(url=f"http://127.0.0.1:{port}", metrics=metrics)
+    return str(_CLUSTER["url"]), int(_CLUSTER["metrics"])  # type: ignore[call-overload]
+
+
+def stop_serve_cluster() -> None:
+    """Stop the session's Ray (the next serve_cluster() starts a new one)."""
+    if _CLUSTER:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        _CLUSTER.clear()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    stop_serve_cluster()
+
+
 @contextlib.contextmanager
-def running_serve(*apps: tuple[str, str, object], metrics_port: int | None = None) -> Iterator[str]:
-    """Real Ray + Serve on a free local port running `apps` ((name, route prefix, built
-    application) each); yields the base URL, shuts everything down afterwards. Ray exports
-    Prometheus metrics on `metrics_port` when given."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
+def running_serve(*apps: tuple[str, str, object]) -> Iterator[str]:
+    """`apps` ((name, route prefix, built application) each) deployed on the session's
+    cluster; yields the base URL and deletes the apps afterwards."""
     from ray import serve
 
-    port = free_port()
-    ray.init(
-        address="local",  # never a cluster some other test left running
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=metrics_port,
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url, _ = serve_cluster()
     try:
         for name, route, app in apps:
             serve.run(app, name=name, route_prefix=route)
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        for name, _, _ in apps:
+            serve.delete(name)
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,10 +230,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT delivered and not ignored, whatever this test process
+    (many threads and libraries later) has set, so `serve run` gets its KeyboardInterrupt."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def serve_run(config: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[Path]:
     """`serve run CONFIG` as a user starts it, output to `log`; SIGINT (Serve shuts the apps
-    down) on exit, SIGKILL if that hangs."""
+    down) on exit, then SIGKILL to anything of its process group still running."""
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "JAX_PLATFORMS": "cpu"} | (env or {})
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -197,14 +250,17 @@ def serve_run(config: Path, log: Path, env: dict[str, str] | None = None) -> Ite
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_default_sigint,
         )
         try:
             yield log
         finally:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
+            # SIGINT to `serve run` alone: to its whole group it would also stop the Ray
+            # processes it started, and its shutdown then waits a minute for a dead GCS.
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
+            with contextlib.suppress(ProcessLookupError):  # whatever it left behind
                 os.killpg(proc.pid, signal.SIGKILL)
 
 

@@ -5,8 +5,6 @@ count timeline."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import yaml
 
@@ -14,21 +12,23 @@ from loadtests import soak
 from tests.conftest import REPO, running_serve
 
 pytestmark = pytest.mark.slow
-# Inside the config's warm-up envelope, so a new replica compiles nothing after it is up.
+# Within the config's engine limits; warm-up compiles every shape, so a new replica compiles
+# nothing after it is up.
 WORKLOAD = {"MIS_QUERY_TOKENS": "50", "MIS_ITEMS": "200", "MIS_ITEM_TOKENS": "20"}
 
 
-def test_scorer_scales_up_under_load_and_back_down(ckpts, tmp_path):
+def test_scorer_scales_up_under_load_and_back_down(ckpts, tmp_path, monkeypatch):
     from serve_app.app import build_graph
 
     raw = yaml.safe_load((REPO / "configs/config.yaml").read_text())
     (app,) = raw["applications"]
     (scorer,) = [d for d in app["deployments"] if d["name"] == "Scorer"]
     auto = scorer["autoscaling_config"] | {"upscale_delay_s": 2, "downscale_delay_s": 10}
-    options = {k: v for k, v in scorer.items() if k not in ("name", "user_config")}
+    options = {k: v for k, v in scorer.items() if k != "name"}
     options["autoscaling_config"] = auto
-    args = app["args"] | {"model_path": ckpts["qwen3"]}
-    os.environ.update(WORKLOAD)
+    args = app["args"] | {"model": app["args"].get("model", {}) | {"path": ckpts["qwen3"]}}
+    for name, value in WORKLOAD.items():  # Locust's workload (loadtests/soak.py passes env)
+        monkeypatch.setenv(name, value)
     with running_serve(("mis", "/", build_graph(args, scorer_options=options))) as url:
         result = soak.main(
             ["--url", url, "--users", "4", "--seconds", "90", "--cooldown-s", "90"]

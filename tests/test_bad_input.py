@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from models.inputs import ScoringInputError
+from mis_score.cli import OfflineScorer
+from models.inputs import Chunk, ScoringInputError
 from serve_app.schema import ScoreRequest, validation_message
 
 OK = {"query": [1, 2], "items": [[3], [4, 5]], "label_token_ids": [9454, 2753]}
@@ -54,15 +57,28 @@ def test_missing_fields_are_named():
         ({"items": [[1], [2**40]]}, "items[1]"),
     ],
 )
-def test_engine_rejects_ids_outside_vocab(engine, change, field):
-    eng = engine("qwen3")
-    with pytest.raises(ScoringInputError, match=field.replace("[", r"\[")):
-        eng.score_request(ScoreRequest.model_validate(OK | change))
+def test_ids_outside_vocab_are_refused_by_the_request_layer_and_the_engine(
+    engine, ckpts, change, field
+):
+    body = OK | change
+    scorer = OfflineScorer(engine("qwen3"), "m", max_items=100)
+    err = scorer.score_line(json.dumps(body))
+    assert err["code"] == 400 and err["message"].startswith(field)
+    # The engine checks its own input too: a bad chunk errs, the good one beside it scores.
+    bad = Chunk(
+        tuple(body["query"]), tuple(map(tuple, body["items"])), tuple(body["label_token_ids"])
+    )
+    good = Chunk((1, 2), ((3,),), (9454,))
+    got_bad, got_good = engine("qwen3").score([bad, good])
+    assert isinstance(got_bad, ScoringInputError) and str(got_bad).startswith(field)
+    assert got_good.shape == (1, 1)
 
 
 def test_single_string_item_and_empty_list(engine):
-    eng = engine("qwen3")
-    one = eng.score_request(ScoreRequest(query="q", items="an item", label_token_ids=[1, 2]))
-    assert len(one.scores) == 1 and len(one.scores[0]) == 2
-    none = eng.score_request(ScoreRequest(query="q", items=[], label_token_ids=[1]))
-    assert none.scores == []
+    scorer = OfflineScorer(engine("qwen3"), "m", max_items=100)
+    one = scorer.score_line(
+        json.dumps({"query": "q", "items": "an item", "label_token_ids": [1, 2]})
+    )
+    assert len(one["scores"]) == 1 and len(one["scores"][0]) == 2
+    none = scorer.score_line(json.dumps({"query": "q", "items": [], "label_token_ids": [1]}))
+    assert none["scores"] == []

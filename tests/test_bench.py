@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from models.cli import main
+from mis_score.cli import main
 from models.engine import ScoringEngine
 
 
@@ -42,15 +42,15 @@ def test_bench_reports_every_mode_and_transformers(ckpts, tmp_path):
 
 
 def test_a_mode_that_disagrees_with_serial_is_failed_not_ranked(ckpts, tmp_path, monkeypatch):
-    real = ScoringEngine._run_rows
+    real = ScoringEngine._run
 
-    def labels_swapped(self, rows, partial):
-        real(self, rows, partial)
-        if rows:  # multi-item rows only; serial scoring passes none
-            for label_logits, _ in partial.values():
-                label_logits[:] = label_logits[:, ::-1]
+    def labels_swapped(self, forward):
+        label_logits, lse = real(self, forward)
+        if self.config.mode.value != "serial":
+            label_logits = label_logits[:, ::-1]
+        return label_logits, lse
 
-    monkeypatch.setattr(ScoringEngine, "_run_rows", labels_swapped)
+    monkeypatch.setattr(ScoringEngine, "_run", labels_swapped)
     result = _bench(ckpts["qwen3"], tmp_path, "--no-transformers", "--modes", "serial,prefix")
     status = {r["mode"]: r["status"] for r in result["rows"]}
     assert status["serial"] == "ok"

@@ -8,12 +8,13 @@ import sys
 
 import numpy as np
 
+from models.engine import score_ids
 from tests.conftest import LABELS, random_request
 
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "models.cli", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "mis_score", *args], capture_output=True, text=True, timeout=600
     )
 
 
@@ -45,8 +46,10 @@ def test_make_checkpoint_and_score(tmp_path, engine):
         str(ckpt),
         "--mode",
         "packed",
-        "--chunk-size",
-        "4",
+        "--max-batch-tokens",  # a request spans several forwards
+        "256",
+        "--max-query-tokens",
+        "128",
         "--tp-size",  # split over 2 of the 4 simulated devices (conftest)
         "2",
         "--input",
@@ -59,7 +62,7 @@ def test_make_checkpoint_and_score(tmp_path, engine):
     resp = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(resp) == len(lines)
     # Same checkpoint (seed 1 = the session's qwen3 fixture) scored in-process, serial mode.
-    ref = engine("qwen3", "serial").score_ids(query, items, LABELS)
+    ref = score_ids(engine("qwen3", "serial"), query, items, LABELS)
     assert resp[0]["object"] == "scoring" and resp[0]["model"] == "ck"
     assert np.abs(np.log(resp[0]["scores"]) - np.log(ref)).max() <= 1e-4
     assert resp[0]["usage"]["prompt_tokens"] == len(query) + sum(map(len, items))

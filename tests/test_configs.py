@@ -39,12 +39,38 @@ def test_cpu_config_fits_two_cores():
 def test_unknown_args_are_rejected():
     with pytest.raises(ValueError, match="extra"):
         AppArgs.model_validate({"chunk_sizes": 3})
+    with pytest.raises(ValueError, match="extra"):
+        AppArgs.parse({"engine.chunk_size": 3})
+    with pytest.raises(ValueError, match="not a group"):
+        AppArgs.parse({"engine": 1, "engine.mode": "prefix"})
 
 
-def test_pallas_attention_with_the_dense_mask_is_rejected_at_config_time():
-    with pytest.raises(ValidationError, match="pallas"):
-        AppArgs(mode="packed", mask_impl="dense", attention_impl="pallas")
-    assert AppArgs(attention_impl="pallas").engine_config().attention_impl.value == "pallas"
+def test_dotted_keys_reach_into_groups():
+    """`serve run serve_app.app:build_app engine.mode=packed ...` on the command line."""
+    args = AppArgs.parse(
+        {"engine.mode": "packed", "engine.attention": "xla", "fanout.chunk_items": 8}
+    )
+    assert args.engine.mode.value == "packed" and args.engine.attention.value == "xla"
+    assert args.fanout.chunk_items == 8
+    assert args.scorer_args().engine == args.engine  # one home, handed down as is
+
+
+def test_api_keys_reach_only_the_ingress():
+    args = AppArgs.parse({"auth.api_keys": ["k1"]})
+    assert [k.get_secret_value() for k in args.ingress_args().auth.api_keys] == ["k1"]
+    assert "auth" not in type(args.scorer_args()).model_fields
+    assert "k1" not in str(args.model_dump(mode="json"))  # printed as ***
+
+
+def test_dense_attention_outside_packed_mode_is_rejected_at_config_time():
+    with pytest.raises(ValidationError, match="dense"):
+        AppArgs.parse({"engine.mode": "prefix", "engine.attention": "dense"})
+    assert AppArgs.parse({"engine.attention": "pallas"}).engine.attention.value == "pallas"
+
+
+def test_a_query_longer_than_a_forward_is_rejected_at_config_time():
+    with pytest.raises(ValidationError, match="max_query_tokens"):
+        AppArgs.parse({"engine.max_batch_tokens": 1024, "engine.max_query_tokens": 2048})
 
 
 def test_slice_configs_reserve_one_bundle_per_host():
@@ -52,7 +78,7 @@ def test_slice_configs_reserve_one_bundle_per_host():
     themselves (tpu_topology); single-host replicas need neither."""
     for path in CONFIGS:
         (app,) = yaml.safe_load(path.read_text())["applications"]
-        args = AppArgs.model_validate(app["args"])
+        args = AppArgs.model_validate(app["args"]).placement
         (scorer,) = [d for d in app["deployments"] if d["name"] == "Scorer"]
         bundles = scorer.get("placement_group_bundles", [])
         if args.hosts_per_replica > 1 and args.tpu_topology is None:
@@ -70,11 +96,11 @@ def test_slice_configs_reserve_one_bundle_per_host():
 @pytest.mark.parametrize(
     ("args", "field"),
     [
-        ({"tp_size": 3}, "num_attention_heads"),  # qwen3-tiny has 4 heads
-        ({"tp_size": 4, "hosts_per_replica": 3}, "hosts_per_replica"),
-        ({"tp_size": 0}, "tp_size"),
+        ({"engine.tp_size": 3}, "num_attention_heads"),  # qwen3-tiny has 4 heads
+        ({"engine.tp_size": 4, "placement.hosts_per_replica": 3}, "hosts_per_replica"),
+        ({"engine.tp_size": 0}, "tp_size"),
     ],
 )
 def test_bad_parallel_args_are_rejected_at_config_time(args, field):
     with pytest.raises(ValidationError, match=field):
-        AppArgs.model_validate(args)
+        AppArgs.parse(args)

@@ -17,8 +17,9 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from models.config import PRESETS
+from models.engine import score_ids
 from models.qwen import rope_tables
-from tests.conftest import LABELS, MODES, hf_reference, random_request
+from tests.conftest import LABELS, MODES, hf_reference, mode_name, random_request
 
 MAX_POSITION = 8192 + 512  # default max_query_tokens + max_tokens_per_item
 
@@ -49,11 +50,13 @@ def test_long_query_every_mode_near_float64(ckpts, engine, record, name):
     query, items = random_request(seed=40, n_items=32, q_len=2000)
     ref, _ = hf_reference(ckpts[name], query, items, LABELS, dtype=torch.float64)
     err = {}
-    for mode, mask in MODES:
-        got = engine(name, mode, mask).score_ids(query, items, LABELS, apply_softmax=True)
-        err[f"{mode}-{mask}"] = float(np.abs(got - ref).max())
-        record(f"long query (2000) vs HF float64, softmax, {mode}-{mask}", err[f"{mode}-{mask}"])
-    serial = err["serial-auto"]
+    for mode, attention in MODES:
+        eng = engine(name, mode, attention, max_query_tokens=2048, max_batch_tokens=4096)
+        got = score_ids(eng, query, items, LABELS, apply_softmax=True)
+        label = mode_name(mode, attention)
+        err[label] = float(np.abs(got - ref).max())
+        record(f"long query (2000) vs HF float64, softmax, {label}", err[label])
+    serial = err["serial"]
     for mode, e in err.items():
         assert e <= 1e-5, (mode, err)
         assert e <= 3 * serial, (mode, err)

@@ -6,13 +6,11 @@ Scores must equal a one-process, one-device engine on the same checkpoint.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 from models.inputs import Chunk
-from tests.conftest import LABELS, random_request
+from tests.conftest import LABELS, TEST_ENGINE, random_request, serve_cluster
 
 # Each host process sees 2 simulated devices (the test process itself has 4).
 HOST_ENV = {"env_vars": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
@@ -28,12 +26,11 @@ def _chunks() -> list[Chunk]:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    """The session's Ray cluster (tests/conftest.py)."""
+    serve_cluster()
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=HOST_ENV)
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.mark.parametrize("mode", ["prefix", "packed"])
@@ -48,9 +45,9 @@ def test_two_host_slice_equals_one_process(ray_session, ckpts, engine, record, m
     try:
         sliced = SliceEngine(
             ckpts["qwen3"],
-            EngineConfig(mode=mode, chunk_size=8, tp_size=4),
+            EngineConfig(**TEST_ENGINE, mode=mode, tp_size=4),
             num_hosts=2,
-            host_options={"num_cpus": 0.5},
+            host_options={"num_cpus": 0.5, "runtime_env": HOST_ENV},
             timeout_s=120,
             placement_group=pg,
         )
@@ -59,8 +56,8 @@ def test_two_host_slice_equals_one_process(ray_session, ckpts, engine, record, m
             (1, 2, 4),
         ]
         chunks = _chunks()
-        got = sliced.score_chunks(chunks)
-        want = engine("qwen3", mode).score_chunks(chunks)
+        got = sliced.score(chunks)
+        want = engine("qwen3", mode).score(chunks)
         for g, w, c in zip(got, want, chunks, strict=True):
             if c.apply_softmax:
                 what, diff, bound = "softmax", np.abs(g - w).max(), 1e-5
@@ -69,7 +66,7 @@ def test_two_host_slice_equals_one_process(ray_session, ckpts, engine, record, m
                 diff = (np.abs(np.log(g) - np.log(w)) / np.abs(np.log(w))).max()
             record(f"2-process tp=4 slice vs 1 process, {what}, {mode}", diff)
             assert diff <= bound
-        assert sliced.stats["items"] == sum(len(c.items) for c in chunks)
+        assert sliced.stats()["items"] == sum(len(c.items) for c in chunks)
     finally:
         remove_placement_group(pg)  # its host actors go with it
 

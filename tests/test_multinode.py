@@ -8,19 +8,54 @@ a 2-host slice).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import yaml
 
-from tests.conftest import BIN, LABELS, REPO, free_port, random_request, serve_run, wait_for_scores
+from models.engine import score_ids
+from tests.conftest import (
+    BIN,
+    LABELS,
+    REPO,
+    free_port,
+    random_request,
+    serve_run,
+    stop_serve_cluster,
+    wait_for_scores,
+)
 
 TPU_HOST = {"TPU": 4}
+# One HTTP port for every `serve run` on the module's cluster: Serve keeps the port it started
+# with while it runs, and a later `serve run` joins that Serve instance.
+HTTP_PORT = free_port()
+DASHBOARD_PORT = free_port()
+
+
+@contextlib.contextmanager
+def serve_run_on(cluster: str, config, log):
+    """`serve run` on the cluster; afterwards its Serve apps are deleted (through the
+    dashboard), so the next test deploys onto a clean Serve and cannot get old answers."""
+    try:
+        with serve_run(config, log, {"RAY_ADDRESS": cluster}) as out:
+            yield out
+    finally:
+        subprocess.run(
+            [str(BIN / "serve"), "shutdown", "-y", "-a", f"http://127.0.0.1:{DASHBOARD_PORT}"],
+            capture_output=True,
+            timeout=120,
+            env=os.environ | {"RAY_AUTH_MODE": "disabled"},
+        )
+
+
 HEAD_RESOURCE = "TPU-v6e-8-head"
 SLICE = "slice-a"
 
@@ -32,8 +67,12 @@ def _tpu_labels(worker_id: int) -> str:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Address of the 3-node cluster; `ray stop --force` afterwards (it stops every Ray
-    process on this machine, as CI's other Ray tests leave none running)."""
+    """Address of the 3-node cluster. Each node is a `ray start --block` in its own process
+    group, stopped by signalling that group: no `ray stop`, which would stop every Ray on
+    this machine (a user's own cluster too). The session's in-process cluster is stopped
+    first: one that was running while these nodes were killed lost its GCS as soon as it
+    started new workers afterwards (seen on Ray 2.60; a cluster started later is fine)."""
+    stop_serve_cluster()
     env = os.environ | {
         "RAY_AUTH_MODE": "disabled",
         "JAX_PLATFORMS": "cpu",
@@ -43,9 +82,22 @@ def cluster():
     common += ["--disable-usage-stats"]
     address = f"127.0.0.1:{free_port()}"
 
+    nodes: list[subprocess.Popen] = []
+
     def ray_cli(*args: str, tpu: dict[str, str] | None = None) -> None:
-        cmd = [str(BIN / "ray"), *args]
-        subprocess.run(cmd, env=env | (tpu or {}), check=True, capture_output=True)
+        """Start one node and wait until it has joined (one at a time, as `ray start` without
+        --block would)."""
+        cmd = [str(BIN / "ray"), *args, "--block"]
+        nodes.append(
+            subprocess.Popen(
+                cmd,
+                env=env | (tpu or {}),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+        _wait_for_nodes(address, len(nodes))
 
     try:
         ray_cli(
@@ -57,7 +109,7 @@ def cluster():
             "--include-dashboard",
             "true",
             "--dashboard-port",
-            str(free_port()),
+            str(DASHBOARD_PORT),
         )
         for worker, resources in enumerate((TPU_HOST | {HEAD_RESOURCE: 1}, TPU_HOST)):
             ray_cli(
@@ -73,7 +125,42 @@ def cluster():
             )
         yield address
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+        for proc in reversed(nodes):  # workers first, the head last
+            _stop_group(proc)
+        # `ray start` left this cluster's address as "the current cluster" (`ray stop` would
+        # have removed it): a later `ray.init()` must not try to join the stopped cluster.
+        current = Path("/tmp/ray/ray_current_cluster")
+        port = address.rsplit(":", 1)[1]  # the file names the head by its node IP
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
+
+
+def _wait_for_nodes(address: str, n: int, timeout_s: float = 120) -> None:
+    from ray.util.state import list_nodes
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            alive = [x for x in list_nodes(address=address) if x.state == "ALIVE"]
+            if len(alive) >= n:
+                return
+        except Exception:  # the head is still starting
+            alive = []
+        if time.time() > deadline:
+            raise AssertionError(f"{len(alive)} of {n} Ray nodes came up")
+        time.sleep(1)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to a `ray start --block` node's process group (it stops its raylet and
+    workers), SIGKILL if that hangs."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _loopback_config(tmp_path, name: str, ckpt: str, port: int, args: dict, scorer: dict):
@@ -83,14 +170,15 @@ def _loopback_config(tmp_path, name: str, ckpt: str, port: int, args: dict, scor
     raw["proxy_location"] = "HeadOnly"
     raw["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = raw["applications"]
-    app["args"].update(
-        model_path=ckpt,
-        dtype="float32",
-        chunk_size=8,
-        max_chunk_tokens=256,
-        warmup_query_tokens=None,  # compile on first use: replicas come up sooner
-        **args,
+    app["args"]["model"] = {"path": ckpt}
+    app["args"]["engine"].update(
+        dtype="float32", max_batch_tokens=512, max_item_tokens=32, max_query_tokens=128
     )
+    app["args"]["fanout"] = {"chunk_items": 8}
+    app["args"]["warmup"] = False  # compile on first use: replicas come up sooner
+    for key, value in args.items():
+        group, leaf = key.split(".")
+        app["args"].setdefault(group, {})[leaf] = value
     deps = {d["name"]: d for d in app["deployments"]}
     deps["ScoreIngress"].update(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
     deps["Scorer"]["ray_actor_options"]["num_cpus"] = 0.1
@@ -122,7 +210,7 @@ def _request() -> dict:
 def _check_scores(resp, engine, record, what: str) -> None:
     body = _request()
     got = np.array(resp.json()["scores"])
-    want = engine("qwen3").score_ids(body["query"], body["items"], LABELS, apply_softmax=True)
+    want = score_ids(engine("qwen3"), body["query"], body["items"], LABELS, apply_softmax=True)
     record(f"multi-node {what} vs offline engine, softmax", np.abs(got - want).max())
     assert np.abs(got - want).max() <= 1e-5
 
@@ -130,7 +218,7 @@ def _check_scores(resp, engine, record, what: str) -> None:
 def test_tpu_config_replicas_on_tpu_hosts(cluster, ckpts, engine, record, tmp_path):
     """configs/tpu-v6e.yaml: one replica per TPU host (tp_size 4 over its 4 devices); a
     request's chunks are scored on both hosts."""
-    port = free_port()
+    port = HTTP_PORT
     config = _loopback_config(
         tmp_path,
         "tpu-v6e.yaml",
@@ -140,7 +228,7 @@ def test_tpu_config_replicas_on_tpu_hosts(cluster, ckpts, engine, record, tmp_pa
         {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}},
     )
     url = f"http://127.0.0.1:{port}"
-    with serve_run(config, tmp_path / "serve.log", {"RAY_ADDRESS": cluster}) as log:
+    with serve_run_on(cluster, config, tmp_path / "serve.log") as log:
         resp = wait_for_scores(url, _request(), log)
         # The first answer may come while the second replica still warms up: ask until both
         # are in service (Serve routes only to running replicas).
@@ -171,8 +259,8 @@ def test_slice_config_one_replica_over_two_hosts(
     The replica reserves the slice itself (`tpu_topology`, Ray's slice placement group), or
     Serve reserves the deployment's `placement_group_bundles` for it (marker `slow`: the
     same engine code, another placement)."""
-    port = free_port()
-    args = {"hosts_per_replica": 2, "tp_size": 4, "host_num_cpus": 0.1}
+    port = HTTP_PORT
+    args = {"placement.hosts_per_replica": 2, "engine.tp_size": 4, "placement.host_num_cpus": 0.1}
     scorer = {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
         "ray_actor_options": {
@@ -181,15 +269,15 @@ def test_slice_config_one_replica_over_two_hosts(
         },
     }
     if placement == "tpu_topology":
-        args["tpu_topology"] = "2x4"  # v6e-8 as 2 hosts of 4 chips
+        args["placement.tpu_topology"] = "2x4"  # v6e-8 as 2 hosts of 4 chips
     else:
-        args["tpu_topology"] = None
+        args["placement.tpu_topology"] = None
         bundle = {"CPU": 0.2, **TPU_HOST}
         scorer["placement_group_bundles"] = [bundle | {"CPU": 0.3, HEAD_RESOURCE: 1}, bundle]
         scorer["placement_group_strategy"] = "STRICT_SPREAD"
     config = _loopback_config(tmp_path, "tpu-v6e-16-slice.yaml", ckpts["qwen3"], port, args, scorer)
     url = f"http://127.0.0.1:{port}"
-    with serve_run(config, tmp_path / "serve.log", {"RAY_ADDRESS": cluster}) as log:
+    with serve_run_on(cluster, config, tmp_path / "serve.log") as log:
         resp = wait_for_scores(url, _request(), log)
         _check_scores(resp, engine, record, f"2-host slice ({placement})")
         hosts = [a for a in _actors(cluster, "SliceHost") if a.state == "ALIVE"]

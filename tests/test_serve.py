@@ -17,30 +17,28 @@ import pytest
 import requests
 
 from loadtests.summary import summarize
-from tests.conftest import LABELS, free_port, running_serve
+from models.engine import score_ids
+from serve_app.scoring import tokenize_request
+from tests.conftest import LABELS, TEST_ENGINE, running_serve, serve_cluster
 
 CHUNK = 8
-METRICS_PORT = free_port()  # Ray's Prometheus endpoint for this module's cluster
+APP = "serve-tests"  # its own name: metrics are read for this application only
 
 
 @pytest.fixture(scope="module")
 def service(ckpts):
-    """Base URL of a running app: 2 scorer replicas, prefix mode, chunks of 8 items, up to 4
-    chunks per forward."""
+    """Base URL of a running app: 2 scorer replicas, prefix mode, chunks of 8 items, the test
+    engine's forwards (so one forward packs chunks of several requests)."""
     from serve_app.app import build_graph
 
     args = {
-        "model_path": ckpts["qwen3"],
-        "model_name": "tiny",
-        "chunk_size": CHUNK,
-        "max_chunk_tokens": 200,
-        "max_batch_rows": 4,  # chunks of concurrent requests share forwards
-        "warmup_query_tokens": [1, 64],
-        "warmup_item_tokens": [1, 24],
+        "model": {"path": ckpts["qwen3"], "name": "tiny"},
+        "engine": TEST_ENGINE,
+        "fanout": {"chunk_items": CHUNK, "chunk_tokens": 200},
     }
     scorers = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}
     app = build_graph(args, scorer_options=scorers)
-    with running_serve(("mis", "/", app), metrics_port=METRICS_PORT) as url:
+    with running_serve((APP, "/", app)) as url:
         yield url
 
 
@@ -55,7 +53,7 @@ def _words(rng, n):
 
 @pytest.mark.parametrize("n_items", [1, 7, 500, 1000])
 @pytest.mark.parametrize("kind", ["ids", "text"])
-def test_http_equals_offline_engine(service, engine, record, n_items, kind):
+def test_http_equals_offline_engine(service, engine, tokenizer, n_items, kind):
     rng = np.random.default_rng(n_items)
     if kind == "ids":
         query = rng.integers(0, 151_000, 30).tolist()
@@ -69,38 +67,68 @@ def test_http_equals_offline_engine(service, engine, record, n_items, kind):
     resp = _post(service, body)
     assert resp.status_code == 200, resp.text
     got = np.array(resp.json()["scores"])
-    eng = engine("qwen3", "prefix")
     if kind == "text":
-        query, items = eng.tokenizer.encode(query), eng.tokenizer.encode_batch(items)
-    ref = eng.score_ids(query, items, LABELS, apply_softmax=True)
+        tok = tokenizer("qwen3")
+        query, items = tok.encode(query), tok.encode_batch(items)
+    ref = score_ids(engine("qwen3", "prefix"), query, items, LABELS, apply_softmax=True)
     assert got.shape == (n_items, len(LABELS))
-    record("HTTP vs offline engine, softmax", np.abs(got - ref).max())
-    assert np.abs(got - ref).max() <= 1e-6
+    # Bit for bit: chunking, batching with other requests and the prefix cache change nothing.
+    assert np.array_equal(got, ref)
     usage = resp.json()["usage"]
     assert usage["prompt_tokens"] == len(query) + sum(map(len, items))
     assert int(resp.headers["X-MIS-Chunks"]) >= -(-n_items // CHUNK)
-    if n_items >= 500:  # the fan-out really spreads over both replicas
-        assert len(resp.headers["X-MIS-Replicas"].split(",")) == 2
+
+
+def _mixed_bodies(seed: int, n: int) -> list[dict]:
+    """Requests of every size the test engine accepts: queries of 1-512 tokens, 1-40 items of
+    1-64 tokens, 1-32 labels, some repeating an earlier query."""
+    rng = np.random.default_rng(seed)
+    bodies: list[dict] = []
+    for i in range(n):
+        if bodies and i % 4 == 3:
+            query = bodies[int(rng.integers(len(bodies)))]["query"]
+        else:
+            query = rng.integers(0, 151_000, int(rng.choice([1, 9, 60, 200, 512]))).tolist()
+        items = [
+            rng.integers(0, 151_000, int(rng.integers(1, 65))).tolist()
+            for _ in range(int(rng.integers(1, 41)))
+        ]
+        labels = rng.integers(0, 151_000, int(rng.choice([1, 2, 3, 32]))).tolist()
+        bodies.append({"query": query, "items": items, "label_token_ids": labels})
+    return bodies
 
 
 def test_concurrent_requests_get_their_own_scores(service, engine):
-    rng = np.random.default_rng(7)
-    bodies = []
-    for _ in range(16):
-        query = rng.integers(0, 151_000, int(rng.integers(5, 60))).tolist()
-        items = [
-            rng.integers(0, 151_000, int(rng.integers(1, 20))).tolist()
-            for _ in range(int(rng.integers(1, 40)))
-        ]
-        bodies.append({"query": query, "items": items, "label_token_ids": LABELS})
+    """Mixed sizes, 16 at once over 2 replicas: each answer is bit-identical to scoring its
+    request alone offline."""
+    bodies = _mixed_bodies(seed=7, n=24)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda b: _post(service, b), bodies))
     eng = engine("qwen3", "prefix")
     for body, resp in zip(bodies, responses, strict=True):
         assert resp.status_code == 200, resp.text
-        ref = eng.score_ids(body["query"], body["items"], LABELS)
-        got = np.array(resp.json()["scores"])
-        assert np.abs(np.log(got) - np.log(ref)).max() <= 1e-5
+        ref = score_ids(eng, body["query"], body["items"], body["label_token_ids"])
+        assert np.array_equal(np.array(resp.json()["scores"]), ref)
+
+
+def test_a_busy_replica_spills_to_the_other(service):
+    """Eight big requests with one query at once: its preferred replica cannot keep up, so
+    the router sends chunks to the other one too (affinity never starves a replica)."""
+    rng = np.random.default_rng(10)
+    query = rng.integers(0, 151_000, 50).tolist()
+    bodies = [
+        {
+            "query": query,
+            "items": rng.integers(0, 151_000, (400, 20)).tolist(),
+            "label_token_ids": [1],
+        }
+        for _ in range(8)
+    ]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda b: _post(service, b), bodies))
+    assert all(r.ok for r in responses)
+    used = {rid for r in responses for rid in r.headers["X-MIS-Replicas"].split(",")}
+    assert len(used) == 2, used
 
 
 @pytest.mark.parametrize(
@@ -168,8 +196,9 @@ def test_swagger_page_renders_in_headless_chromium(service):
     assert "/v1/score" in dom and "/v1/rerank" in dom and "opblock" in dom
 
 
-def _scrape(port: int) -> dict[str, float]:
+def _scrape() -> dict[str, float]:
     """Prometheus text -> {series name with labels: value}, our series only."""
+    _, port = serve_cluster()
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
     out = {}
     for line in text.splitlines():
@@ -180,63 +209,104 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 def _total(series: dict[str, float], name: str, **labels: str) -> float:
-    want = [f'{k}="{v}"' for k, v in labels.items()]
+    want = [f'{k}="{v}"' for k, v in (labels | {"application": APP}).items()]
     return sum(
         v for k, v in series.items()
         if k.split("{")[0] == name and all(w in k for w in want)
     )  # fmt: skip
 
 
+def _read(s: dict[str, float]) -> dict[str, float]:
+    return {
+        "items scored": _total(s, "ray_mis_items_scored_total"),
+        "request items": _total(s, "ray_mis_request_items_total"),
+        "tokens": _total(s, "ray_mis_request_tokens_total"),
+        "requests": _total(s, "ray_mis_request_latency_s_count", route="score"),
+        "chunks": _total(s, "ray_mis_request_chunks_sum"),
+        "chunk calls": _total(s, "ray_mis_chunk_latency_s_count"),
+        "queue waits": _total(s, "ray_mis_queue_wait_s_count"),
+        "prefix hits": _total(s, "ray_mis_prefix_cache_hits_total"),
+        "prefix misses": _total(s, "ray_mis_prefix_cache_misses_total"),
+        "400s": _total(s, "ray_mis_errors_total", code="400"),
+        "compiles": _total(s, "ray_mis_compilations_after_warmup_total"),
+    }
+
+
+def _metrics_when(done, timeout_s: float = 90) -> dict[str, float]:
+    """Our metrics once `done(metrics)` holds (Ray exports them every second or so)."""
+    deadline = time.time() + timeout_s
+    while True:
+        now = _read(_scrape())
+        if done(now) or time.time() > deadline:
+            return now
+        time.sleep(1)
+
+
+def _settled() -> dict[str, float]:
+    """Our metrics once every earlier request has been exported: unchanged for 3 s."""
+    last = _read(_scrape())
+    while True:
+        time.sleep(3)
+        now = _read(_scrape())
+        if now == last:
+            return now
+        last = now
+
+
 def test_metrics_move_after_a_request(service):
     """Scrape Ray's metrics endpoint, send requests, see our counters and histograms move."""
-    # Inside the warm-up envelope (query <= 64 tokens, items <= 24, 2 labels): every replica
-    # compiled these shapes before it was ready, so serving them compiles nothing.
     body = {"query": [5] * 20, "items": [[7] * 9] * 20, "label_token_ids": [9454, 2753]}
-
-    def read(s: dict[str, float]) -> dict[str, float]:
-        return {
-            "items scored": _total(s, "ray_mis_items_scored_total"),
-            "request items": _total(s, "ray_mis_request_items_total"),
-            "tokens": _total(s, "ray_mis_request_tokens_total"),
-            "requests": _total(s, "ray_mis_request_latency_s_count", route="score"),
-            "chunks": _total(s, "ray_mis_request_chunks_sum"),
-            "chunk calls": _total(s, "ray_mis_chunk_latency_s_count"),
-            "queue waits": _total(s, "ray_mis_queue_wait_s_count"),
-            "prefix lookups": _total(s, "ray_mis_prefix_cache_hits_total")
-            + _total(s, "ray_mis_prefix_cache_misses_total"),
-            "400s": _total(s, "ray_mis_errors_total", code="400"),
-            "compiles": _total(s, "ray_mis_compilations_after_warmup_total"),
-        }
-
     assert _post(service, body).ok  # every series exists from here on
     assert _post(service, {"query": [1]}).status_code == 400
-    time.sleep(12)  # Ray exports every few seconds
-    before = read(_scrape(METRICS_PORT))
+    before = _settled()
     for _ in range(3):
         assert _post(service, body).ok
     assert _post(service, {"query": [1]}).status_code == 400
-    deadline, after = time.time() + 60, before
-    while time.time() < deadline:
-        after = read(_scrape(METRICS_PORT))
-        if after["requests"] >= before["requests"] + 3 and after["400s"] > before["400s"]:
-            break
-        time.sleep(3)
+    after = _metrics_when(
+        lambda m: (
+            m["requests"] >= before["requests"] + 3
+            and m["400s"] > before["400s"]
+            and m["items scored"] >= before["items scored"] + 60
+        )
+    )
     moved = {k: after[k] - before[k] for k in before}
     assert moved["requests"] == 3 and moved["400s"] == 1, moved
     assert moved["items scored"] == moved["request items"] == 60, moved
     assert moved["tokens"] == 3 * (20 + 20 * 9), moved
     assert moved["chunks"] == moved["chunk calls"] == moved["queue waits"] == 9, moved
-    assert moved["prefix lookups"] >= 3, moved
+    assert moved["prefix hits"] + moved["prefix misses"] >= 3, moved
     assert moved["compiles"] == 0, moved
-    # A shape outside the envelope (a 300-token query) is compiled, and counted.
-    assert _post(service, body | {"query": [5] * 300}).ok
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        compiles = _total(_scrape(METRICS_PORT), "ray_mis_compilations_after_warmup_total")
-        if compiles > after["compiles"]:
-            break
-        time.sleep(3)
-    assert compiles > after["compiles"]
+
+
+def test_no_compilation_after_ready_under_a_mixed_load(service):
+    """Queries of 1-512 tokens, items of 1-64, 1-32 labels, 8 clients at once: the replicas
+    compiled every shape before they were ready, so the load compiles nothing."""
+    before = _settled()
+    bodies = _mixed_bodies(seed=8, n=48)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert all(r.ok for r in pool.map(lambda b: _post(service, b), bodies))
+    n_items = sum(len(b["items"]) for b in bodies)
+    after = _metrics_when(lambda m: m["items scored"] >= before["items scored"] + n_items)
+    assert after["items scored"] - before["items scored"] == n_items
+    assert after["compiles"] == 0, after
+
+
+def test_repeated_query_stays_on_one_replica_and_hits_its_cache(service):
+    """Requests repeating a query go to the replica that holds its K/V (query-affinity
+    routing): one prefill, then cache hits, one replica."""
+    rng = np.random.default_rng(9)
+    query = rng.integers(0, 151_000, 100).tolist()
+    before = _settled()
+    replicas = set()
+    for _ in range(6):
+        items = rng.integers(0, 151_000, (CHUNK, 5)).tolist()  # one chunk each
+        resp = _post(service, {"query": query, "items": items, "label_token_ids": LABELS})
+        assert resp.ok, resp.text
+        replicas.add(resp.headers["X-MIS-Replicas"])
+    after = _metrics_when(lambda m: m["items scored"] >= before["items scored"] + 6 * CHUNK)
+    assert len(replicas) == 1, replicas
+    assert after["prefix misses"] - before["prefix misses"] == 1
+    assert after["prefix hits"] - before["prefix hits"] == 5
 
 
 def test_locust_headless_against_the_service(service, tmp_path):
@@ -276,7 +346,7 @@ def _rerank(url, body):
     return requests.post(f"{url}/v1/rerank", json=body, timeout=300)
 
 
-def test_rerank_equals_scoring_each_prompt(service, engine, record):
+def test_rerank_equals_scoring_each_prompt(service, engine, tokenizer, record):
     """P(yes) of every document in its Qwen3-Reranker prompt, from one multi-item fan-out,
     equals scoring each full prompt on its own offline; sorted, cut to top_n, with texts."""
     from serve_app.rerank import RerankPrompt, RerankRequest
@@ -295,11 +365,11 @@ def test_rerank_equals_scoring_each_prompt(service, engine, record):
     assert out["object"] == "rerank" and out["model"] == "tiny"
     assert int(resp.headers["X-MIS-Chunks"]) >= len(docs) // CHUNK  # one fan-out
 
-    eng = engine("qwen3", "serial")
-    yes_no = [eng.tokenizer.encode("yes")[0], eng.tokenizer.encode("no")[0]]
+    tok = tokenizer("qwen3")
+    yes_no = [tok.encode("yes")[0], tok.encode("no")[0]]
     score_req = RerankPrompt().score_request(RerankRequest.model_validate(body), tuple(yes_no))
-    q, items = eng.tokenize(score_req)
-    want = eng.score_ids(q, items, yes_no, apply_softmax=True)[:, 0]
+    q, items = tokenize_request(score_req, tok)
+    want = score_ids(engine("qwen3", "serial"), q, items, yes_no, apply_softmax=True)[:, 0]
 
     results = out["results"]
     assert len(results) == 7
@@ -341,8 +411,8 @@ def test_rerank_defaults_and_bad_input(service):
 def test_validate_against_the_live_service(service, ckpts, tmp_path):
     """`mis-score validate` as a user runs it: every check passes on this deployment (exit 0),
     and the same measurements fail against impossible thresholds."""
-    from loadtests import validate
-    from models.cli import build_parser
+    from mis_score import validate
+    from mis_score.cli import build_parser
 
     out = tmp_path / "validate.json"
     res = subprocess.run(

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import LABELS, random_request, running_serve
+from models.engine import score_ids
+from tests.conftest import LABELS, TEST_ENGINE, random_request, running_serve
 
 pytestmark = pytest.mark.slow
 HOST_ENV = {"env_vars": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
@@ -29,13 +30,10 @@ def test_killed_slice_host_loses_no_request(ckpts, engine, record):
     from serve_app.app import build_graph
 
     args = {
-        "model_path": ckpts["qwen3"],
-        "chunk_size": 8,
-        "hosts_per_replica": 2,
-        "tp_size": 4,
-        "host_num_cpus": 0.2,
-        "warmup_query_tokens": [1, 32],
-        "warmup_item_tokens": [1, 24],
+        "model": {"path": ckpts["qwen3"]},
+        "engine": TEST_ENGINE | {"tp_size": 4},  # 2 hosts x 2 devices
+        "fanout": {"chunk_items": 8},
+        "placement": {"hosts_per_replica": 2, "host_num_cpus": 0.2},
     }
     scorers = {
         "num_replicas": 2,
@@ -49,21 +47,22 @@ def test_killed_slice_host_loses_no_request(ckpts, engine, record):
             body = _body(seed)
             resp = requests.post(f"{url}/v1/score", json=body, timeout=300)
             assert resp.status_code == 200, resp.text
-            want = offline.score_ids(body["query"], body["items"], LABELS, apply_softmax=True)
+            want = score_ids(offline, body["query"], body["items"], LABELS, apply_softmax=True)
             diff = np.abs(np.array(resp.json()["scores"]) - want).max()
             record("slice replicas through HTTP vs offline engine, softmax", diff)
             assert diff <= 1e-5
             return set(resp.headers["X-MIS-Replicas"].split(","))
 
-        before = check(0)
+        check(0)
         hosts = sorted(
             (a["name"], a["namespace"])
             for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith("SliceHost:")
         )
         assert len(hosts) == 4  # 2 replicas x 2 hosts
-        victim, namespace = hosts[-1]  # "SliceHost:<replica>:1"
-        broken = victim.split(":")[1]
+        old = {name.split(":")[1] for name, _ in hosts}  # "SliceHost:<replica>:<rank>"
+        assert len(old) == 2
+        victim, namespace = hosts[-1]
         ray.kill(ray.get_actor(victim, namespace=namespace))
         start = time.time()
         seen, deadline = set(), start + 180
@@ -71,9 +70,9 @@ def test_killed_slice_host_loses_no_request(ckpts, engine, record):
         while time.time() < deadline:  # every request right while the slice is replaced
             seen |= check(seed)
             seed += 1
-            if seen - before - {broken}:  # a new replica serves
+            if seen - old:  # a new replica serves
                 break
-        assert seen - before - {broken}, f"no replacement replica served: {seen}"
+        assert seen - old, f"no replacement replica served: {seen}"
         assert seed > 2
         print(
             f"host killed: {seed - 1} requests, all right; a new slice served after "

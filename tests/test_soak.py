@@ -4,12 +4,12 @@ prints its figures (requests, status codes, p99 per minute, RSS)."""
 
 from __future__ import annotations
 
-import os
+import time
 
 import pytest
 
 from loadtests import soak
-from tests.conftest import running_serve
+from tests.conftest import TEST_ENGINE, running_serve
 
 pytestmark = pytest.mark.slow
 MAX_INFLIGHT = 4  # the service's capacity: requests in flight per ingress replica
@@ -21,15 +21,16 @@ def service(ckpts):
     from serve_app.app import build_graph
 
     args = {
-        "model_path": ckpts["qwen3"],
-        "chunk_size": 32,
-        "max_inflight_requests": MAX_INFLIGHT,
-        "warmup_query_tokens": [1, 256],
-        "warmup_item_tokens": [1, 24],
+        "model": {"path": ckpts["qwen3"]},
+        "engine": TEST_ENGINE,  # warm-up compiles every shape: none compiles under load
+        "fanout": {"chunk_items": 32},
+        "limits": {"max_inflight_requests": MAX_INFLIGHT},
     }
     scorers = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}
-    os.environ.update(WORKLOAD)
-    with running_serve(("mis", "/", build_graph(args, scorer_options=scorers))) as url:
+    app = build_graph(args, scorer_options=scorers)
+    with pytest.MonkeyPatch.context() as env, running_serve(("mis", "/", app)) as url:
+        for name, value in WORKLOAD.items():  # Locust's workload (loadtests/soak.py passes env)
+            env.setenv(name, value)
         yield url
 
 
@@ -57,3 +58,7 @@ def test_locust_with_a_replica_killed(service, tmp_path):
     result = _run(service, tmp_path, 2, 60, "--kill-replica-after", "15")
     assert result["killed_replica"]
     assert set(result["status_counts"]) <= {"200", "503"}, result
+    deadline = time.time() + 180  # and Serve replaces the killed replica
+    while soak.scorer_replicas("mis") != (2, 2) and time.time() < deadline:
+        time.sleep(1)
+    assert soak.scorer_replicas("mis") == (2, 2)

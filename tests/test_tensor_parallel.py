@@ -10,9 +10,9 @@ import pytest
 
 from models.checkpoint import random_hf_state, save_hf_checkpoint
 from models.config import PRESETS
-from models.engine import MIN_SLOTS, EngineConfig, ScoringEngine
+from models.engine import EngineConfig, ScoringEngine, score_ids
 from models.parallel import check_tp_size
-from tests.conftest import LABELS, TP_DEVICES, random_request
+from tests.conftest import LABELS, TEST_ENGINE, TP_DEVICES, random_request
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < TP_DEVICES, reason=f"needs {TP_DEVICES} (simulated) devices"
@@ -42,9 +42,13 @@ def tp_ckpts(tmp_path_factory) -> dict[str, str]:
     return out
 
 
+def _config(**settings) -> EngineConfig:
+    return EngineConfig(**(TEST_ENGINE | settings))
+
+
 def _scores(eng: ScoringEngine, query, items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    soft = eng.score_ids(query, items, LABELS, apply_softmax=True)
-    probs = eng.score_ids(query, items, LABELS)
+    soft = score_ids(eng, query, items, LABELS, apply_softmax=True)
+    probs = score_ids(eng, query, items, LABELS)
     return soft, probs, np.log(probs)
 
 
@@ -55,11 +59,9 @@ def test_tp_sizes_agree(tp_ckpts, record, name, mode):
     log-probs within 1e-6 relative (about 8 float32 ulps: the row-parallel all-reduce adds
     the partial sums in another order than one device does)."""
     query, items = random_request(seed=60, n_items=12, q_len=45, max_item=16)
-    ref = _scores(
-        ScoringEngine(tp_ckpts[name], EngineConfig(mode=mode, chunk_size=8)), query, items
-    )
+    ref = _scores(ScoringEngine(tp_ckpts[name], _config(mode=mode)), query, items)
     for tp in (2, 4):
-        eng = ScoringEngine(tp_ckpts[name], EngineConfig(mode=mode, chunk_size=8, tp_size=tp))
+        eng = ScoringEngine(tp_ckpts[name], _config(mode=mode, tp_size=tp))
         soft, probs, logp = _scores(eng, query, items)
         diffs = {
             "softmax": np.abs(soft - ref[0]).max(),
@@ -75,7 +77,7 @@ def test_tp_sizes_agree(tp_ckpts, record, name, mode):
 def test_weights_are_split_not_copied(tp_ckpts):
     """Each device holds 1/tp of the head and MLP weights; KV heads are repeated to one per
     device when the model has fewer; the compiled forward all-reduces (row-parallel sums)."""
-    eng = ScoringEngine(tp_ckpts["qwen3-8q2kv"], EngineConfig(tp_size=4))
+    eng = ScoringEngine(tp_ckpts["qwen3-8q2kv"], _config(tp_size=4))
     attn = eng.params["layers"]["self_attn"]
     q = attn["q_proj"]["kernel"]  # [layers, hidden, 8 heads, head_dim]
     assert {s.data.shape[2] for s in q.addressable_shards} == {2}
@@ -87,38 +89,18 @@ def test_weights_are_split_not_copied(tp_ckpts):
     np.testing.assert_array_equal(kv_full[:, :, 0], kv_full[:, :, 1])  # kv head 0, repeated
     up = eng.params["layers"]["mlp"]["up_proj"]["kernel"]
     assert {s.data.shape[-1] for s in up.addressable_shards} == {up.shape[-1] // 4}
-    eng.score_ids([1, 2, 3], [[4, 5]], LABELS)
-    (fn,) = [f for lay, f in eng._fns.items() if not lay.return_kv]
-    assert "all-reduce" in fn.lower(*_example_args(eng)).compile().as_text()
-
-
-def _example_args(eng: ScoringEngine):
-    """The arguments of the last packed-row forward, rebuilt for lowering."""
-    kv = eng._prefill([1, 2, 3])
-    row = eng._plan_rows(0, [1, 2, 3], [[4, 5]], LABELS)
-    b = eng._pack_rows(row, MIN_SLOTS, row[0].slot_len, 0, 4)
-    return (
-        eng.params,
-        b.tokens,
-        b.pos,
-        b.item_off,
-        b.prefix_len,
-        kv,
-        None,
-        b.score_idx,
-        b.label_ids,
-    )
+    pool = eng._pool_kv[0]  # [layers, kv heads, tokens, dim]: split by kv head too
+    assert {s.data.shape[1] for s in pool.addressable_shards} == {1}
+    assert "all-reduce" in eng._body(eng.config.block).as_text()
 
 
 def test_pallas_kernel_under_tp(tp_ckpts, record):
     """The Pallas ragged kernel (TPU interpret mode on CPU) under shard_map, GQA kv < tp."""
     query, items = random_request(seed=61, n_items=6, q_len=20, max_item=12)
     path = tp_ckpts["qwen3-8q2kv"]
-    ref = ScoringEngine(path, EngineConfig(chunk_size=8)).score_ids(
-        query, items, LABELS, apply_softmax=True
-    )
-    eng = ScoringEngine(path, EngineConfig(chunk_size=8, tp_size=4, attention_impl="pallas"))
-    got = eng.score_ids(query, items, LABELS, apply_softmax=True)
+    ref = score_ids(ScoringEngine(path, _config()), query, items, LABELS, apply_softmax=True)
+    eng = ScoringEngine(path, _config(tp_size=4, attention="pallas"))
+    got = score_ids(eng, query, items, LABELS, apply_softmax=True)
     record("tp=4 pallas vs tp=1 xla, softmax", np.abs(got - ref).max())
     assert np.abs(got - ref).max() <= 1e-5
 
@@ -141,4 +123,4 @@ def test_bad_tp_size_names_the_field(heads, kv, inter, tp, field):
 
 def test_more_devices_than_present(ckpts):
     with pytest.raises(ValueError, match="xla_force_host_platform_device_count"):
-        ScoringEngine(ckpts["qwen3"], EngineConfig(tp_size=64))
+        ScoringEngine(ckpts["qwen3"], _config(tp_size=64))

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from loadtests.workload import NO, YES
+from mis_score.workload import NO, YES
 from models.checkpoint import read_hf_config
 
 LABELS = [YES, NO]
@@ -69,7 +69,7 @@ def check_isolation(client: Client, rng, vocab: int) -> float:
     worst = 0.0
     for changed in (
         rng.integers(0, vocab, len(items[k])).tolist(),  # same length
-        items[k] + rng.integers(0, vocab, 9).tolist(),  # longer: another slot bucket
+        items[k] + rng.integers(0, vocab, 9).tolist(),  # longer: the items after it move
     ):
         mutated = client.score(query, items[:k] + [changed] + items[k + 1 :])
         others = [i for i in range(len(items)) if i != k]
@@ -85,7 +85,7 @@ def check_equivalence(client: Client, query, items, multi: np.ndarray) -> float:
 def check_parity(model_path: str, query, items, multi: np.ndarray, dtype: str) -> float | None:
     """Max abs diff vs transformers (None: torch is not installed)."""
     try:
-        from loadtests.bench_engine import HFScorer
+        from mis_score.bench import HFScorer
     except ImportError:
         return None
     try:

@@ -1,0 +1,5 @@
+import sys
+
+from mis_score.cli import main
+
+sys.exit(main())

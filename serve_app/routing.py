@@ -1,0 +1,87 @@
+"""Query-affinity routing of chunk calls to scorer replicas (Ray Serve's request router API).
+
+A replica keeps the K/V of the queries it prefilled (prefix mode), so the chunks of one query,
+and later requests with the same query, are cheapest on the replica that already holds it. Each
+query has a preferred replica by rendezvous hashing of its tokens over the replica ids: every
+ingress replica agrees without shared state, and adding or removing a replica moves only the
+queries it wins or held. The preferred replica gets the chunk unless it holds more than
+`spill_threshold` chunks beyond the least loaded candidate (by this router's count of the calls
+it has sent there and not seen complete: probed queue lengths lag a burst of chunks); then the
+least loaded one does, so a busy replica never starves the others and a big request still
+spreads. Ray's PrefixCacheAffinityRouter (ray.llm) is the idea this follows, for token ids
+instead of prompt text and without its shared prefix-tree actor.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from typing import Any
+
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
+
+from models.inputs import Chunk
+
+
+def query_key(query: tuple[int, ...]) -> bytes:
+    """A short digest of a query's tokens."""
+    data = b"".join(t.to_bytes(4, "little", signed=False) for t in query)
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def affinity_order(key: bytes, replica_ids: list[str]) -> list[str]:
+    """Replica ids, most preferred first, for a query key (rendezvous hashing)."""
+    weight = lambda rid: hashlib.blake2b(key + rid.encode(), digest_size=8).digest()  # noqa: E731
+    return sorted(replica_ids, key=weight, reverse=True)
+
+
+# FIFOMixin: a chosen replica goes to the oldest waiting call. Without it Serve hands the
+# replica to the waiting call with the same internal request id, and every chunk call of one
+# HTTP request shares that id: all but one of a request's chunks would wait forever.
+class QueryAffinityRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, spill_threshold: int = 4, **kwargs: Any) -> None:
+        self.spill_threshold = spill_threshold
+        self._outstanding: collections.Counter[ReplicaID] = collections.Counter()
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)
+        self._outstanding[replica_id] += 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        if self._outstanding[replica_id] > 0:
+            self._outstanding[replica_id] -= 1
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._outstanding.pop(replica_id, None)
+
+    def _load(self, replica: RunningReplica) -> int:
+        return self._outstanding[replica.replica_id]
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        if pending_request is not None:
+            # Back off between rounds when every replica is full: without it Serve's retry
+            # loop spins on this router's event loop, and the queue-length probes it waits for
+            # never get their turn.
+            pending_request.routing_context.should_backoff = True
+        by_load = sorted(candidate_replicas, key=self._load)
+        chunk = pending_request.args[0] if pending_request and pending_request.args else None
+        if not isinstance(chunk, Chunk):  # stats(), health: no affinity
+            return [by_load]
+        ids = {r.replica_id.unique_id: r for r in candidate_replicas}
+        preferred = ids[affinity_order(query_key(chunk.query), list(ids))[0]]
+        if self._load(preferred) - self._load(by_load[0]) > self.spill_threshold:
+            return [by_load]
+        return [[preferred], [r for r in by_load if r is not preferred]]
