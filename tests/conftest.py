@@ -231,8 +231,9 @@ def free_port() -> int:
 
 
 def _default_sigint() -> None:
-    """In the child before exec: SIGINT delivered and not ignored, whatever this test process
-    (many threads and libraries later) has set, so `serve run` gets its KeyboardInterrupt."""
+    """In the child before exec: SIGINT delivered and handled. A test run started in the
+    background of a non-interactive shell (`cmd &`, as CI runners may) ignores SIGINT, and an
+    ignored SIGINT survives exec: `serve run` would never see its Ctrl-C."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
