@@ -134,7 +134,7 @@ async def _sweep_level(
     t0 = time.perf_counter()
     stop_at = t0 + warm_s + timed_s
     counter = iter(range(10**9))
-    n_items = [json.loads(b)["items"].__len__() for b in bodies]
+    n_items = [len(json.loads(b)["items"]) for b in bodies]
     timeout = aiohttp.ClientTimeout(total=600)
     limits = aiohttp.TCPConnector(limit=clients)
 
