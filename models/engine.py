@@ -148,7 +148,7 @@ class Engine(Protocol):
         ...
 
 
-def resolve_attention(requested: Attention, backend: str | None = None) -> Attention:
+def resolve_attention(requested: Attention) -> Attention:
     """`auto` -> what runs best and has been verified on this backend: the XLA kernel
     everywhere until the Pallas kernel has passed its tests natively on a GPU/TPU (its
     interpret-mode and lowering tests pass; see README: Accelerators)."""
@@ -298,6 +298,8 @@ class ScoringEngine:
     def _body(self, tokens: int):
         shape = StreamShape(tokens, self.config.block, self.attention, KEY_TILES)
 
+        pool_tokens = self.pool.tokens if self.pool is not None else 0
+
         def build():
             model = Qwen(self.run_cfg, shape, self.dtype, self.mesh)
 
@@ -311,8 +313,10 @@ class ScoringEngine:
                     pool_v,
                     method=Qwen.body,
                 )
-                # This forward's K/V [layers, T, kv, dim] into the pool where it keeps a query
-                # (write_idx past the pool's end: dropped).
+                # This forward's K/V [layers, T, kv, dim] into the pool where it keeps a query.
+                # The plan marks the rest with indices >= the pool's size; the array has a tile
+                # of padding rows past that, so those are sent past the array's end: dropped.
+                write_idx = jnp.where(write_idx < pool_tokens, write_idx, pool_k.shape[2])
                 pool_k = pool_k.at[:, :, write_idx].set(k.swapaxes(1, 2), mode="drop")
                 pool_v = pool_v.at[:, :, write_idx].set(v.swapaxes(1, 2), mode="drop")
                 # Padded to the longest stream: the LM head then has one input shape.

@@ -23,9 +23,6 @@ class PrefixPool:
             collections.OrderedDict()
         )
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def find(self, query: Sequence[int]) -> int | None:
         """Start of a cached query's keys, or None; a hit makes it the most recently used."""
         key = tuple(query)
@@ -57,6 +54,3 @@ class PrefixPool:
                 return pos
             pos = max(pos, start + length)
         return pos if self.tokens - pos >= need else None
-
-    def clear(self) -> None:
-        self._entries.clear()

@@ -224,7 +224,7 @@ class Qwen(nn.Module):
         tokens: jax.Array,  # [T] int32
         pos: jax.Array,  # [T] int32 RoPE positions
         meta: BlockMeta,
-        pool_k: jax.Array,  # [layers, P, kv_heads, head_dim]
+        pool_k: jax.Array,  # [layers, kv_heads, P, head_dim]
         pool_v: jax.Array,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # [T, hidden]; K, V [layers, T, K, D]
         x = self.embed_tokens(tokens)
