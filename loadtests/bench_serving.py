@@ -12,6 +12,10 @@ each batch of requests' chunks scored in one `Engine.score` call). Compilations 
 are read from the replicas' Serve logs on this machine. Prints JSON and a markdown table,
 writes both and a plot (loadtests/results/serving-<name>.*). Locust (loadtests/locustfile.py)
 stays the user-facing load tool; this is the measuring one.
+
+Where a request's time goes: when the deployment runs on this machine, each level also reports
+the CPU time its processes spent per answered request, by role (Serve's HTTP proxy, the ingress,
+the scorers, the rest of Ray, this client), and how busy the machine's cores were.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import psutil
 import yaml
 
 from mis_score.workload import NO, YES
@@ -85,6 +90,46 @@ class Level:
     max_abs_diff: float = 0.0  # over the checked answers, vs the offline engine
     offline_items_per_s: float | None = None
     ratio: float | None = None
+    cpu_ms_per_request: dict[str, float] = dataclasses.field(default_factory=dict)
+    cores_busy: float | None = None  # CPU seconds of the roles per wall second
+
+
+# Ray sets each worker's process title to its actor: these name the roles (first match wins).
+ROLES = (
+    ("proxy", "ProxyActor"),
+    ("ingress", "ScoreIngress"),
+    ("scorer", "Scorer"),
+    ("ray other", "ray::"),
+    ("ray other", "raylet"),
+    ("ray other", "gcs_server"),
+    ("ray other", "ray/dashboard"),
+    ("ray other", "ray/_private"),
+)
+
+
+def cpu_by_role() -> dict[int, tuple[str, float]]:
+    """pid -> (role, CPU seconds so far) of this machine's Serve/Ray processes and this one."""
+    out: dict[int, tuple[str, float]] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            role = "client" if proc.pid == os.getpid() else None
+            role = role or next((r for r, key in ROLES if key in cmd), None)
+            if role is not None:
+                t = proc.cpu_times()
+                out[proc.pid] = (role, t.user + t.system)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return out
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]):
+    """CPU seconds per role between two cpu_by_role() snapshots (processes in both)."""
+    spent: dict[str, float] = {}
+    for pid, (role, t) in after.items():
+        if pid in before:
+            spent[role] = spent.get(role, 0.0) + t - before[pid][1]
+    return spent
 
 
 class Offline:
@@ -128,8 +173,9 @@ class Offline:
 
 async def _sweep_level(
     url: str, bodies: list[bytes], clients: int, warm_s: float, timed_s: float
-) -> list[tuple[float, float, int, int, int, bytes]]:
-    """(start, end, status, items, body index, response) of every request."""
+) -> tuple[float, list[tuple[float, float, int, int, int, bytes]]]:
+    """When the level started, and (start, end, status, items, body index, response) of
+    every request."""
     done: list[tuple[float, float, int, int, int, bytes]] = []
     t0 = time.perf_counter()
     stop_at = t0 + warm_s + timed_s
@@ -156,7 +202,7 @@ async def _sweep_level(
                 done.append((start, time.perf_counter(), status, n_items[i], i, payload))
 
         await asyncio.gather(*(client() for _ in range(clients)))
-    return [d for d in done if d[1] >= t0 + warm_s]  # answers in the timed window
+    return t0, done
 
 
 def _compiles_after_warmup(session_dir: str) -> int | None:
@@ -181,9 +227,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         want = {i: s for i, s in enumerate(offline.score(bodies[: args.check]))}
         offline_rate = offline.items_per_s(bodies, args.offline_s)
         for clients in args.clients:
-            answers = asyncio.run(
+            cpu_before, wall = cpu_by_role(), time.perf_counter()
+            t0, every = asyncio.run(
                 _sweep_level(args.url, encoded, clients, args.warm_s, args.duration_s)
             )
+            wall = time.perf_counter() - wall
+            spent = cpu_spent(cpu_before, cpu_by_role())
+            answers = [a for a in every if a[1] >= t0 + args.warm_s]  # the timed window
             ok = [a for a in answers if a[2] == 200]
             lat = np.array([1e3 * (a[1] - a[0]) for a in ok]) if ok else np.array([])
             lv = Level(shape_name, clients, requests=len(answers))
@@ -198,6 +248,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     lv.mismatches += int(not np.array_equal(got, want[a[4]]))
                     diff = float(np.abs(got - want[a[4]]).max())
                     lv.max_abs_diff = max(lv.max_abs_diff, diff)
+            if n_ok := sum(a[2] == 200 for a in every):
+                lv.cpu_ms_per_request = {r: round(1e3 * t / n_ok, 2) for r, t in spent.items()}
+                lv.cores_busy = round(sum(spent.values()) / wall, 2)
             lv.offline_items_per_s = offline_rate
             lv.ratio = lv.items_per_s / offline_rate
             levels.append(lv)
@@ -234,6 +287,21 @@ def markdown(result: dict[str, Any]) -> str:
             f"{fmt(lv['offline_items_per_s'], '.0f')} | "
             f"{fmt(lv['ratio'], '.2f')} |"
         )
+    roles = list(dict.fromkeys(r for lv in result["levels"] for r in lv["cpu_ms_per_request"]))
+    if roles:
+        lines += [
+            "",
+            "CPU time per answered request, ms, by process role (cores busy: CPU s per wall s)",
+            "",
+            "| shape | clients | " + " | ".join(roles) + " | cores busy |",
+            "|---|---|" + "---|" * (len(roles) + 1),
+        ]
+        for lv in result["levels"]:
+            cpu = lv["cpu_ms_per_request"]
+            cells = " | ".join(fmt(cpu.get(r), ".1f") for r in roles)
+            lines.append(
+                f"| {lv['shape']} | {lv['clients']} | {cells} | {fmt(lv['cores_busy'], '.2f')} |"
+            )
     return "\n".join(lines)
 
 

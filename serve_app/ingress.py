@@ -256,7 +256,10 @@ class ScoreIngress:
         remaining = timeout_s - (time.perf_counter() - start)
         try:
             results = await asyncio.wait_for(
-                asyncio.gather(*(self._score_chunk(c, pending) for c in chunks)), remaining
+                asyncio.gather(
+                    *(self._score_chunk(c, (i, len(chunks)), pending) for i, c in enumerate(chunks))
+                ),
+                remaining,
             )
         except ScoringInputError as e:
             raise _Refused(str(e)) from e
@@ -296,12 +299,15 @@ class ScoreIngress:
         response = response_body(scores, self.model_name, n_tokens)
         return response, {"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(chunks))}
 
-    async def _score_chunk(self, chunk: Chunk, pending: list[DeploymentResponse]) -> Any:
-        """One chunk on some replica; retried elsewhere (bounded) when its replica dies or its
-        engine fails, so a request gets all of its scores or an error, never part of them."""
+    async def _score_chunk(
+        self, chunk: Chunk, part: tuple[int, int], pending: list[DeploymentResponse]
+    ) -> Any:
+        """Chunk `part` = (i, k) of a request on some replica; retried elsewhere (bounded) when
+        its replica dies or its engine fails, so a request gets all of its scores or an error,
+        never part of them."""
         start, tries = time.perf_counter(), self.args.fanout.retries + 1
         for attempt in range(tries):
-            response = self.scorer.score.remote(chunk)
+            response = self.scorer.score.remote(chunk, part=part)
             pending.append(response)
             try:
                 result = await response

@@ -1,15 +1,18 @@
 """Query-affinity routing of chunk calls to scorer replicas (Ray Serve's request router API).
 
 A replica keeps the K/V of the queries it prefilled (prefix mode), so the chunks of one query,
-and later requests with the same query, are cheapest on the replica that already holds it. Each
-query has a preferred replica by rendezvous hashing of its tokens over the replica ids: every
-ingress replica agrees without shared state, and adding or removing a replica moves only the
-queries it wins or held. The preferred replica gets the chunk unless it holds more than
-`spill_threshold` chunks beyond the least loaded candidate (by this router's count of the calls
-it has sent there and not seen complete: probed queue lengths lag a burst of chunks); then the
-least loaded one does, so a busy replica never starves the others and a big request still
-spreads. Ray's PrefixCacheAffinityRouter (ray.llm) is the idea this follows, for token ids
-instead of prompt text and without its shared prefix-tree actor.
+and later requests with the same query, are cheapest on a replica that already holds it. Each
+query ranks the replicas by rendezvous hashing of its tokens over the replica ids: every ingress
+replica agrees without shared state, and adding or removing a replica moves only the queries it
+wins or held. A request of one chunk goes to the query's first replica; a request of k chunks
+is dealt over the first min(k, replicas) of that ranking in consecutive runs (chunk i of k to
+replica i * width // k), so a big request is scored on every replica at once and each of them
+prefills the query once and keeps it for the next request with that query. That chunk's replica
+gets it unless it holds more than `spill_threshold` chunks beyond the least loaded candidate (by
+this router's count of the calls it has sent there and not seen complete: probed queue lengths
+lag a burst); then the least loaded one does, so a hot query never starves the other replicas.
+Ray's PrefixCacheAffinityRouter (ray.llm) is the idea this follows, for token ids instead of
+prompt text and without its shared prefix-tree actor.
 """
 
 from __future__ import annotations
@@ -82,7 +85,9 @@ class QueryAffinityRouter(FIFOMixin, RequestRouter):
         if not isinstance(chunk, Chunk):  # stats(), health: no affinity
             return [by_load]
         ids = {r.replica_id.unique_id: r for r in candidate_replicas}
-        preferred = ids[affinity_order(query_key(chunk.query), list(ids))[0]]
+        order = affinity_order(query_key(chunk.query), list(ids))
+        index, count = pending_request.kwargs.get("part", (0, 1))  # type: ignore[union-attr]
+        preferred = ids[order[index * min(count, len(order)) // count]]
         if self._load(preferred) - self._load(by_load[0]) > self.spill_threshold:
             return [by_load]
         return [[preferred], [r for r in by_load if r is not preferred]]

@@ -102,7 +102,9 @@ class Scorer:
         self._batcher: asyncio.Task | None = None
         log.info("replica %s ready: %s, warm-up %s", self.replica, self.args.engine, self.warmup)
 
-    async def score(self, chunk: Chunk) -> ChunkResult:
+    async def score(self, chunk: Chunk, part: tuple[int, int] = (0, 1)) -> ChunkResult:
+        """The chunk's scores, from the next forward that has room for it. `part`: which of
+        its request's chunks it is, (i, k); read by the router (routing.py), not here."""
         if self._failure is not None:  # a broken engine (a slice's hosts may hang) is not used
             raise EngineFailure(f"replica {self.replica}: {self._failure}")
         loop = asyncio.get_running_loop()

@@ -33,6 +33,8 @@ from tests.conftest import (
     wait_for_scores,
 )
 
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time (conftest)
+
 TPU_HOST = {"TPU": 4}
 # One HTTP port for every `serve run` on the module's cluster: Serve keeps the port it started
 # with while it runs, and a later `serve run` joins that Serve instance.
@@ -85,8 +87,8 @@ def cluster():
     nodes: list[subprocess.Popen] = []
 
     def ray_cli(*args: str, tpu: dict[str, str] | None = None) -> None:
-        """Start one node and wait until it has joined (one at a time, as `ray start` without
-        --block would)."""
+        """Start one node and wait until it has joined (one at a time: two workers started
+        together, once the head was up, did not join in 2 minutes)."""
         cmd = [str(BIN / "ray"), *args, "--block"]
         nodes.append(
             subprocess.Popen(
@@ -125,8 +127,7 @@ def cluster():
             )
         yield address
     finally:
-        for proc in reversed(nodes):  # workers first, the head last
-            _stop_group(proc)
+        _stop_groups(nodes[::-1])  # workers first, the head last
         # `ray start` left this cluster's address as "the current cluster" (`ray stop` would
         # have removed it): a later `ray.init()` must not try to join the stopped cluster.
         current = Path("/tmp/ray/ray_current_cluster")
@@ -151,16 +152,19 @@ def _wait_for_nodes(address: str, n: int, timeout_s: float = 120) -> None:
         time.sleep(1)
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to a `ray start --block` node's process group (it stops its raylet and
-    workers), SIGKILL if that hangs."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+def _stop_groups(procs: list[subprocess.Popen], timeout_s: float = 10) -> None:
+    """SIGTERM to each `ray start --block` node's process group, in order (a node stops its
+    raylet and workers), then one shared wait; SIGKILL to whatever still runs after it."""
+    for proc in procs:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.time() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _loopback_config(tmp_path, name: str, ckpt: str, port: int, args: dict, scorer: dict):

@@ -21,6 +21,8 @@ from models.engine import score_ids
 from serve_app.scoring import tokenize_request
 from tests.conftest import LABELS, TEST_ENGINE, running_serve, serve_cluster
 
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time (conftest)
+
 CHUNK = 8
 APP = "serve-tests"  # its own name: metrics are read for this application only
 
@@ -112,23 +114,42 @@ def test_concurrent_requests_get_their_own_scores(service, engine):
 
 
 def test_a_busy_replica_spills_to_the_other(service):
-    """Eight big requests with one query at once: its preferred replica cannot keep up, so
-    the router sends chunks to the other one too (affinity never starves a replica)."""
+    """Many one-chunk requests with one query at once: they all prefer one replica, which
+    cannot keep up, so the router sends some to the other (affinity never starves a
+    replica)."""
     rng = np.random.default_rng(10)
     query = rng.integers(0, 151_000, 50).tolist()
     bodies = [
         {
             "query": query,
-            "items": rng.integers(0, 151_000, (400, 20)).tolist(),
+            "items": rng.integers(0, 151_000, (CHUNK, 20)).tolist(),
             "label_token_ids": [1],
         }
-        for _ in range(8)
+        for _ in range(48)
     ]
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda b: _post(service, b), bodies))
     assert all(r.ok for r in responses)
-    used = {rid for r in responses for rid in r.headers["X-MIS-Replicas"].split(",")}
+    assert {r.headers["X-MIS-Chunks"] for r in responses} == {"1"}
+    used = {r.headers["X-MIS-Replicas"] for r in responses}
     assert len(used) == 2, used
+
+
+def test_a_big_request_is_dealt_over_the_replicas_that_keep_its_query(service):
+    """A request of 4 chunks: two on each replica (the query's first two in rendezvous order),
+    each replica prefills the query once; the same query again reads it from both caches."""
+    rng = np.random.default_rng(11)
+    query = rng.integers(0, 151_000, 100).tolist()
+    before = _settled()
+    for _ in range(2):
+        items = rng.integers(0, 151_000, (4 * CHUNK, 5)).tolist()
+        resp = _post(service, {"query": query, "items": items, "label_token_ids": LABELS})
+        assert resp.ok, resp.text
+        assert resp.headers["X-MIS-Chunks"] == "4"
+        assert len(resp.headers["X-MIS-Replicas"].split(",")) == 2
+    after = _metrics_when(lambda m: m["items scored"] >= before["items scored"] + 8 * CHUNK)
+    assert after["prefix misses"] - before["prefix misses"] == 2  # once per replica
+    assert after["prefix hits"] - before["prefix hits"] == 6
 
 
 @pytest.mark.parametrize(

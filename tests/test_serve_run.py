@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import requests
 
 from tests.conftest import REPO, serve_run, wait_for_scores
+
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time (conftest)
 
 URL = "http://127.0.0.1:8000"
 
