@@ -216,8 +216,11 @@ def block_attention(
         qq, kk, vv, local_start, rng, b = args
         pool_start, pool_len, stream_start, stream_len = (rng[i] for i in range(4))
         own = b * block + local_start  # [R] first local key of each row
-        # Stream keys at or past every row's own keys are never visible: not read at all.
-        stream_len = jnp.clip(own.max() - stream_start, 0, stream_len)
+        # Stream keys past this block are never visible: not read at all. Cut at the block's
+        # end, not at its rows' own keys: the range's length sets its tiling, hence the order
+        # of a row's sums, and must not depend on which other rows share the block (a query's
+        # last block tiled its keys differently with and without an item after the query).
+        stream_len = jnp.clip((b + 1) * block - stream_start, 0, stream_len)
 
         def walk(carry, tile: int, pool_from, n_pool, stream_from, n_stream):
             """n_pool tiles of the pool range from offset pool_from, then n_stream tiles of the

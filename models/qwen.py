@@ -276,7 +276,9 @@ def label_logits_and_lse(
 
     m, sums = jax.lax.map(block, head.reshape(n, vocab // n, hidden))  # [n, S] each
     top = m.max(axis=0)
-    lse = top + jnp.log(jnp.einsum("ns,ns->s", sums, jnp.exp(m - top)))
+    # A dot with ones again: as "ns,ns->s" XLA:CPU lowered it like a reduce, and 5 of 64
+    # rows' bits changed with the number of rows (64 vs 128-512 score positions).
+    lse = top + jnp.log(jnp.einsum("ns,n->s", sums * jnp.exp(m - top), jnp.ones((n,), sums.dtype)))
     labels = jnp.take(head, label_ids, axis=0)  # [U, hidden]
     label_logits = jnp.einsum("sd,ud->su", h, labels, preferred_element_type=jnp.float32)
     return label_logits, lse

@@ -156,9 +156,9 @@ def record():
 
 
 def pytest_collection_modifyitems(items):
-    """xdist_group'd tests (the Ray ones, the run's longest chain) first: one worker starts
-    on them at once while the other takes the rest, rather than both meeting them last."""
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+    """Modules marked `ray` (the longest) first: both pytest-xdist workers start on them, and
+    the short engine tests fill in at the end rather than leaving one worker a long tail."""
+    items.sort(key=lambda item: item.get_closest_marker("ray") is None)
 
 
 def pytest_testnodedown(node, error):

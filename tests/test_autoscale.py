@@ -11,7 +11,7 @@ import yaml
 from loadtests import soak
 from tests.conftest import REPO, running_serve
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 # Within the config's engine limits; warm-up compiles every shape, so a new replica compiles
 # nothing after it is up.
 WORKLOAD = {"MIS_QUERY_TOKENS": "50", "MIS_ITEMS": "200", "MIS_ITEM_TOKENS": "20"}

@@ -12,7 +12,7 @@ import pytest
 from models.inputs import Chunk
 from tests.conftest import LABELS, TEST_ENGINE, random_request, serve_cluster
 
-pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time (conftest)
+pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
 # Each host process sees 2 simulated devices (the test process itself has 4).
 HOST_ENV = {"env_vars": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}

@@ -33,7 +33,7 @@ from tests.conftest import (
     wait_for_scores,
 )
 
-pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time (conftest)
+pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
 TPU_HOST = {"TPU": 4}
 # One HTTP port for every `serve run` on the module's cluster: Serve keeps the port it started

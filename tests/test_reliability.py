@@ -23,7 +23,7 @@ from mis_score.workload import Workload
 from models.engine import score_ids
 from tests.conftest import LABELS, running_serve
 
-pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time (conftest)
+pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
 KEY = "mis-test-key-7f3a9c"  # looked for in every log file afterwards
 AUTH = {"Authorization": f"Bearer {KEY}"}

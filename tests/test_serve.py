@@ -21,7 +21,7 @@ from models.engine import score_ids
 from serve_app.scoring import tokenize_request
 from tests.conftest import LABELS, TEST_ENGINE, running_serve, serve_cluster
 
-pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time (conftest)
+pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
 CHUNK = 8
 APP = "serve-tests"  # its own name: metrics are read for this application only

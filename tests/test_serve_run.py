@@ -7,7 +7,7 @@ import requests
 
 from tests.conftest import REPO, serve_run, wait_for_scores
 
-pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time (conftest)
+pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
 URL = "http://127.0.0.1:8000"
 

@@ -15,7 +15,7 @@ import requests
 from models.engine import score_ids
 from tests.conftest import LABELS, TEST_ENGINE, random_request, running_serve
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 HOST_ENV = {"env_vars": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
 
 

@@ -11,7 +11,7 @@ import pytest
 from loadtests import soak
 from tests.conftest import TEST_ENGINE, running_serve
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 MAX_INFLIGHT = 4  # the service's capacity: requests in flight per ingress replica
 WORKLOAD = {"MIS_QUERY_TOKENS": "200", "MIS_ITEMS": "100", "MIS_ITEM_TOKENS": "20"}
 
