@@ -56,6 +56,8 @@ def _body(ranges, local, q, read, *, block: int, tile: int, scale: float):
     b = pl.program_id(1)
     pool_start, pool_len, stream_start, stream_len = ranges
     own = b * block + local  # [R, 1] first local key of each row
+    # Unlike the XLA walk (block_attention.py), the tiles here sit on one grid from the range's
+    # start, so where the range is cut only adds or drops fully masked tiles: no bit changes.
     stream_len = jnp.clip(jnp.max(own) - stream_start, 0, stream_len)
     cols = jax.lax.broadcasted_iota(jnp.int32, (block, tile), 1)
 

@@ -15,7 +15,9 @@ stays the user-facing load tool; this is the measuring one.
 
 Where a request's time goes: when the deployment runs on this machine, each level also reports
 the CPU time its processes spent per answered request, by role (Serve's HTTP proxy, the ingress,
-the scorers, the rest of Ray, this client), and how busy the machine's cores were.
+the scorers, the rest of Ray, this client; a failed request's CPU is in its level's total), how
+many cores those processes kept busy, and how many scorer replicas were running at its end
+(autoscaling may change that between levels).
 """
 
 from __future__ import annotations
@@ -90,8 +92,10 @@ class Level:
     max_abs_diff: float = 0.0  # over the checked answers, vs the offline engine
     offline_items_per_s: float | None = None
     ratio: float | None = None
+    # CPU of each role over the level (its failed requests included) per answered request
     cpu_ms_per_request: dict[str, float] = dataclasses.field(default_factory=dict)
-    cores_busy: float | None = None  # CPU seconds of the roles per wall second
+    cores_busy: float | None = None  # CPU seconds of those processes per wall second
+    scorer_replicas: int | None = None  # scorer processes at the end of the level
 
 
 # Ray sets each worker's process title to its actor: these name the roles (first match wins).
@@ -107,28 +111,30 @@ ROLES = (
 )
 
 
-def cpu_by_role() -> dict[int, tuple[str, float]]:
-    """pid -> (role, CPU seconds so far) of this machine's Serve/Ray processes and this one."""
-    out: dict[int, tuple[str, float]] = {}
-    for proc in psutil.process_iter(["cmdline"]):
+def cpu_by_role() -> dict[tuple[int, float], tuple[str, float]]:
+    """(pid, start time) -> (role, CPU seconds so far) of this machine's Serve/Ray processes
+    and this one."""
+    out: dict[tuple[int, float], tuple[str, float]] = {}
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
         try:
             cmd = " ".join(proc.info["cmdline"] or [])
             role = "client" if proc.pid == os.getpid() else None
             role = role or next((r for r, key in ROLES if key in cmd), None)
             if role is not None:
                 t = proc.cpu_times()
-                out[proc.pid] = (role, t.user + t.system)
+                out[proc.pid, proc.info["create_time"]] = (role, t.user + t.system)
         except psutil.Error:  # gone meanwhile
             continue
     return out
 
 
-def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]):
-    """CPU seconds per role between two cpu_by_role() snapshots (processes in both)."""
+def cpu_spent(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds per role between two cpu_by_role() snapshots. A process that started in
+    between counts from zero (a new replica's start-up included); one that ended in between
+    is not counted."""
     spent: dict[str, float] = {}
-    for pid, (role, t) in after.items():
-        if pid in before:
-            spent[role] = spent.get(role, 0.0) + t - before[pid][1]
+    for key, (role, t) in after.items():
+        spent[role] = spent.get(role, 0.0) + t - before.get(key, (role, 0.0))[1]
     return spent
 
 
@@ -232,11 +238,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _sweep_level(args.url, encoded, clients, args.warm_s, args.duration_s)
             )
             wall = time.perf_counter() - wall
-            spent = cpu_spent(cpu_before, cpu_by_role())
+            cpu_after = cpu_by_role()
+            spent = cpu_spent(cpu_before, cpu_after)
             answers = [a for a in every if a[1] >= t0 + args.warm_s]  # the timed window
             ok = [a for a in answers if a[2] == 200]
             lat = np.array([1e3 * (a[1] - a[0]) for a in ok]) if ok else np.array([])
             lv = Level(shape_name, clients, requests=len(answers))
+            lv.scorer_replicas = sum(role == "scorer" for role, _ in cpu_after.values()) or None
             lv.failures = len(answers) - len(ok)
             lv.items_per_s = sum(a[3] for a in ok) / args.duration_s
             if ok:
@@ -291,16 +299,18 @@ def markdown(result: dict[str, Any]) -> str:
     if roles:
         lines += [
             "",
-            "CPU time per answered request, ms, by process role (cores busy: CPU s per wall s)",
+            "CPU time per answered request, ms, by process role (cores busy: their CPU s per "
+            "wall s; scorers: replicas running at the end of the level)",
             "",
-            "| shape | clients | " + " | ".join(roles) + " | cores busy |",
-            "|---|---|" + "---|" * (len(roles) + 1),
+            "| shape | clients | scorers | " + " | ".join(roles) + " | cores busy |",
+            "|---|---|---|" + "---|" * (len(roles) + 1),
         ]
         for lv in result["levels"]:
             cpu = lv["cpu_ms_per_request"]
             cells = " | ".join(fmt(cpu.get(r), ".1f") for r in roles)
             lines.append(
-                f"| {lv['shape']} | {lv['clients']} | {cells} | {fmt(lv['cores_busy'], '.2f')} |"
+                f"| {lv['shape']} | {lv['clients']} | {fmt(lv.get('scorer_replicas'), 'd')} | "
+                f"{cells} | {fmt(lv['cores_busy'], '.2f')} |"
             )
     return "\n".join(lines)
 

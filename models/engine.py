@@ -102,6 +102,15 @@ class EngineConfig(BaseModel):
     def max_blocks(self) -> int:
         return self.max_batch_tokens // self.block
 
+    @property
+    def limits(self) -> dict[str, int]:
+        """What a request may hold, by setting name (models.inputs.check_limits)."""
+        return {
+            "max_query_tokens": self.max_query_tokens,
+            "max_item_tokens": self.max_item_tokens,
+            "max_labels": self.max_labels,
+        }
+
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
         if self.max_batch_tokens % self.block:
@@ -225,7 +234,7 @@ class ScoringEngine:
         valid: list[Chunk | None] = []
         for ci, c in enumerate(chunks):
             try:
-                check_chunk(c, self.vocab_size, self._limits())
+                check_chunk(c, self.vocab_size, self.config.limits)
                 valid.append(c)
             except ScoringInputError as e:
                 out[ci] = e
@@ -276,14 +285,6 @@ class ScoringEngine:
         return {key: self._stats[key] for key in STATS}
 
     # ----------------------------------------------------------------- execution
-
-    def _limits(self) -> dict[str, int]:
-        c = self.config
-        return {
-            "max_query_tokens": c.max_query_tokens,
-            "max_item_tokens": c.max_item_tokens,
-            "max_labels": c.max_labels,
-        }
 
     def _program(self, kind: str, shape: tuple, build) -> Any:
         key = _ProgramKey(self.run_cfg, self.dtype_name, self.mesh, kind, shape)

@@ -4,11 +4,15 @@ A replica keeps the K/V of the queries it prefilled (prefix mode), so the chunks
 and later requests with the same query, are cheapest on a replica that already holds it. Each
 query ranks the replicas by rendezvous hashing of its tokens over the replica ids: every ingress
 replica agrees without shared state, and adding or removing a replica moves only the queries it
-wins or held. A request of one chunk goes to the query's first replica; a request of k chunks
-is dealt over the first min(k, replicas) of that ranking in consecutive runs (chunk i of k to
-replica i * width // k), so a big request is scored on every replica at once and each of them
-prefills the query once and keeps it for the next request with that query. That chunk's replica
-gets it unless it holds more than `spill_threshold` chunks beyond the least loaded candidate (by
+wins or held. A request of one chunk prefers the query's first replica; a request of k chunks
+is dealt over the first min(k, replicas) of that ranking in consecutive runs (chunk i of k
+prefers replica i * width // k), so a big request is scored on up to all replicas at once, and
+each of them prefills the query once and keeps it for the next request with that query. The
+price: a new query is prefilled once per replica it is dealt over (for a query as long as the
+request's items, that is up to twice the work on the first request; repeats are cache hits).
+(Serve hands a replica, once chosen, to the oldest waiting call of the ingress, so under
+concurrency a chunk may take another chunk's preferred replica.) The preferred replica gets it
+unless it holds more than `spill_threshold` chunks beyond the least loaded candidate (by
 this router's count of the calls it has sent there and not seen complete: probed queue lengths
 lag a burst); then the least loaded one does, so a hot query never starves the other replicas.
 Ray's PrefixCacheAffinityRouter (ray.llm) is the idea this follows, for token ids instead of
@@ -87,7 +91,8 @@ class QueryAffinityRouter(FIFOMixin, RequestRouter):
         ids = {r.replica_id.unique_id: r for r in candidate_replicas}
         order = affinity_order(query_key(chunk.query), list(ids))
         index, count = pending_request.kwargs.get("part", (0, 1))  # type: ignore[union-attr]
-        preferred = ids[order[index * min(count, len(order)) // count]]
+        count = max(1, count)
+        preferred = ids[order[min(index, count - 1) * min(count, len(order)) // count]]
         if self._load(preferred) - self._load(by_load[0]) > self.spill_threshold:
             return [by_load]
         return [[preferred], [r for r in by_load if r is not preferred]]

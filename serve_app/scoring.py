@@ -49,12 +49,7 @@ def check_request(
         raise ScoringInputError(
             f"items: {len(items)} items exceed max_items_per_request={max_items}"
         )
-    limits = {
-        "max_query_tokens": engine.max_query_tokens,
-        "max_item_tokens": engine.max_item_tokens,
-        "max_labels": engine.max_labels,
-    }
-    check_limits(query, items, label_ids, limits)
+    check_limits(query, items, label_ids, engine.limits)
     check_token_ids(query, items, label_ids, vocab_size)
 
 

@@ -161,6 +161,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("ray") is None)
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook
 def pytest_testnodedown(node, error):
     """pytest-xdist: a worker's figures join the controller's when it finishes."""
     for name, value in getattr(node, "workeroutput", {}).get("figures", {}).items():

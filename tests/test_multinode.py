@@ -127,7 +127,7 @@ def cluster():
             )
         yield address
     finally:
-        _stop_groups(nodes[::-1])  # workers first, the head last
+        _stop_groups(nodes)
         # `ray start` left this cluster's address as "the current cluster" (`ray stop` would
         # have removed it): a later `ray.init()` must not try to join the stopped cluster.
         current = Path("/tmp/ray/ray_current_cluster")
@@ -153,8 +153,8 @@ def _wait_for_nodes(address: str, n: int, timeout_s: float = 120) -> None:
 
 
 def _stop_groups(procs: list[subprocess.Popen], timeout_s: float = 10) -> None:
-    """SIGTERM to each `ray start --block` node's process group, in order (a node stops its
-    raylet and workers), then one shared wait; SIGKILL to whatever still runs after it."""
+    """SIGTERM to every `ray start --block` node's process group at once (a node stops its
+    raylet and workers), one shared wait, then SIGKILL to whatever still runs."""
     for proc in procs:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -165,6 +165,7 @@ def _stop_groups(procs: list[subprocess.Popen], timeout_s: float = 10) -> None:
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _loopback_config(tmp_path, name: str, ckpt: str, port: int, args: dict, scorer: dict):
