@@ -256,9 +256,12 @@ class ScoringEngine:
         }
         for f in p.forwards:
             ll, lse = self._run(f)
-            for s, (ci, ii) in enumerate(f.dest):
-                results[ci][0][ii] = ll[s, f.label_cols[ci]]
-                results[ci][1][ii] = lse[s]
+            dest = np.asarray(f.dest, np.int64).reshape(-1, 2)  # per score: (chunk, item)
+            for ci in map(int, np.unique(dest[:, 0])):  # one copy per chunk, not per item
+                rows = np.flatnonzero(dest[:, 0] == ci)
+                items = dest[rows, 1]
+                results[ci][0][items] = ll[np.ix_(rows, f.label_cols[ci])]
+                results[ci][1][items] = lse[rows]
         for ci, (ll, lse) in results.items():
             out[ci] = finish_scores(ll, lse, valid[ci].apply_softmax)  # type: ignore[union-attr]
             self._stats["items"] += len(ll)
