@@ -14,7 +14,8 @@ writes both and a plot (loadtests/results/serving-<name>.*). Locust (loadtests/l
 stays the user-facing load tool; this is the measuring one.
 
 Where a request's time goes: when the deployment runs on this machine, each level also reports
-the CPU time its processes spent per answered request, by role (Serve's HTTP proxy, the ingress,
+the CPU time its processes spent per answered request, by role (the HTTP proxy: HAProxy or
+Serve's Python proxy, the ingress,
 the scorers, the rest of Ray, this client; a failed request's CPU is in its level's total), how
 many cores those processes kept busy, and how many scorer replicas were running at its end
 (autoscaling may change that between levels).
@@ -100,7 +101,9 @@ class Level:
 
 # Ray sets each worker's process title to its actor: these name the roles (first match wins).
 ROLES = (
-    ("proxy", "ProxyActor"),
+    ("proxy", "ProxyActor"),  # Serve's Python proxy (idle but for health checks under HAProxy)
+    ("proxy", "HAProxy"),  # the actor that manages HAProxy
+    ("proxy", "bin/haproxy"),
     ("ingress", "ScoreIngress"),
     ("scorer", "Scorer"),
     ("ray other", "ray::"),

@@ -314,10 +314,14 @@ def make_random_checkpoint(
     return out
 
 
+def cache_root() -> Path:
+    """mis-serve's files on this machine: `$MIS_SERVE_CACHE`, else ~/.cache/mis-serve."""
+    return Path(os.environ.get("MIS_SERVE_CACHE") or Path.home() / ".cache" / "mis-serve")
+
+
 def demo_checkpoint_dir(preset: str, seed: int = 0) -> Path:
-    """Where the demo checkpoint of `preset` lives (`$MIS_SERVE_CACHE`, else ~/.cache)."""
-    root = os.environ.get("MIS_SERVE_CACHE") or Path.home() / ".cache" / "mis-serve"
-    return Path(root) / f"{preset}-random-seed{seed}"
+    """Where the demo checkpoint of `preset` lives (under cache_root())."""
+    return cache_root() / f"{preset}-random-seed{seed}"
 
 
 def ensure_demo_checkpoint(preset: str, seed: int = 0) -> Path:

@@ -157,6 +157,17 @@ class Engine(Protocol):
         ...
 
 
+def use_compilation_cache(directory: Path) -> None:
+    """Keep this process' compiled programs in `directory` (JAX's persistent cache), every one
+    however quick to compile, unless JAX_COMPILATION_CACHE_DIR already names a place: an engine
+    started again with the same model and settings loads its warm-up shapes from there."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    log.info("compiled programs cached in %s", jax.config.jax_compilation_cache_dir)
+
+
 def resolve_attention(requested: Attention) -> Attention:
     """`auto` -> what runs best and has been verified on this backend: the XLA kernel
     everywhere until the Pallas kernel has passed its tests natively on a GPU/TPU (its
@@ -278,7 +289,8 @@ class ScoringEngine:
             "seconds": time.perf_counter() - start,
         }
         log.info(
-            "warm-up: %d shapes compiled in %.1f s (every shape this engine can run)",
+            "warm-up: %d shapes ready in %.1f s (every shape this engine can run; compiled, "
+            "or loaded from the compilation cache)",
             report["shapes"],
             report["seconds"],
         )

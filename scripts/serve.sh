@@ -4,5 +4,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}  # Ray 2.60 turns token auth on by default
+# Ray's own settings (HAProxy, throughput-optimized Serve, auth): each one not already set.
+while IFS='=' read -r key value; do
+  [[ -z $key || $key == \#* || -n ${!key+x} ]] || export "$key=$value"
+done < configs/serve.env
 exec .venv/bin/serve run "${1:-configs/config.yaml}"

@@ -6,5 +6,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-export JAX_PLATFORMS=cpu RAY_AUTH_MODE=disabled
+export JAX_PLATFORMS=cpu  # Ray settings: configs/serve.env, loaded by tests/conftest.py
 exec .venv/bin/python -m pytest "$@"

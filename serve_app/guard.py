@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import os
-from collections.abc import Awaitable, Callable
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app import metrics
 from serve_app.schema import error_body
 
 # Paths that need no key and are not counted as work: liveness and the API docs.
@@ -60,45 +61,61 @@ class Guard:
         hits = [hmac.compare_digest(token.strip().encode(), key) for key in self.api_keys]
         return any(hits)
 
-    async def body_too_large(self, request: Request) -> bool:
+    def body_too_large(self, request: Request, body: bytes | None) -> bool:
+        """Over max_body_bytes by its Content-Length, or (a chunked upload) by the body read."""
         length = request.headers.get("content-length")
         if length is not None:
             return not length.isdigit() or int(length) > self.max_body_bytes
-        if request.method in ("POST", "PUT", "PATCH"):
-            # Chunked upload: Serve's proxy has buffered it already; the body is cached for
-            # the route, so reading it here costs no second copy from the network.
-            return len(await request.body()) > self.max_body_bytes
-        return False
+        return body is not None and len(body) > self.max_body_bytes
 
-    async def __call__(
-        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
+        request = Request(scope, receive)
         if not self.authorized(request):
-            return _reply(
+            reply = _reply(
                 "authorization: missing or invalid API key (send 'Authorization: Bearer <key>')",
                 401,
                 "AuthenticationError",
                 {"WWW-Authenticate": "Bearer"},
             )
+            return await reply(scope, receive, send)
         if is_open(_route_path(request)):
-            return await call_next(request)
-        if await self.body_too_large(request):
-            return _reply(
+            return await app(scope, receive, send)
+        body = None
+        if "content-length" not in request.headers and request.method in ("POST", "PUT", "PATCH"):
+            # A chunked upload, buffered already by the proxy in front: read here, then handed
+            # to the route as it was.
+            body = await request.body()
+            receive = _replay(body, receive)
+        if self.body_too_large(request, body):
+            reply = _reply(
                 f"body: larger than max_body_bytes={self.max_body_bytes}", 413, "PayloadTooLarge"
             )
+            return await reply(scope, receive, send)
         if self.inflight >= self.max_inflight:
-            return _reply(
+            reply = _reply(
                 f"server busy: {self.inflight} requests in flight on this ingress replica "
                 f"(max_inflight_requests={self.max_inflight}); retry later",
                 503,
                 "ServiceUnavailable",
                 {"Retry-After": str(self.retry_after_s)},
             )
+            return await reply(scope, receive, send)
         self.inflight += 1
         try:
-            return await call_next(request)
+            await app(scope, receive, send)
         finally:
             self.inflight -= 1
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` for a route, the body already read: the body once, then the client's events
+    (a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 # The guard of this process' ingress replica. The middleware reads it through this module at
@@ -112,6 +129,23 @@ def install(guard: Guard) -> None:
     _active = guard
 
 
-async def front_door(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
-    """Starlette HTTP middleware: the installed guard, or pass-through when none is."""
-    return await (call_next(request) if _active is None else _active(request, call_next))
+class FrontDoor:
+    """The ingress app's outermost middleware: the installed guard (pass-through when none is),
+    and every 4xx/5xx it or the routes answer counted by status. Plain ASGI: Starlette's
+    `@app.middleware("http")` costs a task group and a memory stream per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                metrics.ingress().errors.inc(tags={"code": str(message["status"])})
+            await send(message)
+
+        if _active is None:
+            return await self.app(scope, receive, counted)
+        await _active(scope, receive, counted, self.app)

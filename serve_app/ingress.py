@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -162,15 +162,8 @@ class _Refused(Exception):
         return _error(message, self.code, self.headers)
 
 
-async def _count_errors(request: Request, call_next) -> Response:
-    response = await call_next(request)
-    if response.status_code >= 400:
-        metrics.ingress().errors.inc(tags={"code": str(response.status_code)})
-    return response
-
-
-api.middleware("http")(guard.front_door)  # keys, body size, admission: before any parsing
-api.middleware("http")(_count_errors)  # outermost: also counts the guard's 401/413/503
+# Keys, body size, admission, before any parsing; counts every error answer (its own too).
+api.add_middleware(guard.FrontDoor)
 
 
 @serve.deployment(name="ScoreIngress", max_ongoing_requests=256)

@@ -22,8 +22,8 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from models.checkpoint import ensure_demo_checkpoint, has_random_weights
-from models.engine import Engine, ScoringEngine
+from models.checkpoint import cache_root, ensure_demo_checkpoint, has_random_weights
+from models.engine import Engine, ScoringEngine, use_compilation_cache
 from models.inputs import Chunk, ScoringInputError
 from serve_app import metrics
 from serve_app.config import ScorerArgs
@@ -75,6 +75,7 @@ class Scorer:
 
     def __init__(self, args: ScorerArgs):
         _route_engine_logs()
+        use_compilation_cache(cache_root() / "jax")  # a restarted replica starts in seconds
         self.args = ScorerArgs.model_validate(args)
         self._failure: str | None = None
         path = str(self.args.model.path or ensure_demo_checkpoint(self.args.model.demo_preset))

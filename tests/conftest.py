@@ -14,6 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Ray Serve as scripts/serve.sh runs it (HAProxy, throughput-optimized, auth off): each setting
+# of configs/serve.env not already set, before any Ray process starts and inherits them.
+os.environ.update(
+    {
+        key: value
+        for key, value in (
+            line.split("=", 1)
+            for line in (Path(__file__).parents[1] / "configs/serve.env").read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        )
+        if key not in os.environ
+    }
+)
 # JAX's persistent compilation cache, under the checkout (not the user's home): every process
 # of the run (Serve replicas, CLI subprocesses, slice hosts) inherits it, so a program compiled
 # once is loaded, not compiled, by the next process that needs it; a second run starts warm.
@@ -183,7 +196,7 @@ _CLUSTER: dict[str, object] = {}
 def serve_cluster() -> tuple[str, int]:
     """(base URL, Prometheus metrics port) of the session's local Ray + Serve."""
     if not _CLUSTER:
-        os.environ["RAY_AUTH_MODE"] = "disabled"
+        os.environ.update(haproxy_ports())
         import ray
         from ray import serve
 
@@ -245,6 +258,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def haproxy_ports() -> dict[str, str]:
+    """Free ports for HAProxy's stats and Prometheus listeners (fixed ports by default, bound
+    on every interface): two clusters at once (two pytest workers) would both take them."""
+    ports = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+    return {name: str(free_port()) for name in ports}
+
+
 def _default_sigint() -> None:
     """In the child before exec: SIGINT delivered and handled. A test run started in the
     background of a non-interactive shell (`cmd &`, as CI runners may) ignores SIGINT, and an
@@ -257,7 +277,7 @@ def _default_sigint() -> None:
 def serve_run(config: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[Path]:
     """`serve run CONFIG` as a user starts it, output to `log`; SIGINT (Serve shuts the apps
     down) on exit, then SIGKILL to anything of its process group still running."""
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "JAX_PLATFORMS": "cpu"} | (env or {})
+    env = os.environ | {"JAX_PLATFORMS": "cpu"} | haproxy_ports() | (env or {})
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(BIN / "serve"), "run", str(config)],

@@ -1,7 +1,7 @@
 """Autoscaling under Locust load (marker `slow`): the Scorer deployment of configs/config.yaml,
-its delays shortened, scales up from min_replicas while Locust runs and back down after, with
-no failed request. `bash scripts/test.sh -m slow -k autoscale` runs it and prints the replica
-count timeline."""
+autoscaled 1..2 with short delays, scales up from min_replicas while Locust runs and back down
+after, with no failed request. `bash scripts/test.sh -m slow -k autoscale` runs it and prints
+the replica count timeline."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def test_scorer_scales_up_under_load_and_back_down(ckpts, tmp_path, monkeypatch)
     raw = yaml.safe_load((REPO / "configs/config.yaml").read_text())
     (app,) = raw["applications"]
     (scorer,) = [d for d in app["deployments"] if d["name"] == "Scorer"]
-    auto = scorer["autoscaling_config"] | {"upscale_delay_s": 2, "downscale_delay_s": 10}
-    options = {k: v for k, v in scorer.items() if k != "name"}
+    auto = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4}
+    auto |= {"upscale_delay_s": 2, "downscale_delay_s": 10}
+    options = {k: v for k, v in scorer.items() if k not in ("name", "num_replicas")}
     options["autoscaling_config"] = auto
     args = app["args"] | {"model": app["args"].get("model", {}) | {"path": ckpts["qwen3"]}}
     for name, value in WORKLOAD.items():  # Locust's workload (loadtests/soak.py passes env)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -66,3 +71,44 @@ def test_the_listener_sees_compilations(ckpts):
         _random_chunks(np.random.default_rng(1), {"max_query_tokens": 20, "max_item_tokens": 8}, 2)
     )
     assert len(COMPILES) > before and eng.stats()["compiles"] > 0
+
+
+_CACHED_WARMUP = """
+import json, sys
+from pathlib import Path
+import jax
+from models.engine import EngineConfig, ScoringEngine, use_compilation_cache
+hits = []
+jax.monitoring.register_event_listener(
+    lambda name, **_: hits.append(1) if name == "/jax/compilation_cache/cache_hits" else None
+)
+use_compilation_cache(Path(sys.argv[2]))
+config = EngineConfig(max_batch_tokens=128, max_item_tokens=8, max_query_tokens=32, max_labels=2)
+report = ScoringEngine(sys.argv[1], config).warmup()
+print(json.dumps({"shapes": report["shapes"], "cache_hits": len(hits)}))
+"""
+
+
+def test_a_restarted_engine_loads_its_programs_from_the_compilation_cache(ckpts, tmp_path):
+    """What a Scorer replica does at start (use_compilation_cache): the first process compiles
+    and stores every warm-up program, a second one with the same settings loads them all."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's own cache would win otherwise
+    cache = tmp_path / "jax"
+
+    def warm_start() -> dict[str, float]:
+        out = subprocess.run(
+            [sys.executable, "-c", _CACHED_WARMUP, ckpts["qwen3"], str(cache)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = warm_start()
+    assert first["shapes"] > 0 and first["cache_hits"] == 0
+    assert any(cache.iterdir())
+    second = warm_start()
+    assert second["cache_hits"] >= second["shapes"] == first["shapes"]

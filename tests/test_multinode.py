@@ -27,6 +27,7 @@ from tests.conftest import (
     LABELS,
     REPO,
     free_port,
+    haproxy_ports,
     random_request,
     serve_run,
     stop_serve_cluster,
@@ -54,7 +55,7 @@ def serve_run_on(cluster: str, config, log):
             [str(BIN / "serve"), "shutdown", "-y", "-a", f"http://127.0.0.1:{DASHBOARD_PORT}"],
             capture_output=True,
             timeout=120,
-            env=os.environ | {"RAY_AUTH_MODE": "disabled"},
+            env=os.environ,
         )
 
 
@@ -75,11 +76,14 @@ def cluster():
     first: one that was running while these nodes were killed lost its GCS as soon as it
     started new workers afterwards (seen on Ray 2.60; a cluster started later is fine)."""
     stop_serve_cluster()
-    env = os.environ | {
-        "RAY_AUTH_MODE": "disabled",
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    }
+    env = (
+        os.environ
+        | haproxy_ports()
+        | {
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        }
+    )
     common = ["--num-cpus", "1", "--object-store-memory", str(200 * 2**20)]
     common += ["--disable-usage-stats"]
     address = f"127.0.0.1:{free_port()}"
@@ -199,6 +203,17 @@ def _actors(address: str, class_name: str) -> list:
     return list_actors(address=address, filters=[("class_name", "=", class_name)], detail=True)
 
 
+def _placed_actors(address: str, class_name: str, timeout_s: float = 60) -> list:
+    """The live actors of a class once each has a node: in a full test run the state API once
+    listed both replicas, already serving, without their node ids."""
+    deadline = time.time() + timeout_s
+    while True:
+        actors = [a for a in _actors(address, class_name) if a.state == "ALIVE"]
+        if all(a.node_id for a in actors) or time.time() > deadline:
+            return actors
+        time.sleep(1)
+
+
 def _tpu_nodes(address: str) -> set[str]:
     from ray.util.state import list_nodes
 
@@ -242,8 +257,8 @@ def test_tpu_config_replicas_on_tpu_hosts(cluster, ckpts, engine, record, tmp_pa
             time.sleep(2)
             resp = requests.post(f"{url}/v1/score", json=_request(), timeout=120)
         _check_scores(resp, engine, record, "tpu-v6e.yaml")
-        replicas = _actors(cluster, "ServeReplica:mis:Scorer")
-        assert len(replicas) == 2
+        replicas = _placed_actors(cluster, "ServeReplica:mis:Scorer")
+        assert len(replicas) == 2, replicas
         tpu_nodes = _tpu_nodes(cluster)
         nodes = {a.name.rsplit("#", 1)[-1]: a.node_id for a in replicas}
         assert set(nodes.values()) == tpu_nodes  # one replica on each TPU host, none elsewhere

@@ -166,6 +166,24 @@ def test_bad_input_table(service, reference, record):
     assert not seen_5xx
 
 
+def test_chunked_upload_is_read_once_and_size_checked(service, reference):
+    """A body without Content-Length (chunked): the front door reads it to check its size,
+    and the route still gets all of it; one over max_body_bytes is a 413 naming the body."""
+
+    def pieces(raw: bytes, size: int = 7):
+        yield from (raw[i : i + size] for i in range(0, len(raw), size))
+
+    headers = AUTH | {"content-type": "application/json"}
+    r = requests.post(f"{service}/v1/score", data=pieces(_body()), headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    assert np.abs(np.asarray(r.json()["scores"]) - reference).max() <= 1e-6
+    big = _body(pad="x" * 70_000)
+    r = requests.post(f"{service}/v1/score", data=pieces(big, 4096), headers=headers, timeout=60)
+    assert r.status_code == 413, r.text
+    assert r.json()["message"].startswith("body: larger than max_body_bytes")
+    _ok_request_is_answered_correctly(service, reference)
+
+
 def _strict_scorer_stats() -> dict[str, int]:
     from ray import serve
 

@@ -28,6 +28,6 @@ def test_serve_run_default_config(tmp_path):
         assert len(scores) == 3 and all(abs(sum(s) - 1) < 1e-9 for s in scores)
         text = log.read_text()
         assert "RANDOM-WEIGHT" in text  # the demo model says what it is
-        assert "warm-up: 11 shapes compiled" in text  # every shape, before ready
+        assert "warm-up: 11 shapes ready" in text  # every shape, before ready
         models = requests.get(f"{URL}/v1/models", timeout=30).json()
         assert models["data"][0]["random_weights"] is True
