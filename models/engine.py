@@ -157,14 +157,19 @@ class Engine(Protocol):
         ...
 
 
+COMPILATION_CACHE_BYTES = 4 * 2**30  # least recently used programs go beyond this
+
+
 def use_compilation_cache(directory: Path) -> None:
-    """Keep this process' compiled programs in `directory` (JAX's persistent cache), every one
-    however quick to compile, unless JAX_COMPILATION_CACHE_DIR already names a place: an engine
-    started again with the same model and settings loads its warm-up shapes from there."""
+    """Keep this process' compiled programs in `directory` (JAX's persistent cache, every
+    program however quick to compile, at most COMPILATION_CACHE_BYTES), so an engine started
+    again with the same model and settings loads its warm-up shapes from there. Where
+    JAX_COMPILATION_CACHE_DIR already names a cache, that one is used as JAX's settings say."""
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(directory))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
     log.info("compiled programs cached in %s", jax.config.jax_compilation_cache_dir)
 
 

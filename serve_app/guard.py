@@ -9,6 +9,7 @@ import os
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app import metrics
@@ -19,6 +20,7 @@ OPEN_PATHS = frozenset({"/health", "/docs", "/redoc", "/openapi.json", "/docs/oa
 DOCS_ASSETS = "/docs-assets"  # the API docs' JS/CSS, served from a package (no CDN)
 
 KEYS_ENV = "MIS_API_KEYS"  # comma-separated; added to the config's api_keys
+_BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
 def is_open(path: str) -> bool:
@@ -61,12 +63,20 @@ class Guard:
         hits = [hmac.compare_digest(token.strip().encode(), key) for key in self.api_keys]
         return any(hits)
 
-    def body_too_large(self, request: Request, body: bytes | None) -> bool:
-        """Over max_body_bytes by its Content-Length, or (a chunked upload) by the body read."""
+    def declared_too_large(self, request: Request) -> bool:
+        """Over max_body_bytes by its Content-Length (or a malformed one)."""
         length = request.headers.get("content-length")
-        if length is not None:
-            return not length.isdigit() or int(length) > self.max_body_bytes
-        return body is not None and len(body) > self.max_body_bytes
+        return length is not None and (not length.isdigit() or int(length) > self.max_body_bytes)
+
+    async def read_capped(self, request: Request) -> bytes | None:
+        """A body sent without Content-Length (chunked), read up to max_body_bytes; None as soon
+        as it is longer (HAProxy streams it through, so it is read here, not buffered before)."""
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > self.max_body_bytes:
+                return None
+        return bytes(body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
         request = Request(scope, receive)
@@ -80,17 +90,11 @@ class Guard:
             return await reply(scope, receive, send)
         if is_open(_route_path(request)):
             return await app(scope, receive, send)
-        body = None
-        if "content-length" not in request.headers and request.method in ("POST", "PUT", "PATCH"):
-            # A chunked upload, buffered already by the proxy in front: read here, then handed
-            # to the route as it was.
-            body = await request.body()
-            receive = _replay(body, receive)
-        if self.body_too_large(request, body):
-            reply = _reply(
-                f"body: larger than max_body_bytes={self.max_body_bytes}", 413, "PayloadTooLarge"
-            )
-            return await reply(scope, receive, send)
+        too_large = _reply(
+            f"body: larger than max_body_bytes={self.max_body_bytes}", 413, "PayloadTooLarge"
+        )
+        if self.declared_too_large(request):
+            return await too_large(scope, receive, send)
         if self.inflight >= self.max_inflight:
             reply = _reply(
                 f"server busy: {self.inflight} requests in flight on this ingress replica "
@@ -100,8 +104,16 @@ class Guard:
                 {"Retry-After": str(self.retry_after_s)},
             )
             return await reply(scope, receive, send)
-        self.inflight += 1
+        self.inflight += 1  # counts from here: reading a chunked body is work too
         try:
+            if "content-length" not in request.headers and request.method in _BODY_METHODS:
+                try:
+                    body = await self.read_capped(request)
+                except ClientDisconnect:  # nobody to answer
+                    return
+                if body is None:
+                    return await too_large(scope, receive, send)
+                receive = _replay(body, receive)
             await app(scope, receive, send)
         finally:
             self.inflight -= 1
@@ -130,9 +142,10 @@ def install(guard: Guard) -> None:
 
 
 class FrontDoor:
-    """The ingress app's outermost middleware: the installed guard (pass-through when none is),
-    and every 4xx/5xx it or the routes answer counted by status. Plain ASGI: Starlette's
-    `@app.middleware("http")` costs a task group and a memory stream per request."""
+    """The ingress app's middleware: the installed guard (pass-through when none is), and every
+    4xx/5xx answer counted by status, the 500 of an unhandled exception too (answered by the
+    app's handler outside this middleware). Plain ASGI: Starlette's `@app.middleware("http")`
+    costs a task group and a memory stream per request."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -140,12 +153,26 @@ class FrontDoor:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
 
         async def counted(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                metrics.ingress().errors.inc(tags={"code": str(message["status"])})
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400:
+                    _count_error(message["status"])
             await send(message)
 
-        if _active is None:
-            return await self.app(scope, receive, counted)
-        await _active(scope, receive, counted, self.app)
+        try:
+            if _active is None:
+                await self.app(scope, receive, counted)
+            else:
+                await _active(scope, receive, counted, self.app)
+        except Exception:
+            if not started:  # the app's exception handler (outside this middleware) answers 500
+                _count_error(500)
+            raise
+
+
+def _count_error(status: int) -> None:
+    metrics.ingress().errors.inc(tags={"code": str(status)})

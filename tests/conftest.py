@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,17 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Ray Serve as scripts/serve.sh runs it (HAProxy, throughput-optimized, auth off): each setting
-# of configs/serve.env not already set, before any Ray process starts and inherits them.
+# Ray Serve as scripts/serve.sh runs it (HAProxy, gRPC, auth off): each setting of
+# configs/serve.env not already set (read by the same rules), before any Ray process starts.
 os.environ.update(
     {
-        key: value
-        for key, value in (
-            line.split("=", 1)
-            for line in (Path(__file__).parents[1] / "configs/serve.env").read_text().splitlines()
-            if line.strip() and not line.startswith("#")
+        m[1]: m[2]
+        for m in re.finditer(
+            r"^[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=(.*?)\r?$",
+            (Path(__file__).parents[1] / "configs/serve.env").read_text(),
+            re.MULTILINE,
         )
-        if key not in os.environ
+        if m[1] not in os.environ
     }
 )
 # JAX's persistent compilation cache, under the checkout (not the user's home): every process
@@ -196,7 +198,7 @@ _CLUSTER: dict[str, object] = {}
 def serve_cluster() -> tuple[str, int]:
     """(base URL, Prometheus metrics port) of the session's local Ray + Serve."""
     if not _CLUSTER:
-        os.environ.update(haproxy_ports())
+        os.environ.update(serve_ports())
         import ray
         from ray import serve
 
@@ -258,11 +260,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def haproxy_ports() -> dict[str, str]:
-    """Free ports for HAProxy's stats and Prometheus listeners (fixed ports by default, bound
-    on every interface): two clusters at once (two pytest workers) would both take them."""
-    ports = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
-    return {name: str(free_port()) for name in ports}
+_CLUSTERS_STARTED = itertools.count()
+_PORT_WINDOW = 100  # direct-ingress ports of one cluster's ingress replicas
+
+
+def serve_ports() -> dict[str, str]:
+    """Ports of its own for each Serve cluster a test starts: HAProxy's stats and Prometheus
+    listeners (fixed ports, every interface, by default) and the range the ingress replicas'
+    own HTTP/gRPC servers take ports from (30000+ / 40000+ by default, allocated by each
+    cluster's controller as if it were alone). Two clusters at once (two pytest workers, or
+    `serve run` next to the session's cluster) otherwise collide; on a collision HAProxy was
+    seen forwarding one cluster's requests to the other's ingress until its own replica rebound.
+    Windows below the ephemeral port range, by worker and by cluster, so none overlap."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    slot = worker * 16 + next(_CLUSTERS_STARTED) % 16
+    http, grpc = 20000 + slot * _PORT_WINDOW, 10000 + slot * _PORT_WINDOW
+    return {
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + _PORT_WINDOW - 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + _PORT_WINDOW - 1),
+    }
 
 
 def _default_sigint() -> None:
@@ -277,7 +297,7 @@ def _default_sigint() -> None:
 def serve_run(config: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[Path]:
     """`serve run CONFIG` as a user starts it, output to `log`; SIGINT (Serve shuts the apps
     down) on exit, then SIGKILL to anything of its process group still running."""
-    env = os.environ | {"JAX_PLATFORMS": "cpu"} | haproxy_ports() | (env or {})
+    env = os.environ | {"JAX_PLATFORMS": "cpu"} | serve_ports() | (env or {})
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(BIN / "serve"), "run", str(config)],

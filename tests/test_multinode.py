@@ -27,8 +27,8 @@ from tests.conftest import (
     LABELS,
     REPO,
     free_port,
-    haproxy_ports,
     random_request,
+    serve_ports,
     serve_run,
     stop_serve_cluster,
     wait_for_scores,
@@ -78,7 +78,7 @@ def cluster():
     stop_serve_cluster()
     env = (
         os.environ
-        | haproxy_ports()
+        | serve_ports()
         | {
             "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -203,14 +203,17 @@ def _actors(address: str, class_name: str) -> list:
     return list_actors(address=address, filters=[("class_name", "=", class_name)], detail=True)
 
 
-def _placed_actors(address: str, class_name: str, timeout_s: float = 60) -> list:
-    """The live actors of a class once each has a node: in a full test run the state API once
-    listed both replicas, already serving, without their node ids."""
+def _placed_actors(address: str, class_name: str, count: int, timeout_s: float = 60) -> list:
+    """The `count` live actors of a class, each with its node, once the state API lists them so
+    (asked again until then): in full test runs it has listed replicas that were serving
+    requests without their node ids, or not at all."""
     deadline = time.time() + timeout_s
     while True:
-        actors = [a for a in _actors(address, class_name) if a.state == "ALIVE"]
-        if all(a.node_id for a in actors) or time.time() > deadline:
-            return actors
+        actors = _actors(address, class_name)
+        alive = [a for a in actors if a.state == "ALIVE" and a.node_id]
+        if len(alive) == count or time.time() > deadline:
+            assert len(alive) == count, [(a.name, a.state, a.node_id) for a in actors]
+            return alive
         time.sleep(1)
 
 
@@ -257,8 +260,7 @@ def test_tpu_config_replicas_on_tpu_hosts(cluster, ckpts, engine, record, tmp_pa
             time.sleep(2)
             resp = requests.post(f"{url}/v1/score", json=_request(), timeout=120)
         _check_scores(resp, engine, record, "tpu-v6e.yaml")
-        replicas = _placed_actors(cluster, "ServeReplica:mis:Scorer")
-        assert len(replicas) == 2, replicas
+        replicas = _placed_actors(cluster, "ServeReplica:mis:Scorer", 2)
         tpu_nodes = _tpu_nodes(cluster)
         nodes = {a.name.rsplit("#", 1)[-1]: a.node_id for a in replicas}
         assert set(nodes.values()) == tpu_nodes  # one replica on each TPU host, none elsewhere
@@ -300,6 +302,5 @@ def test_slice_config_one_replica_over_two_hosts(
     with serve_run_on(cluster, config, tmp_path / "serve.log") as log:
         resp = wait_for_scores(url, _request(), log)
         _check_scores(resp, engine, record, f"2-host slice ({placement})")
-        hosts = [a for a in _actors(cluster, "SliceHost") if a.state == "ALIVE"]
-        assert len(hosts) == 2
+        hosts = _placed_actors(cluster, "SliceHost", 2)
         assert {a.node_id for a in hosts} == _tpu_nodes(cluster)  # one per TPU host
