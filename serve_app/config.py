@@ -17,6 +17,8 @@ scorer replica. On the command line, dotted keys reach into a group:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -149,6 +151,16 @@ class PlacementArgs(_Group):
         "one slice, by its slice-name label) instead of using placement_group_bundles.",
     )
     tpu_version: str = Field(default="v6e", description="TPU generation of `tpu_topology`.")
+
+
+def scoring_key(model: ModelArgs, engine: EngineConfig) -> str:
+    """What makes two scorers give the same scores (checkpoint and engine settings), as a short
+    digest: an ingress sends it with each chunk and a scorer refuses a chunk meant for another
+    key (Serve's gRPC transport addresses a replica by host and port, and a port reused by
+    another app's replica would otherwise answer with another model's scores)."""
+    settings = {"model": model.model_dump(mode="json"), "engine": engine.model_dump(mode="json")}
+    data = json.dumps(settings, sort_keys=True).encode()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 class ScorerArgs(_Group):

@@ -27,7 +27,7 @@ from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_h
 from models.inputs import Chunk, ScoringInputError
 from models.tokenizer import TextTokenizer
 from serve_app import guard, metrics
-from serve_app.config import IngressArgs
+from serve_app.config import IngressArgs, scoring_key
 from serve_app.rerank import RerankRequest, RerankResponse, label_ids, rerank_response
 from serve_app.schema import (
     ErrorBody,
@@ -180,6 +180,7 @@ class ScoreIngress:
         except FileNotFoundError:
             self.tokenizer = None
         self.scorer = scorer
+        self.scoring_key = scoring_key(self.args.model, self.args.engine)
         self.rerank_prompt = self.args.rerank.prompt()
         self.rerank_labels = (  # a label that is not one token fails the start, loudly
             None
@@ -300,7 +301,7 @@ class ScoreIngress:
         never part of them."""
         start, tries = time.perf_counter(), self.args.fanout.retries + 1
         for attempt in range(tries):
-            response = self.scorer.score.remote(chunk, part=part)
+            response = self.scorer.score.remote(chunk, part=part, key=self.scoring_key)
             pending.append(response)
             try:
                 result = await response

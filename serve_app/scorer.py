@@ -26,7 +26,7 @@ from models.checkpoint import cache_root, ensure_demo_checkpoint, has_random_wei
 from models.engine import Engine, ScoringEngine, use_compilation_cache
 from models.inputs import Chunk, ScoringInputError
 from serve_app import metrics
-from serve_app.config import ScorerArgs
+from serve_app.config import ScorerArgs, scoring_key
 from serve_app.routing import QueryAffinityRouter
 from serve_app.slice import SliceEngine
 
@@ -46,6 +46,11 @@ def _route_engine_logs() -> None:
 class EngineFailure(RuntimeError):
     """This replica's engine failed (not a bad input: e.g. a slice host died). The ingress
     retries the chunk on another replica; Serve replaces this one (check_health)."""
+
+
+class Misdelivered(EngineFailure):
+    """A chunk call that reached a replica of other scoring settings (another app's, on a
+    reused port): refused, and retried like a failed replica's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,7 @@ class Scorer:
         self._failure: str | None = None
         path = str(self.args.model.path or ensure_demo_checkpoint(self.args.model.demo_preset))
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.key = scoring_key(self.args.model, self.args.engine)
         p = self.args.placement
         self.engine: Engine
         if p.hosts_per_replica > 1:
@@ -103,9 +109,14 @@ class Scorer:
         self._batcher: asyncio.Task | None = None
         log.info("replica %s ready: %s, warm-up %s", self.replica, self.args.engine, self.warmup)
 
-    async def score(self, chunk: Chunk, part: tuple[int, int] = (0, 1)) -> ChunkResult:
+    async def score(
+        self, chunk: Chunk, part: tuple[int, int] = (0, 1), key: str | None = None
+    ) -> ChunkResult:
         """The chunk's scores, from the next forward that has room for it. `part`: which of
-        its request's chunks it is, (i, k); read by the router (routing.py), not here."""
+        its request's chunks it is, (i, k); read by the router (routing.py), not here. `key`:
+        the sender's scoring_key; a chunk for other settings is refused (Misdelivered)."""
+        if key is not None and key != self.key:
+            raise Misdelivered(f"replica {self.replica}: chunk for key {key}, not {self.key}")
         if self._failure is not None:  # a broken engine (a slice's hosts may hang) is not used
             raise EngineFailure(f"replica {self.replica}: {self._failure}")
         loop = asyncio.get_running_loop()

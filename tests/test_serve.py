@@ -459,3 +459,24 @@ def test_validate_against_the_live_service(service, ckpts, tmp_path):
     failed = [c["check"] for c in judged["checks"] if c["status"] == "FAIL"]
     assert not judged["passed"] and len(failed) == 2, judged["checks"]
     assert "FAILED" in validate.markdown(judged)
+
+
+def test_a_chunk_meant_for_other_settings_is_refused(service, engine):
+    """A scorer answers only chunks sent for its own checkpoint and engine settings (the
+    ingress sends its scoring key with each call): a call that reaches it for another app, e.g.
+    over a reused gRPC port, is refused as Misdelivered, which the ingress retries elsewhere."""
+    from ray import serve
+
+    from models.inputs import Chunk
+    from serve_app.scorer import Misdelivered
+
+    query, items = [5, 6, 7], ((1, 2), (3,))
+    chunk = Chunk(tuple(query), items, tuple(LABELS), True)
+    scorer = serve.get_deployment_handle("Scorer", app_name=APP)
+    with pytest.raises(Misdelivered, match="chunk for key 0123456789abcdef"):
+        scorer.score.remote(chunk, key="0123456789abcdef").result()
+    got = scorer.score.remote(chunk).result().scores  # no key: a caller of its own
+    want = score_ids(
+        engine("qwen3", "prefix"), query, [list(i) for i in items], LABELS, apply_softmax=True
+    )
+    assert np.abs(got - want).max() <= 1e-6
