@@ -15,10 +15,9 @@ stays the user-facing load tool; this is the measuring one.
 
 Where a request's time goes: when the deployment runs on this machine, each level also reports
 the CPU time its processes spent per answered request, by role (the HTTP proxy: HAProxy or
-Serve's Python proxy, the ingress,
-the scorers, the rest of Ray, this client; a failed request's CPU is in its level's total), how
-many cores those processes kept busy, and how many scorer replicas were running at its end
-(autoscaling may change that between levels).
+Serve's Python proxy; the ingress, the scorers, the rest of Ray, this client; a failed request's
+CPU is in its level's total), how many cores those processes kept busy, and how many scorer
+replicas were running at its end (autoscaling may change that between levels).
 """
 
 from __future__ import annotations

@@ -269,8 +269,9 @@ def serve_ports() -> dict[str, str]:
     listeners (fixed ports, every interface, by default) and the range the ingress replicas'
     own HTTP/gRPC servers take ports from (30000+ / 40000+ by default, allocated by each
     cluster's controller as if it were alone). Two clusters at once (two pytest workers, or
-    `serve run` next to the session's cluster) otherwise collide; on a collision HAProxy was
-    seen forwarding one cluster's requests to the other's ingress until its own replica rebound.
+    `serve run` next to the session's cluster) otherwise collide: in one run an ingress failed
+    to bind a port the other cluster held, and this cluster's requests were answered by the
+    other cluster's replicas.
     Windows below the ephemeral port range, by worker and by cluster, so none overlap."""
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
     slot = worker * 16 + next(_CLUSTERS_STARTED) % 16
