@@ -2,20 +2,25 @@
 
 Same function as `block_attention`: a flat stream of blocks, each block attending to a range of
 the KV pool, a range of the stream (only keys before a token's own) and its own keys causally.
-One program per (query head, block): the block's queries stay in registers (GPU) or VMEM (TPU)
-while the pool range and then the stream range are walked tile by tile, in loops whose trip
-counts come from the block's ranges, so a block reads exactly the keys it can see: O(T x
-(query + block)) work, whatever the pool's size. Then the block's own keys, one tile. GQA: query
-head h reads kv head h // group; K/V are never repeated in memory.
+One program per (kv head, block, group of its query heads): the GQA query heads that share a kv
+head are stacked into one tile of up to `rows` rows (an H100 kernel's usual 128), so each key
+tile is read once for all of them and every product has at least as many rows as the block.
+The rows stay in registers (GPU) or VMEM (TPU) while the pool range and then the stream range
+are walked tile by tile, in loops whose trip counts come from the block's ranges, so a block
+reads exactly the keys it can see: O(T x (query + block)) work, whatever the pool's size. The
+tiles every row sees in full (a cached or earlier query: nearly all of the work) run without a
+mask; only a range's last tile and the stream keys next to a row's own are masked. Then the
+block's own keys, one tile.
 
 Memory: on GPU a program indexes the pool and the stream of its kv head in global memory; on
 TPU both stay in HBM (`pl.ANY`) and each tile is copied into a VMEM scratch before use, so the
 pool's size is bounded by HBM, not VMEM. The per-block ranges are scalars (SMEM on TPU), the
-per-token local starts a [block, 1] int32 vector (the mask is a vector compare).
+per-row local starts a [rows, 1] int32 vector (the mask is a vector compare).
 
 `kernels.block_attention.block_attention_reference` (the mask materialised) is the reference;
 tests compare both lowerings to it in interpret mode on CPU and natively where a GPU or TPU is
-present.
+present. `loadtests/bench_attention.py` times the kernel against the XLA implementation and
+sweeps its tile settings.
 """
 
 from __future__ import annotations
@@ -31,16 +36,21 @@ from jax.experimental.pallas import triton as pltriton
 from kernels.block_attention import NEG, BlockMeta
 
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
+ROWS = 128  # query rows per program, at most: GQA heads are stacked up to this
+GPU_KEY_TILE = 64  # keys per step of a range walk on GPU (TPU: up to 128), at most
 
 
 def _step(q, k, v, mask, m_prev, l_prev, acc_prev, scale):
-    """One key tile of flash attention: fold scores q @ k^T (masked) into (m, l, acc)."""
+    """One key tile of flash attention: fold scores q @ k^T into (m, l, acc). `mask` None: every
+    key is visible to every row (the same bits as an all-true mask, without its selects)."""
     s = jax.lax.dot_general(
         q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )  # [R, tile]
-    s = jnp.where(mask, s * scale, NEG)
+    s = s * scale if mask is None else jnp.where(mask, s * scale, NEG)
     m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-    p = jnp.where(mask, jnp.exp(s - m_next), 0.0)
+    p = jnp.exp(s - m_next)
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
     alpha = jnp.exp(m_prev - m_next)
     l_next = alpha * l_prev + p.sum(axis=1, keepdims=True)
     pv = jax.lax.dot_general(
@@ -51,37 +61,50 @@ def _step(q, k, v, mask, m_prev, l_prev, acc_prev, scale):
 
 def _body(ranges, local, q, read, *, block: int, tile: int, scale: float):
     """The kernel's math, shared by both lowerings. `ranges` = the block's four scalars,
-    `local` [R, 1] int32, `q` [R, D]; `read(source, start, size)` -> (k, v) [size, D] with
-    source 0 = pool, 1 = stream. Returns the block's output [R, D] float32."""
+    `local` [R, 1] int32 and `q` [R, D]: R rows = the block's tokens once per query head of
+    the program, head after head. `read(source, start, size)` -> (k, v) [size, D] with source
+    0 = pool, 1 = stream. Returns the rows' output [R, D] float32."""
     b = pl.program_id(1)
+    r = q.shape[0]
     pool_start, pool_len, stream_start, stream_len = ranges
     own = b * block + local  # [R, 1] first local key of each row
     # Unlike the XLA walk (block_attention.py), the tiles here sit on one grid from the range's
-    # start, so where the range is cut only adds or drops fully masked tiles: no bit changes.
+    # start, so where the range is cut only adds or drops fully masked tiles, and which tiles
+    # run unmasked only changes the selects, never a value: no bit of a row depends on the
+    # other rows of its block.
     stream_len = jnp.clip(jnp.max(own) - stream_start, 0, stream_len)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (block, tile), 1)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (r, tile), 1)
 
-    def walk(source: int, start, length, carry):
-        def step(j, carry):
-            k, v = read(source, start + j * tile, tile)
-            mask = j * tile + cols < length
-            if source == 1:  # stream keys only before each row's own keys
-                mask &= start + j * tile + cols < own
-            return _step(q, k, v, mask, *carry, scale)
+    def walk(source: int, start, length, clean, carry):
+        """The range's tiles: the first `clean` ones seen whole by every row, then the rest."""
 
-        return jax.lax.fori_loop(0, pl.cdiv(length, tile), step, carry)
+        def step(masked: bool):
+            def body(j, carry):
+                k, v = read(source, start + j * tile, tile)
+                if not masked:
+                    return _step(q, k, v, None, *carry, scale)
+                mask = j * tile + cols < length
+                if source == 1:  # stream keys only before each row's own keys
+                    mask &= start + j * tile + cols < own
+                return _step(q, k, v, mask, *carry, scale)
+
+            return body
+
+        carry = jax.lax.fori_loop(0, clean, step(False), carry)
+        return jax.lax.fori_loop(clean, pl.cdiv(length, tile), step(True), carry)
 
     init = (
-        jnp.full((block, 1), NEG, jnp.float32),
-        jnp.zeros((block, 1), jnp.float32),
-        jnp.zeros((block, q.shape[-1]), jnp.float32),
+        jnp.full((r, 1), NEG, jnp.float32),
+        jnp.zeros((r, 1), jnp.float32),
+        jnp.zeros((r, q.shape[-1]), jnp.float32),
     )
-    carry = walk(0, pool_start, pool_len, init)
-    carry = walk(1, stream_start, stream_len, carry)
+    carry = walk(0, pool_start, pool_len, pool_len // tile, init)
+    seen = jnp.clip(jnp.minimum(stream_len, jnp.min(own) - stream_start), 0, None)
+    carry = walk(1, stream_start, stream_len, seen // tile, carry)
     k, v = read(1, b * block, block)
-    rows = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
-    keys = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
-    _, l_sum, acc = _step(q, k, v, (keys <= rows) & (keys >= local), *carry, scale)
+    pos = jax.lax.broadcasted_iota(jnp.int32, (r, block), 0) % block  # row's place in the block
+    keys = jax.lax.broadcasted_iota(jnp.int32, (r, block), 1)
+    _, l_sum, acc = _step(q, k, v, (keys <= pos) & (keys >= local), *carry, scale)
     return acc / l_sum
 
 
@@ -115,14 +138,13 @@ def _tpu_kernel(
     pool_k_hbm,  # [K, P, D] (HBM)
     pool_v_hbm,
     o_ref,  # [R, D]
-    k_buf,  # VMEM [block, D]: one tile of keys
+    k_buf,  # VMEM [max(block, tile), D]: one tile of keys, or the block's own
     v_buf,
     *,
-    group: int,
+    programs_per_kv: int,
     **kw,
 ):
-    h, b = pl.program_id(0), pl.program_id(1)
-    kv = h // group
+    kv, b = pl.program_id(0) // programs_per_kv, pl.program_id(1)
 
     def read(source: int, start, size: int):
         k, v = (pool_k_hbm, pool_v_hbm) if source == 0 else (k_hbm, v_hbm)
@@ -136,7 +158,19 @@ def _tpu_kernel(
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "tile", "backend", "interpret"))
+def heads_per_program(group: int, block: int, rows: int) -> int:
+    """Query heads of one kv head stacked in a program: the most that fit `rows` rows (at least
+    one), a power of two dividing the group (Triton tiles are powers of two)."""
+    h = 1
+    while group % (2 * h) == 0 and 2 * h * block <= rows:
+        h *= 2
+    return h
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("block", "tile", "rows", "num_warps", "num_stages", "backend", "interpret"),
+)
 def ragged_block_attention(
     q: jax.Array,  # [T, K, G, D]
     k: jax.Array,  # [T, K, D]
@@ -147,40 +181,51 @@ def ragged_block_attention(
     *,
     block: int,
     tile: int | None = None,
+    rows: int = ROWS,
+    num_warps: int | None = None,
+    num_stages: int = 2,
     backend: str | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:  # [T, K, G, D]
     """Block attention in Pallas. `backend`: "tpu" (Mosaic) or "gpu" (Triton); default: the
     running backend's, TPU's on CPU. `interpret` (default: on CPU) runs either in Pallas'
-    interpreter (the TPU one in TPU interpret mode). `tile`: keys per step of a range walk
-    (default: the block, at most 128)."""
+    interpreter (the TPU one in TPU interpret mode). `tile`: keys per step of a range walk, a
+    power of two (default: the block, at most GPU_KEY_TILE on GPU and 128 on TPU). `rows`:
+    query rows per program, at most (heads_per_program). `num_warps` (default: 4 per 64 rows,
+    at most 8) and `num_stages`: Triton's, GPU only."""
     t, nk, group, d = q.shape
     if t % block:
         raise ValueError(f"{t=} must be a multiple of {block=}")
     platform = jax.default_backend()
     backend = backend or ("gpu" if platform in _GPU_BACKENDS else "tpu")
     interpret = platform == "cpu" if interpret is None else interpret
-    tile = tile or min(block, 128)
-    if block % tile:
-        raise ValueError(f"{block=} must be a multiple of {tile=}")
-    hq, nb = nk * group, t // block
-    qh = q.reshape(t, hq, d).swapaxes(0, 1)  # [Hq, T, D]
+    tile = tile or min(block, GPU_KEY_TILE if backend == "gpu" else 128)
+    if tile & (tile - 1):
+        raise ValueError(f"{tile=} must be a power of two")
+    nb = t // block
+    hp = heads_per_program(group, block, rows)
+    per_kv = group // hp  # programs per kv head and block
+    r = hp * block
+    # [T, K, G, D] -> [K * per_kv, nb, hp * block, D]: a program's rows are contiguous.
+    qp = q.reshape(nb, block, nk, per_kv, hp, d).transpose(2, 3, 0, 4, 1, 5)
+    qp = qp.reshape(nk * per_kv, nb, r, d)
     # Head-major like the pool; a tile read past the stream's end reads zeros.
     kh = jnp.pad(k.swapaxes(0, 1), [(0, 0), (0, tile), (0, 0)])
     vh = jnp.pad(v.swapaxes(0, 1), [(0, 0), (0, tile), (0, 0)])
-    local = meta.local_start.reshape(t, 1)
+    local = jnp.tile(meta.local_start.reshape(nb, 1, block), (1, hp, 1)).reshape(nb, r, 1)
     kw = dict(block=block, tile=tile, scale=d**-0.5)
-    q_spec = pl.BlockSpec((None, block, d), lambda h, b, *_: (h, b, 0))
-    local_spec = pl.BlockSpec((block, 1), lambda h, b, *_: (b, 0))
-    out_shape = jax.ShapeDtypeStruct((hq, t, d), q.dtype)
+    q_spec = pl.BlockSpec((None, None, r, d), lambda i, b, *_: (i, b, 0, 0))
+    local_spec = pl.BlockSpec((None, r, 1), lambda i, b, *_: (b, 0, 0))
+    out_shape = jax.ShapeDtypeStruct(qp.shape, q.dtype)
+    grid = (nk * per_kv, nb)
     if backend == "gpu":
-        per_head = lambda n: pl.BlockSpec((None, n, d), lambda h, b: (h // group, 0, 0))  # noqa: E731
+        per_head = lambda n: pl.BlockSpec((None, n, d), lambda i, b: (i // per_kv, 0, 0))  # noqa: E731
         out = pl.pallas_call(
             functools.partial(_gpu_kernel, **kw),
             out_shape=out_shape,
-            grid=(hq, nb),
+            grid=grid,
             in_specs=[
-                pl.BlockSpec((None, 4), lambda h, b: (b, 0)),
+                pl.BlockSpec((None, 4), lambda i, b: (b, 0)),
                 local_spec,
                 q_spec,
                 per_head(kh.shape[1]),
@@ -189,26 +234,29 @@ def ragged_block_attention(
                 per_head(pool_k.shape[1]),
             ],
             out_specs=q_spec,
-            compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+            compiler_params=pltriton.CompilerParams(
+                num_warps=num_warps or min(8, 4 * pl.cdiv(r, 64)), num_stages=num_stages
+            ),
             interpret=interpret,
             name="ragged_block_attention",
-        )(meta.ranges, local, qh, kh, vh, pool_k, pool_v)
+        )(meta.ranges, local, qp, kh, vh, pool_k, pool_v)
     elif backend == "tpu":
         hbm = pl.BlockSpec(memory_space=pl.ANY)
         out = pl.pallas_call(
-            functools.partial(_tpu_kernel, group=group, **kw),
+            functools.partial(_tpu_kernel, programs_per_kv=per_kv, **kw),
             out_shape=out_shape,
             grid_spec=pltpu.PrefetchScalarGridSpec(
                 num_scalar_prefetch=1,
-                grid=(hq, nb),
+                grid=grid,
                 in_specs=[local_spec, q_spec, hbm, hbm, hbm, hbm],
                 out_specs=q_spec,
-                scratch_shapes=[pltpu.VMEM((block, d), k.dtype), pltpu.VMEM((block, d), v.dtype)],
+                scratch_shapes=[pltpu.VMEM((max(block, tile), d), x.dtype) for x in (k, v)],
             ),
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
             interpret=pltpu.InterpretParams() if interpret else False,
             name="ragged_block_attention",
-        )(meta.ranges.reshape(-1), local, qh, kh, vh, pool_k, pool_v)
+        )(meta.ranges.reshape(-1), local, qp, kh, vh, pool_k, pool_v)
     else:
         raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")
-    return out.swapaxes(0, 1).reshape(t, nk, group, d)
+    out = out.reshape(nk, per_kv, nb, hp, block, d).transpose(2, 4, 0, 1, 3, 5)
+    return out.reshape(t, nk, group, d)

@@ -39,6 +39,7 @@ from models.engine import (
     POOL_ALIGN,
     EngineConfig,
     ScoringEngine,
+    pool_rows,
     score_ids,
 )
 from models.inputs import Chunk
@@ -84,6 +85,24 @@ def keys_read(f: Forward, block: int) -> np.ndarray:
     return r[:, 1] + stream + (t - own + 1)
 
 
+def request_forwards(w: Workload, config: EngineConfig, seed: int) -> list[Forward]:
+    """The forwards of one request of `w` with a new query, planned on a fresh pool as the
+    engine plans them (prefix mode: a pool miss, the query's run in the first forward)."""
+    body = w.body(seed)
+    chunk = Chunk(
+        tuple(body["query"]), tuple(map(tuple, body["items"])), tuple(w.label_ids), True, False
+    )
+    prefix = config.mode is Mode.PREFIX
+    return plan(
+        [chunk],
+        config.mode,
+        block=config.block,
+        max_blocks=config.max_blocks,
+        max_labels=config.max_labels,
+        pool=PrefixPool(config.prefix_pool_tokens, POOL_ALIGN) if prefix else None,
+    ).forwards
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="qwen3-bench-s")
@@ -120,25 +139,10 @@ def main(argv: list[str] | None = None) -> None:
         request(seed)
         request_ms = min(request_ms, (time.perf_counter() - start) * 1e3)
 
-    # The forwards of one more new query, planned on a fresh pool as the engine plans them.
-    body = w.body(4)
-    chunk = Chunk(
-        tuple(body["query"]), tuple(map(tuple, body["items"])), tuple(labels), True, False
-    )
-    pool = PrefixPool(config.prefix_pool_tokens, POOL_ALIGN) if config.mode is Mode.PREFIX else None
-    forwards = plan(
-        [chunk],
-        config.mode,
-        block=block,
-        max_blocks=config.max_blocks,
-        max_labels=config.max_labels,
-        pool=pool,
-    ).forwards
-
+    forwards = request_forwards(w, config, seed=4)
     rnd = lambda *shape: jax.random.normal(jax.random.key(len(shape)), shape, dt)  # noqa: E731
     kv, g, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-    pool_rows = (config.prefix_pool_tokens if pool is not None else 0) + KEY_TILES[0]
-    pool_k = pool_v = rnd(kv, pool_rows, hd)
+    pool_k = pool_v = rnd(kv, pool_rows(config), hd)
     kernel = {
         Attention.XLA: jax.jit(
             lambda q, k, v, pk, pv, meta: block_attention(

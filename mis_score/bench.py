@@ -135,13 +135,20 @@ def _finish_row(row: Row, times: list[float], flops: float, peak: float) -> Row:
     row.items_per_s = row.items_timed / mean
     row.p50_ms = _percentile(times, 50) * 1e3
     row.p95_ms = _percentile(times, 95) * 1e3
-    row.mfu = flops / mean / (peak * 1e9)
-    if row.mfu > 1:
-        raise RuntimeError(
-            f"{row.mode}: MFU {row.mfu:.0%} against a measured peak of {peak:.1f} GFLOP/s: "
-            "the peak cannot be right (more useful work than the chip's matmul rate)"
-        )
+    row.mfu = share_of_peak(flops / mean / 1e9, peak, f"{row.mode}: MFU")
     return row
+
+
+def share_of_peak(gflops: float, peak: float, what: str) -> float:
+    """Useful `gflops` per second over the measured matmul `peak`. Over 1 the peak cannot be
+    right (more useful work than the chip's matmul rate): raise rather than print it."""
+    share = gflops / peak
+    if share > 1:
+        raise RuntimeError(
+            f"{what} {share:.0%} against a measured peak of {peak:.1f} GFLOP/s: the peak "
+            "cannot be right (more useful work than the chip's matmul rate)"
+        )
+    return share
 
 
 class HFScorer:

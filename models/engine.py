@@ -182,6 +182,12 @@ def resolve_attention(requested: Attention) -> Attention:
     return Attention.XLA
 
 
+def pool_rows(config: EngineConfig) -> int:
+    """Tokens of the device pool per layer and kv head: the prefix pool (prefix mode) and one
+    big key tile of padding (packed and serial modes read no pool, and get the padding)."""
+    return (config.prefix_pool_tokens if config.mode is Mode.PREFIX else 0) + KEY_TILES[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class _ProgramKey:
     cfg: ModelConfig
@@ -235,8 +241,12 @@ class ScoringEngine:
         self.pool = PrefixPool(config.prefix_pool_tokens, POOL_ALIGN) if prefix else None
         # Device pool: [layers, kv heads, tokens + one big tile of padding, head_dim]; packed
         # and serial modes read no pool, and get one tile of zeros.
-        rows = (config.prefix_pool_tokens if prefix else 0) + KEY_TILES[0]
-        shape = (self.run_cfg.num_layers, self.run_cfg.num_kv_heads, rows, self.cfg.head_dim)
+        shape = (
+            self.run_cfg.num_layers,
+            self.run_cfg.num_kv_heads,
+            pool_rows(config),
+            self.cfg.head_dim,
+        )
         sharding = None if self.mesh is None else kv_pool_sharding(self.mesh)
         self._pool_kv = tuple(
             jax.device_put(jnp.zeros(shape, self.dtype), sharding) for _ in range(2)

@@ -57,3 +57,20 @@ def test_a_mode_that_disagrees_with_serial_is_failed_not_ranked(ckpts, tmp_path,
     assert status["prefix"].startswith("failed"), status
     assert all(r["items_per_s"] is None for r in result["rows"] if r["mode"] == "prefix")
     assert result["ratios"]["best_mode"] is None
+
+
+def test_attention_bench_checks_and_times_each_variant(tmp_path):
+    from loadtests.bench_attention import main as bench_attention
+
+    out = tmp_path / "attention.json"
+    argv = ["--preset", "qwen3-tiny", "--query-tokens", "100", "--items", "6"]
+    argv += ["--item-tokens", "10", "--max-batch-tokens", "256", "--json", str(out)]
+    argv += ["--variants", "xla", "pallas:rows=64:tile=16", "pallas:tile=24"]
+    assert bench_attention(argv) == 1  # one variant fails: the exit status says so
+    result = json.loads(out.read_text())
+    xla, pallas, bad = result["rows"]
+    assert xla["status"] == pallas["status"] == "ok"
+    assert pallas["max_diff"] <= 1e-5 and xla["max_diff"] == 0
+    assert 0 < pallas["pct_of_peak"] < 100 and xla["speedup_vs_xla"] == 1
+    assert bad["status"].startswith("failed") and "ms_per_layer" not in bad
+    assert result["forwards"] == [256] and result["peak_gflops"] > 0

@@ -9,22 +9,33 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import export
 
-from kernels.block_attention import block_attention_reference
-from kernels.ragged_attention import ragged_block_attention
+from kernels.block_attention import BlockMeta, block_attention_reference, ranges_array
+from kernels.ragged_attention import ROWS, heads_per_program, ragged_block_attention
 from tests.test_block_attention import random_case
 
 NATIVE = jax.default_backend() in ("gpu", "tpu")
 
 
-def _diff(backend: str, seed: int, interpret: bool, tile: int | None = None) -> float:
+def _diff(backend: str, seed: int, interpret: bool, tile=None, rows=ROWS) -> float:
     q, k, v, pk, pv, meta = random_case(seed)
     with jax.default_matmul_precision("highest"):
         ref = block_attention_reference(q, k, v, pk, pv, meta, block=16)
         out = ragged_block_attention(
-            q, k, v, pk, pv, meta, block=16, tile=tile, backend=backend, interpret=interpret
+            q,
+            k,
+            v,
+            pk,
+            pv,
+            meta,
+            block=16,
+            tile=tile,
+            rows=rows,
+            backend=backend,
+            interpret=interpret,
         )
     return float(jnp.abs(out - ref).max())
 
@@ -32,22 +43,84 @@ def _diff(backend: str, seed: int, interpret: bool, tile: int | None = None) -> 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_kernel_matches_reference_in_interpret_mode(backend, seed, record):
-    diff = _diff(backend, seed, interpret=True, tile=8 if seed else None)
+    # Seed 0: both query heads of a kv head in one program, key tiles of the block's size;
+    # seeds 1-2: one head per program (rows=16), key tiles smaller / larger than the block.
+    rows = ROWS if seed == 0 else 16
+    diff = _diff(backend, seed, interpret=True, tile=(None, 8, 32)[seed], rows=rows)
     record(f"pallas {backend.upper()} kernel (interpret) vs reference", diff)
     assert diff <= 1e-5
 
 
-def test_kernels_lower_for_tpu_and_cuda():
-    """Mosaic (TPU) and Triton (CUDA) lowering succeeds without the hardware, at a bf16
-    head_dim 128 GQA shape and the engine's block size."""
+def test_heads_per_program():
+    assert heads_per_program(group=2, block=64, rows=128) == 2
+    assert heads_per_program(group=4, block=32, rows=128) == 4
+    assert heads_per_program(group=8, block=64, rows=128) == 2
+    assert heads_per_program(group=2, block=128, rows=128) == 1
+    assert heads_per_program(group=5, block=16, rows=128) == 1  # 5 heads: no power of two
+    assert heads_per_program(group=6, block=16, rows=128) == 2
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_a_row_does_not_depend_on_the_rest_of_its_block(backend):
+    """Isolation inside the kernel: in the block where a query run ends and its items begin,
+    the query's last tokens and the first item give the same bits whatever the next item holds
+    and however long it is (which rows' keys run unmasked, and where the stream range is cut,
+    follow from the other rows)."""
+    rng = np.random.default_rng(5)
+    block, nb, q_len = 16, 4, 37  # the query run: blocks 0-1 and 5 tokens of block 2
+    first = slice(2 * block, 2 * block + 9)  # its last 5 tokens, then a 4-token item
+
+    def run(other_len: int, seed: int) -> np.ndarray:
+        data = np.random.default_rng(seed)
+        t = nb * block
+        q = data.standard_normal((t, 2, 2, 32)).astype(np.float32)
+        k = data.standard_normal((t, 2, 32)).astype(np.float32)
+        v = data.standard_normal((t, 2, 32)).astype(np.float32)
+        for x, fixed in zip((q, k, v), base_rows, strict=True):
+            x[: first.stop] = fixed
+        local = np.zeros(t, np.int32)
+        local[first.start + 5 : first.stop] = 5
+        local[first.stop : first.stop + other_len] = 9
+        local[first.stop + other_len : 3 * block] = 9 + other_len  # padding
+        run_range = (0, 0, 0, q_len)
+        ranges = ranges_array([run_range] * 3 + [(0, 0, 0, 0)])
+        pool = np.zeros((2, 64, 32), np.float32)
+        out = ragged_block_attention(
+            q,
+            k,
+            v,
+            pool,
+            pool,
+            BlockMeta(ranges, local),
+            block=block,
+            tile=8,
+            backend=backend,
+            interpret=True,
+        )
+        return np.asarray(out)[first]
+
+    base_rows = [
+        rng.standard_normal((first.stop, *shape)).astype(np.float32)
+        for shape in ((2, 2, 32), (2, 32), (2, 32))
+    ]
+    want = run(7, 0)
+    for other_len, seed in ((7, 1), (2, 2), (0, 3)):
+        np.testing.assert_array_equal(run(other_len, seed), want)
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_kernels_lower_for_tpu_and_cuda(block):
+    """Mosaic (TPU) and Triton (CUDA) lowering succeeds without the hardware, at the engine's
+    block sizes with a bf16 head_dim 128 GQA shape (group 2: block 64 stacks both query heads
+    of a kv head in one program, block 128 runs one per program)."""
     from jax._src.pallas.mosaic import tpu_info  # lowering asks for the TPU generation
 
     tpu_info.registry.setdefault(
         jax.devices()[0].device_kind,
         lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V6E, 1),
     )
-    t, block = 512, 128
-    q = jnp.zeros((t, 2, 4, 128), jnp.bfloat16)
+    t = 512
+    q = jnp.zeros((t, 2, 2, 128), jnp.bfloat16)
     k = jnp.zeros((t, 2, 128), jnp.bfloat16)
     pool = jnp.zeros((2, 1024, 128), jnp.bfloat16)
     meta = random_case(0, block=block, nb=t // block).__getitem__(-1)

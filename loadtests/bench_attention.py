@@ -1,0 +1,194 @@
+"""Block attention alone: the XLA implementation and the Pallas kernel's settings side by side.
+
+    python -m loadtests.bench_attention [--preset qwen3-0.6b] [--mode prefix] [--dtype bfloat16]
+        [--query-tokens 2000] [--items 500] [--item-tokens 20] [--max-batch-tokens 16384]
+        [--variants xla pallas pallas:rows=64 pallas:tile=32:num_warps=4 ...] [--json F]
+
+One request of the reference workload (a new query) is planned into the forwards the engine
+runs for it (loadtests/profile_engine.py). A variant's time is one layer's attention over each
+of those forwards (their real metadata; random q/k/v and pool, the model's head shapes), best of
+5 per forward, summed. Useful FLOPs are one layer's share of the request's attention FLOPs
+(mis_score.bench.useful_flops: visible query-key pairs only), so TFLOP/s and the share of the
+dense matmul peak measured in the same run say how close attention runs to the chip. Each
+variant's output is first checked against the XLA implementation at the highest matmul
+precision (max abs diff, the bench's gate bound for the dtype); one over the bound is reported
+failed and not timed.
+
+Variants: `xla` (kernels/block_attention.py, the engine's key tiles), `pallas` (the kernel's
+defaults) and `pallas:key=value:...` with the kernel's settings `tile`, `rows`, `num_warps`,
+`num_stages` (kernels/ragged_attention.py). Without --variants: xla, pallas, and on a GPU a sweep
+of the kernel's settings. On a CPU the kernel runs in Pallas' interpreter: its time there is
+not a speed figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.block_attention import BlockMeta, block_attention
+from kernels.ragged_attention import ragged_block_attention
+from loadtests.profile_engine import best_ms, request_forwards
+from mis_score.bench import GATE_BOUND, matmul_peak_gflops, share_of_peak, useful_flops
+from mis_score.workload import Workload
+from models.config import PRESETS
+from models.engine import KEY_TILES, EngineConfig, pool_rows
+from models.plan import Mode
+
+PALLAS_SETTINGS = ("tile", "rows", "num_warps", "num_stages")
+GPU_SWEEP = (
+    "pallas:rows=64",  # one query head per program: no GQA stacking
+    "pallas:tile=32",
+    "pallas:tile=128",
+    "pallas:num_warps=4",
+    "pallas:num_stages=3",
+    "pallas:tile=32:num_stages=3",
+)
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, int]]:
+    """ "pallas:tile=32:rows=64" -> ("pallas", {"tile": 32, "rows": 64})."""
+    name, *settings = spec.split(":")
+    if name not in ("xla", "pallas") or (name == "xla" and settings):
+        raise ValueError(f"variant {spec!r}: xla, pallas or pallas:setting=value:...")
+    kw = {}
+    for s in settings:
+        key, _, value = s.partition("=")
+        if key not in PALLAS_SETTINGS or not value.isdigit():
+            raise ValueError(f"variant {spec!r}: settings are {', '.join(PALLAS_SETTINGS)}=<int>")
+        kw[key] = int(value)
+    return name, kw
+
+
+def attention_fn(name: str, settings: dict[str, int], block: int):
+    """The jitted attention of one variant: (q, k, v, pool_k, pool_v, meta) -> output."""
+    if name == "xla":
+        return jax.jit(functools.partial(block_attention, block=block, key_tiles=KEY_TILES))
+    return functools.partial(ragged_block_attention, block=block, **settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="qwen3-0.6b", choices=sorted(PRESETS))
+    p.add_argument("--mode", default="prefix", choices=["packed", "prefix"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--query-tokens", type=int, default=2000)
+    p.add_argument("--items", type=int, default=500)
+    p.add_argument("--item-tokens", type=int, default=20)
+    p.add_argument("--max-batch-tokens", type=int, default=16384)
+    p.add_argument("--variants", nargs="+", default=None, help="xla, pallas, pallas:k=v:...")
+    p.add_argument("--json", default=None, help="write the result here")
+    args = p.parse_args(argv)
+    backend = jax.default_backend()
+    dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
+    specs = args.variants or ["xla", "pallas", *(GPU_SWEEP if backend == "gpu" else ())]
+    try:
+        variants = [(spec, *parse_variant(spec)) for spec in specs]
+    except ValueError as e:
+        p.error(str(e))
+
+    cfg = PRESETS[args.preset]
+    w = Workload(args.query_tokens, args.items, args.item_tokens)
+    config = EngineConfig(
+        mode=Mode(args.mode),
+        max_batch_tokens=args.max_batch_tokens,
+        max_item_tokens=w.item_tokens,
+        max_query_tokens=w.query_tokens,
+        max_labels=len(w.label_ids),
+        prefix_pool_tokens=max(EngineConfig().prefix_pool_tokens, w.query_tokens),
+    )
+    block = config.block
+    forwards = request_forwards(w, config, seed=0)
+    kv, g, hd, dt = cfg.num_kv_heads, cfg.group_size, cfg.head_dim, jnp.dtype(dtype)
+    keys = iter(jax.random.split(jax.random.key(0), 2 + 3 * len(forwards)))
+    rnd = lambda *shape: jax.random.normal(next(keys), shape, dt)  # noqa: E731
+    pool_k, pool_v = rnd(kv, pool_rows(config), hd), rnd(kv, pool_rows(config), hd)
+    inputs = [
+        (
+            rnd(len(f.tokens), kv, g, hd),
+            rnd(len(f.tokens), kv, hd),
+            rnd(len(f.tokens), kv, hd),
+            pool_k,
+            pool_v,
+            BlockMeta(jnp.asarray(f.ranges), jnp.asarray(f.local_start)),
+        )
+        for f in forwards
+    ]
+    with jax.default_matmul_precision("highest"):
+        reference = attention_fn("xla", {}, block)
+        want = [np.asarray(reference(*x), np.float32) for x in inputs]
+    flop = useful_flops(cfg, w.query_tokens, w.items, w.item_tokens)["attention"] / cfg.num_layers
+    peak = matmul_peak_gflops(dtype)
+    device = jax.devices()[0].device_kind
+
+    rows: list[dict[str, Any]] = []
+    for spec, name, settings in variants:
+        row: dict[str, Any] = {"variant": spec, "status": "ok"}
+        rows.append(row)
+        fn = attention_fn(name, settings, block)
+        try:
+            with jax.default_matmul_precision("highest"):
+                got = [np.asarray(fn(*x), np.float32) for x in inputs]
+        except Exception as e:  # a setting the compiler refuses: report it, go on
+            row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            continue
+        row["max_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
+        if not row["max_diff"] <= GATE_BOUND[dtype]:
+            row["status"] = f"failed: max diff {row['max_diff']:.3g} > {GATE_BOUND[dtype]}"
+            continue
+        row["ms_per_layer"] = sum(best_ms(fn, *x) for x in inputs)
+        row["tflops"] = flop / row["ms_per_layer"] / 1e9
+        row["pct_of_peak"] = 100 * share_of_peak(row["tflops"] * 1e3, peak, f"{spec}: attention")
+    xla_ms = next((r.get("ms_per_layer") for r in rows if r["variant"] == "xla"), None)
+    for r in rows:
+        if xla_ms and "ms_per_layer" in r:
+            r["speedup_vs_xla"] = xla_ms / r["ms_per_layer"]
+
+    result = {
+        "device": device,
+        "backend": backend,
+        "dtype": dtype,
+        "preset": args.preset,
+        "mode": args.mode,
+        "workload": {"query": w.query_tokens, "items": w.items, "item_tokens": w.item_tokens},
+        "forwards": [len(f.tokens) for f in forwards],
+        "block": block,
+        "useful_gflop_per_layer": flop / 1e9,
+        "peak_gflops": peak,
+        "rows": rows,
+    }
+    print(json.dumps(result, indent=1))
+    print(
+        f"\n{args.preset} attention, one layer ({dtype}, {device}), {args.mode} mode, "
+        f"Q={w.query_tokens} N={w.items} L={w.item_tokens}: forwards of "
+        f"{', '.join(map(str, result['forwards']))} tokens in blocks of {block}; "
+        f"{flop / 1e9:.2f} useful GFLOP; matmul peak {peak / 1e3:.1f} TFLOP/s"
+        + (" (Pallas in interpret mode: not a speed figure)" if backend == "cpu" else "")
+        + "\n"
+    )
+    print("| variant | ms | TFLOP/s | % of peak | vs xla | max diff | status |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [
+            f"{r['ms_per_layer']:.3f}" if "ms_per_layer" in r else "-",
+            f"{r['tflops']:.3g}" if "tflops" in r else "-",
+            f"{r['pct_of_peak']:.0f}%" if "pct_of_peak" in r else "-",
+            f"{r['speedup_vs_xla']:.2f}x" if "speedup_vs_xla" in r else "-",
+            f"{r['max_diff']:.2g}" if "max_diff" in r else "-",
+        ]
+        print(f"| {r['variant']} | {' | '.join(cells)} | {r['status']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
