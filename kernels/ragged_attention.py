@@ -42,15 +42,17 @@ GPU_KEY_TILE = 64  # keys per step of a range walk on GPU (TPU: up to 128), at m
 
 def _step(q, k, v, mask, m_prev, l_prev, acc_prev, scale):
     """One key tile of flash attention: fold scores q @ k^T into (m, l, acc). `mask` None: every
-    key is visible to every row (the same bits as an all-true mask, without its selects)."""
+    key is visible to every row. Both ways a live key's probability is the same expression,
+    exp(s * scale - m), with no select between the product and the difference, so a compiler
+    that fuses them into one multiply-add (Triton does by default) fuses them in both."""
     s = jax.lax.dot_general(
         q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )  # [R, tile]
-    s = s * scale if mask is None else jnp.where(mask, s * scale, NEG)
-    m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-    p = jnp.exp(s - m_next)
+    live = s * scale if mask is None else jnp.where(mask, s * scale, NEG)
+    m_next = jnp.maximum(m_prev, live.max(axis=1, keepdims=True))
+    p = jnp.exp(s * scale - m_next)
     if mask is not None:
-        p = jnp.where(mask, p, 0.0)
+        p = jnp.where(mask, p, 0.0)  # a masked key's exp may overflow: replaced, never summed
     alpha = jnp.exp(m_prev - m_next)
     l_next = alpha * l_prev + p.sum(axis=1, keepdims=True)
     pv = jax.lax.dot_general(
@@ -69,9 +71,9 @@ def _body(ranges, local, q, read, *, block: int, tile: int, scale: float):
     pool_start, pool_len, stream_start, stream_len = ranges
     own = b * block + local  # [R, 1] first local key of each row
     # Unlike the XLA walk (block_attention.py), the tiles here sit on one grid from the range's
-    # start, so where the range is cut only adds or drops fully masked tiles, and which tiles
-    # run unmasked only changes the selects, never a value: no bit of a row depends on the
-    # other rows of its block.
+    # start, so where the range is cut only adds or drops fully masked tiles; which tiles run
+    # unmasked follows from the ranges and the block's place alone: no bit of a row depends on
+    # the other rows of its block.
     stream_len = jnp.clip(jnp.max(own) - stream_start, 0, stream_len)
     cols = jax.lax.broadcasted_iota(jnp.int32, (r, tile), 1)
 
@@ -99,10 +101,12 @@ def _body(ranges, local, q, read, *, block: int, tile: int, scale: float):
         jnp.zeros((r, q.shape[-1]), jnp.float32),
     )
     carry = walk(0, pool_start, pool_len, pool_len // tile, init)
-    seen = jnp.clip(jnp.minimum(stream_len, jnp.min(own) - stream_start), 0, None)
+    # Every row's own keys start at or after the block's first token.
+    seen = jnp.clip(jnp.minimum(stream_len, b * block - stream_start), 0, None)
     carry = walk(1, stream_start, stream_len, seen // tile, carry)
     k, v = read(1, b * block, block)
-    pos = jax.lax.broadcasted_iota(jnp.int32, (r, block), 0) % block  # row's place in the block
+    # A row's place in the block (block: a power of two).
+    pos = jax.lax.broadcasted_iota(jnp.int32, (r, block), 0) & (block - 1)
     keys = jax.lax.broadcasted_iota(jnp.int32, (r, block), 1)
     _, l_sum, acc = _step(q, k, v, (keys <= pos) & (keys >= local), *carry, scale)
     return acc / l_sum
@@ -179,7 +183,7 @@ def ragged_block_attention(
     pool_v: jax.Array,  # [K, P, D]
     meta: BlockMeta,
     *,
-    block: int,
+    block: int,  # a power of two
     tile: int | None = None,
     rows: int = ROWS,
     num_warps: int | None = None,
@@ -190,9 +194,11 @@ def ragged_block_attention(
     """Block attention in Pallas. `backend`: "tpu" (Mosaic) or "gpu" (Triton); default: the
     running backend's, TPU's on CPU. `interpret` (default: on CPU) runs either in Pallas'
     interpreter (the TPU one in TPU interpret mode). `tile`: keys per step of a range walk, a
-    power of two (default: the block, at most GPU_KEY_TILE on GPU and 128 on TPU). `rows`:
-    query rows per program, at most (heads_per_program). `num_warps` (default: 4 per 64 rows,
-    at most 8) and `num_stages`: Triton's, GPU only."""
+    power of two (default: the block, at most GPU_KEY_TILE on GPU and 128 on TPU); the pool
+    and the stream are read up to a tile past a range's end, so the pool needs that padding.
+    `rows`: query heads are stacked in a program while they fit this many rows
+    (heads_per_program; a block larger than `rows` runs one head per program). `num_warps`
+    (default: 4 per 64 rows, at most 8) and `num_stages`: Triton's, GPU only."""
     t, nk, group, d = q.shape
     if t % block:
         raise ValueError(f"{t=} must be a multiple of {block=}")
@@ -200,8 +206,11 @@ def ragged_block_attention(
     backend = backend or ("gpu" if platform in _GPU_BACKENDS else "tpu")
     interpret = platform == "cpu" if interpret is None else interpret
     tile = tile or min(block, GPU_KEY_TILE if backend == "gpu" else 128)
-    if tile & (tile - 1):
-        raise ValueError(f"{tile=} must be a power of two")
+    for name, n in (("block", block), ("tile", tile)):
+        if n & (n - 1):
+            raise ValueError(f"{name}={n} must be a power of two")
+        if backend == "gpu" and not interpret and n < 16:
+            raise ValueError(f"{name}={n}: Triton's matrix products need at least 16")
     nb = t // block
     hp = heads_per_program(group, block, rows)
     per_kv = group // hp  # programs per kv head and block

@@ -20,8 +20,8 @@ from tests.test_block_attention import random_case
 NATIVE = jax.default_backend() in ("gpu", "tpu")
 
 
-def _diff(backend: str, seed: int, interpret: bool, tile=None, rows=ROWS) -> float:
-    q, k, v, pk, pv, meta = random_case(seed)
+def _diff(backend: str, seed: int, interpret: bool, tile=None, rows=ROWS, g=2) -> float:
+    q, k, v, pk, pv, meta = random_case(seed, g=g)
     with jax.default_matmul_precision("highest"):
         ref = block_attention_reference(q, k, v, pk, pv, meta, block=16)
         out = ragged_block_attention(
@@ -40,13 +40,14 @@ def _diff(backend: str, seed: int, interpret: bool, tile=None, rows=ROWS) -> flo
     return float(jnp.abs(out - ref).max())
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_kernel_matches_reference_in_interpret_mode(backend, seed, record):
     # Seed 0: both query heads of a kv head in one program, key tiles of the block's size;
-    # seeds 1-2: one head per program (rows=16), key tiles smaller / larger than the block.
-    rows = ROWS if seed == 0 else 16
-    diff = _diff(backend, seed, interpret=True, tile=(None, 8, 32)[seed], rows=rows)
+    # seeds 1-2: one head per program (rows=16), key tiles smaller / larger than the block;
+    # seed 3: 4 query heads per kv head, 2 per program.
+    tile, rows, g = [(None, ROWS, 2), (8, 16, 2), (32, 16, 2), (None, 32, 4)][seed]
+    diff = _diff(backend, seed, interpret=True, tile=tile, rows=rows, g=g)
     record(f"pallas {backend.upper()} kernel (interpret) vs reference", diff)
     assert diff <= 1e-5
 
@@ -64,8 +65,7 @@ def test_heads_per_program():
 def test_a_row_does_not_depend_on_the_rest_of_its_block(backend):
     """Isolation inside the kernel: in the block where a query run ends and its items begin,
     the query's last tokens and the first item give the same bits whatever the next item holds
-    and however long it is (which rows' keys run unmasked, and where the stream range is cut,
-    follow from the other rows)."""
+    and however long it is (where the block's stream range is cut follows from its rows)."""
     rng = np.random.default_rng(5)
     block, nb, q_len = 16, 4, 37  # the query run: blocks 0-1 and 5 tokens of block 2
     first = slice(2 * block, 2 * block + 9)  # its last 5 tokens, then a 4-token item
