@@ -66,6 +66,17 @@ class _Pending:
     arrived: float
 
 
+def _warmup_part() -> tuple[int, int]:
+    """(rank, replicas) of this replica in its deployment, so that replicas starting together
+    compile their warm-up shapes in staggered orders (models/engine.py staggered); (0, 1)
+    where Serve gives no rank (or no fixed replica count)."""
+    ctx = serve.get_replica_context()
+    n = ctx.world_size
+    if ctx.rank is None or not isinstance(n, int) or n < 1:
+        return 0, 1
+    return ctx.rank.rank, n
+
+
 # max_ongoing_requests: chunk calls one replica holds; with the batcher they share forwards,
 # so it bounds the queue, not the batch. Replicas are chosen by query affinity (routing.py).
 @serve.deployment(
@@ -102,7 +113,7 @@ class Scorer:
             self.engine = ScoringEngine(path, self.args.engine)
         if has_random_weights(path):
             log.warning("replica %s serves RANDOM WEIGHTS from %s", self.replica, path)
-        self.warmup = self.engine.warmup() if self.args.warmup else None
+        self.warmup = self.engine.warmup(_warmup_part()) if self.args.warmup else None
         self._stats = self.engine.stats()  # counters at the end of warm-up
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wake: asyncio.Event | None = None

@@ -62,8 +62,8 @@ class SliceHost:
     def score(self, chunks: Sequence[Chunk]) -> list:
         return self.engine.score(chunks)
 
-    def warmup(self) -> dict[str, float]:
-        return self.engine.warmup()
+    def warmup(self, part: tuple[int, int] = (0, 1)) -> dict[str, float]:
+        return self.engine.warmup(part)
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
@@ -163,8 +163,9 @@ class SliceEngine:
         refs = [h.score.remote(list(chunks)) for h in self.hosts]
         return self._all(refs, self.timeout_s)[0]
 
-    def warmup(self) -> dict[str, float]:
-        return self._all([h.warmup.remote() for h in self.hosts])[0]
+    def warmup(self, part: tuple[int, int] = (0, 1)) -> dict[str, float]:
+        # Every host in the same order: they run one program.
+        return self._all([h.warmup.remote(part) for h in self.hosts])[0]
 
     def stats(self) -> dict[str, int]:
         return self._all([self.hosts[0].stats.remote()], self.timeout_s)[0]

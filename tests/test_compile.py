@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from models.engine import EngineConfig, ScoringEngine
+from models.engine import EngineConfig, ScoringEngine, staggered
 from models.inputs import Chunk
 
 COMPILES: list[str] = []
@@ -84,7 +84,7 @@ jax.monitoring.register_event_listener(
 )
 use_compilation_cache(Path(sys.argv[2]))
 config = EngineConfig(max_batch_tokens=128, max_item_tokens=8, max_query_tokens=32, max_labels=2)
-report = ScoringEngine(sys.argv[1], config).warmup()
+report = ScoringEngine(sys.argv[1], config).warmup((int(sys.argv[3]), int(sys.argv[4])))
 print(json.dumps({"shapes": report["shapes"], "cache_hits": len(hits)}))
 """
 
@@ -96,9 +96,9 @@ def test_a_restarted_engine_loads_its_programs_from_the_compilation_cache(ckpts,
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's own cache would win otherwise
     cache = tmp_path / "jax"
 
-    def warm_start() -> dict[str, float]:
+    def warm_start(part: tuple[int, int]) -> dict[str, float]:
         out = subprocess.run(
-            [sys.executable, "-c", _CACHED_WARMUP, ckpts["qwen3"], str(cache)],
+            [sys.executable, "-c", _CACHED_WARMUP, ckpts["qwen3"], str(cache), *map(str, part)],
             env=env,
             capture_output=True,
             text=True,
@@ -107,8 +107,24 @@ def test_a_restarted_engine_loads_its_programs_from_the_compilation_cache(ckpts,
         )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    first = warm_start()
+    first = warm_start((0, 1))
     assert first["shapes"] > 0 and first["cache_hits"] == 0
     assert any(cache.iterdir())
-    second = warm_start()
+    # The second of two replicas (staggered order): the same programs, every one loaded.
+    second = warm_start((1, 2))
     assert second["cache_hits"] >= second["shapes"] == first["shapes"]
+
+
+def test_staggered_warmup_orders():
+    """Replicas starting together each begin at their share of the compile cost, every order
+    a rotation over all the shapes."""
+    costs = [4.0] * 7 + [1.0] * 4  # 7 bodies, 4 LM heads
+    assert staggered(costs, 0, 1) == list(range(11))
+    first, second = staggered(costs, 0, 2), staggered(costs, 1, 2)
+    assert second == [4, 5, 6, 7, 8, 9, 10, 0, 1, 2, 3]  # bodies 4-6 + heads: 16 of 32
+    assert first == list(range(11)) and staggered(costs, 3, 2) == second  # rank mod count
+    for n in (1, 2, 3, 8, 16):
+        for i in range(n):
+            order = staggered(costs, i, n)
+            assert order == [*range(order[0], 11), *range(order[0])]  # a rotation
+    assert staggered([], 0, 2) == [] and staggered([1.0], 1, 4) == [0]

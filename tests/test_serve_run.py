@@ -29,5 +29,7 @@ def test_serve_run_default_config(tmp_path):
         text = log.read_text()
         assert "RANDOM-WEIGHT" in text  # the demo model says what it is
         assert "warm-up: 11 shapes ready" in text  # every shape, before ready
+        # The two replicas (Serve's ranks 0 and 1) compiled in staggered orders.
+        assert "share 1 of 2 first" in text and "share 2 of 2 first" in text
         models = requests.get(f"{URL}/v1/models", timeout=30).json()
         assert models["data"][0]["random_weights"] is True
