@@ -21,7 +21,13 @@ def test_serve_run_default_config(tmp_path):
     }
     # RAY_ADDRESS=local: a Ray of its own, as on a fresh machine, not the test session's
     # cluster; `serve run` stops it on Ctrl-C (serve_run sends SIGINT).
-    env = {"MIS_SERVE_CACHE": str(tmp_path / "cache"), "RAY_ADDRESS": "local"}
+    # RAY_DEDUP_LOGS=0: Ray folds log lines that differ only in numbers (the two replicas'
+    # warm-up lines) into one.
+    env = {
+        "MIS_SERVE_CACHE": str(tmp_path / "cache"),
+        "RAY_ADDRESS": "local",
+        "RAY_DEDUP_LOGS": "0",
+    }
     with serve_run(REPO / "configs/config.yaml", tmp_path / "serve.log", env) as log:
         resp = wait_for_scores(URL, body, log)
         scores = resp.json()["scores"]
