@@ -127,13 +127,18 @@ def test_a_busy_replica_spills_to_the_other(service):
         }
         for _ in range(96)
     ]
-    # 24 at once: the preferred replica's queue passes spill_threshold (4) even when the
-    # machine is busy with other tests (under max_inflight_requests, 32: no 503).
-    with concurrent.futures.ThreadPoolExecutor(24) as pool:
-        responses = list(pool.map(lambda b: _post(service, b), bodies))
-    assert all(r.ok for r in responses)
-    assert {r.headers["X-MIS-Chunks"] for r in responses} == {"1"}
-    used = {r.headers["X-MIS-Replicas"] for r in responses}
+    # 24 at once: the preferred replica's queue passes spill_threshold (4) (under
+    # max_inflight_requests, 32: no 503). A machine busy with other tests can starve the
+    # ingress so that one burst never queues that deep: up to three bursts.
+    used: set[str] = set()
+    for _ in range(3):
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            responses = list(pool.map(lambda b: _post(service, b), bodies))
+        assert all(r.ok for r in responses)
+        assert {r.headers["X-MIS-Chunks"] for r in responses} == {"1"}
+        used |= {r.headers["X-MIS-Replicas"] for r in responses}
+        if len(used) == 2:
+            break
     assert len(used) == 2, used
 
 
