@@ -38,11 +38,11 @@ import numpy as np
 
 from kernels.block_attention import BlockMeta, block_attention
 from kernels.ragged_attention import ragged_block_attention
-from loadtests.profile_engine import best_ms, request_forwards
+from loadtests.profile_engine import best_ms, request_forwards, workload_config
 from mis_score.bench import GATE_BOUND, matmul_peak_gflops, share_of_peak, useful_flops
 from mis_score.workload import Workload
 from models.config import PRESETS
-from models.engine import KEY_TILES, EngineConfig, pool_rows
+from models.engine import KEY_TILES, pool_rows
 from models.plan import Mode
 
 PALLAS_SETTINGS = ("tile", "rows", "num_warps", "num_stages")
@@ -106,14 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = PRESETS[args.preset]
     w = Workload(args.query_tokens, args.items, args.item_tokens)
-    config = EngineConfig(
-        mode=Mode(args.mode),
-        max_batch_tokens=args.max_batch_tokens,
-        max_item_tokens=w.item_tokens,
-        max_query_tokens=w.query_tokens,
-        max_labels=len(w.label_ids),
-        prefix_pool_tokens=max(EngineConfig().prefix_pool_tokens, w.query_tokens),
-    )
+    config = workload_config(w, mode=Mode(args.mode), max_batch_tokens=args.max_batch_tokens)
     block = config.block
     forwards = request_forwards(w, config, seed=0)
     kv, g, hd, dt = cfg.num_kv_heads, cfg.group_size, cfg.head_dim, jnp.dtype(dtype)

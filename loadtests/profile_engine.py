@@ -85,6 +85,18 @@ def keys_read(f: Forward, block: int) -> np.ndarray:
     return r[:, 1] + stream + (t - own + 1)
 
 
+def workload_config(w: Workload, **settings: Any) -> EngineConfig:
+    """Engine settings sized for the workload (its query, items and labels fit), plus
+    `settings` (mode, attention, max_batch_tokens, ...)."""
+    return EngineConfig(
+        max_item_tokens=w.item_tokens,
+        max_query_tokens=w.query_tokens,
+        max_labels=len(w.label_ids),
+        prefix_pool_tokens=max(EngineConfig().prefix_pool_tokens, w.query_tokens),
+        **settings,
+    )
+
+
 def request_forwards(w: Workload, config: EngineConfig, seed: int) -> list[Forward]:
     """The forwards of one request of `w` with a new query, planned on a fresh pool as the
     engine plans them (prefix mode: a pool miss, the query's run in the first forward)."""
@@ -115,14 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     w = Workload(args.query_tokens, args.items, args.item_tokens)
     labels = list(w.label_ids)
-    config = EngineConfig(
-        mode=args.mode,
-        attention=args.attention,
-        max_batch_tokens=args.max_batch_tokens,
-        max_item_tokens=w.item_tokens,
-        max_query_tokens=w.query_tokens,
-        max_labels=len(labels),
-        prefix_pool_tokens=max(EngineConfig().prefix_pool_tokens, w.query_tokens),
+    config = workload_config(
+        w, mode=args.mode, attention=args.attention, max_batch_tokens=args.max_batch_tokens
     )
     engine = ScoringEngine(ensure_demo_checkpoint(args.preset), config)
     cfg, dt, block = engine.run_cfg, engine.dtype, config.block

@@ -182,6 +182,8 @@ def staggered(costs: Sequence[float], i: int, n: int) -> list[int]:
     each begins where its n-th of the total cost begins and wraps round, so it compiles its
     share while the others compile theirs, then finds most of the rest in the cache instead of
     every engine compiling every shape on the same cores."""
+    if n < 1:
+        raise ValueError(f"{n=}: engines warming up at once, at least 1")
     total, cum, start = sum(costs), 0.0, 0
     for k, cost in enumerate(costs):
         if cum >= total * (i % n) / n:
@@ -315,7 +317,8 @@ class ScoringEngine:
     def warmup(self, part: tuple[int, int] = (0, 1)) -> dict[str, float]:
         start, before = time.perf_counter(), self._stats["compiles"]
         # (compile cost, program): a body compiled in ~4x an LM head's time on CPU (1.1 s vs
-        # 0.25 s, test model), whatever its length.
+        # 0.25 s, test model), whatever its length. The costs only balance the staggered
+        # orders (every order holds every shape).
         shapes = [
             *(
                 (4.0, functools.partial(self._body, n * self.config.block))

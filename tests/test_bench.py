@@ -8,12 +8,12 @@ from mis_score.cli import main
 from models.engine import ScoringEngine
 
 
-def _bench(ckpt: str, tmp_path, *extra: str) -> dict:
+def _bench(ckpt: str, tmp_path, *extra: str, status: int = 0) -> dict:
     out = tmp_path / "bench.json"
     argv = ["bench", "--model-path", ckpt, "--query-tokens", "40", "--items", "12"]
     argv += ["--item-tokens", "5", "--chunk-sizes", "4", "16", "--repeats", "1"]
     argv += ["--baseline-items", "4", "--json", str(out), *extra]
-    assert main(argv) == 0
+    assert main(argv) == status
     return json.loads(out.read_text())
 
 
@@ -51,7 +51,9 @@ def test_a_mode_that_disagrees_with_serial_is_failed_not_ranked(ckpts, tmp_path,
         return label_logits, lse
 
     monkeypatch.setattr(ScoringEngine, "_run", labels_swapped)
-    result = _bench(ckpts["qwen3"], tmp_path, "--no-transformers", "--modes", "serial,prefix")
+    result = _bench(
+        ckpts["qwen3"], tmp_path, "--no-transformers", "--modes", "serial,prefix", status=1
+    )
     status = {r["mode"]: r["status"] for r in result["rows"]}
     assert status["serial"] == "ok"
     assert status["prefix"].startswith("failed"), status

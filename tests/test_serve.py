@@ -274,8 +274,9 @@ def _settled() -> dict[str, float]:
     """Our metrics once every earlier request has been exported: the same in three scrapes 2 s
     apart (a replica starved by other tests on the machine can report one tick late, and a
     stale baseline here counted the previous test's prefix misses in the next one's)."""
-    seen = [_read(_scrape())]
+    seen, deadline = [_read(_scrape())], time.time() + 120
     while len(seen) < 3 or seen[-1] != seen[-2] or seen[-2] != seen[-3]:
+        assert time.time() < deadline, f"metrics still moving after 120 s: {seen[-1]}"
         time.sleep(2)
         seen.append(_read(_scrape()))
     return seen[-1]
@@ -314,7 +315,13 @@ def test_no_compilation_after_ready_under_a_mixed_load(service):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert all(r.ok for r in pool.map(lambda b: _post(service, b), bodies))
     n_items = sum(len(b["items"]) for b in bodies)
-    after = _metrics_when(lambda m: m["items scored"] >= before["items scored"] + n_items)
+    after = _metrics_when(
+        lambda m: (
+            m["items scored"] >= before["items scored"] + n_items
+            and m["request items"] >= before["request items"] + n_items
+            and m["requests"] >= before["requests"] + 48
+        )
+    )
     # Both sides: the ingress's count of items asked for and the scorers' count of items
     # scored (a chunk scored twice, or a baseline taken before an earlier test's metrics were
     # in, tells itself apart this way).
