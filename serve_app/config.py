@@ -156,8 +156,8 @@ class PlacementArgs(_Group):
 def scoring_key(model: ModelArgs, engine: EngineConfig) -> str:
     """What makes two scorers give the same scores (checkpoint and engine settings), as a short
     digest: an ingress sends it with each chunk and a scorer refuses a chunk meant for another
-    key (Serve's gRPC transport addresses a replica by host and port, and a port reused by
-    another app's replica would otherwise answer with another model's scores)."""
+    key (Serve's gRPC transport addresses a replica by host and port; should a call reach a
+    replica of other settings, its scores would come from another model)."""
     settings = {"model": model.model_dump(mode="json"), "engine": engine.model_dump(mode="json")}
     data = json.dumps(settings, sort_keys=True).encode()
     return hashlib.blake2b(data, digest_size=8).hexdigest()

@@ -49,8 +49,9 @@ class EngineFailure(RuntimeError):
 
 
 class Misdelivered(EngineFailure):
-    """A chunk call that reached a replica of other scoring settings (another app's, on a
-    reused port): refused, and retried like a failed replica's."""
+    """A chunk call that reached a replica of other scoring settings (seen once in the test
+    suite, two clusters on one machine; the path was not pinned down): refused, and retried
+    like a failed replica's."""
 
 
 @dataclasses.dataclass(frozen=True)
