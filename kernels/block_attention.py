@@ -69,10 +69,18 @@ def visible(meta: BlockMeta, block: int, pool_size: int) -> jax.Array:  # [T, po
     return in_pool | in_stream | local
 
 
-def _softmax_attention(q, k, v, mask) -> jax.Array:
+def logits(s: jax.Array, scale: float, softcap: float | None) -> jax.Array:
+    """Attention logits from raw scores q.k: scaled, then (Gemma 2) soft-capped as HF does,
+    `tanh(s * scale / cap) * cap`, before the mask."""
+    z = s * scale
+    return z if softcap is None else jnp.tanh(z / softcap) * softcap
+
+
+def _softmax_attention(q, k, v, mask, scale=None, softcap=None) -> jax.Array:
     """q [T, K, G, D], k/v [K, S, D], mask [T, S] -> [T, K, G, D]; rows with no key give 0."""
     s = jnp.einsum("tkgd,ksd->ktgs", q, k, preferred_element_type=jnp.float32)
-    s = jnp.where(mask[None, :, None, :], s * q.shape[-1] ** -0.5, NEG)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = jnp.where(mask[None, :, None, :], logits(s, scale, softcap), NEG)
     p = jnp.where(mask[None, :, None, :], jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
     ones = jnp.ones((s.shape[-1],), p.dtype)
     l_sum = jnp.einsum("ktgs,s->ktg", p, ones)
@@ -90,12 +98,14 @@ def block_attention_reference(
     meta: BlockMeta,
     *,
     block: int,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:  # [T, K, G, D]
     """Plain attention over [pool | stream] with the mask materialised (tests only)."""
     mask = visible(meta, block, pool_k.shape[1])
     keys = jnp.concatenate([pool_k, _head_major(k)], axis=1)
     values = jnp.concatenate([pool_v, _head_major(v)], axis=1)
-    return _softmax_attention(q, keys, values, mask)
+    return _softmax_attention(q, keys, values, mask, scale, softcap)
 
 
 def dense_attention(
@@ -105,11 +115,13 @@ def dense_attention(
     meta: BlockMeta,
     *,
     block: int,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:  # [T, K, G, D]
     """The materialised-mask baseline (packed mode, no pool): a [T, T] mask and plain softmax
     attention over every pair of stream tokens, as sglang-jax's packed path does."""
     mask = visible(meta, block, 0)
-    return _softmax_attention(q, _head_major(k), _head_major(v), mask)
+    return _softmax_attention(q, _head_major(k), _head_major(v), mask, scale, softcap)
 
 
 def _head_major(x: jax.Array) -> jax.Array:
@@ -134,7 +146,7 @@ def _online_step(carry, s, v, live):
 _CHUNK = 8  # relative distances per step of the local part's sum
 
 
-def _local_step(carry, q, k, v, local_start, scale):
+def _local_step(carry, q, k, v, local_start, scale, softcap=None):
     """Fold a block's own keys (token t sees [local_start[t], t] of its block) into the
     flash-attention state, in relative coordinates: column j of the skewed scores is the key j
     tokens back, so a token's terms sit at the same places (and are summed in the same order)
@@ -144,7 +156,8 @@ def _local_step(carry, q, k, v, local_start, scale):
     q [R, K, G, D]; k, v [R, K, D]; local_start [R]."""
     m, l_sum, o = carry
     r = q.shape[0]
-    s = jnp.einsum("rkgd,pkd->krgp", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("rkgd,pkd->krgp", q, k, preferred_element_type=jnp.float32)
+    s = logits(s, scale, softcap)
     back = jnp.arange(r)[:, None] - jnp.arange(r)[None, :]  # [R, R]: key index t - j
     live = (back >= local_start[:, None])[None, :, None, :]  # j <= t - local_start[t]
     back = jnp.maximum(back, 0)
@@ -195,10 +208,13 @@ def block_attention(
     *,
     block: int,
     key_tiles: tuple[int, int] = (512, 128),
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:  # [T, K, G, D]
     """Flash attention per block: the pool range and the stream range in tiles (whole big
     tiles, then small ones for the rest; one loop each, trip counts from the data), then the
-    block's own causal keys."""
+    block's own causal keys. `scale` multiplies q.k (default 1/sqrt(head_dim)); `softcap`
+    (Gemma 2) caps the scaled scores at +-softcap with tanh."""
     t, nk, g, d = q.shape
     if t % block:
         raise ValueError(f"{t=} must be a multiple of {block=}")
@@ -206,7 +222,7 @@ def block_attention(
     if big % small:
         raise ValueError(f"key tiles {key_tiles}: the big tile must be a multiple of the small")
     nb = t // block
-    scale = d**-0.5
+    scale = d**-0.5 if scale is None else scale
     # Head-major like the pool, so one tile read serves both; tiles past the end of the stream
     # read zeros, not a clamped (shifted) window.
     k_pad = jnp.pad(_head_major(k), [(0, 0), (0, big), (0, 0)])
@@ -244,7 +260,7 @@ def block_attention(
                 live = (j + offsets < length)[None, :] & (
                     from_pool | (key[None, :] < own[:, None])
                 )  # [R, tile]
-                return _online_step(carry, s * scale, vt, live[None, :, None, :])
+                return _online_step(carry, logits(s, scale, softcap), vt, live[None, :, None, :])
 
             return jax.lax.fori_loop(0, n_pool + n_stream, step, carry)
 
@@ -266,7 +282,7 @@ def block_attention(
             stream_from,
             -(-jnp.maximum(stream_len - stream_from, 0) // small),
         )
-        _, l_sum, o = _local_step(carry, qq, kk, vv, local_start, scale)
+        _, l_sum, o = _local_step(carry, qq, kk, vv, local_start, scale, softcap)
         return (o / l_sum[..., None]).transpose(1, 0, 2, 3)  # [R, K, G, D]
 
     out = jax.lax.map(

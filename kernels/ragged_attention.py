@@ -33,14 +33,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.block_attention import NEG, BlockMeta
+from kernels.block_attention import NEG, BlockMeta, logits
 
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
 ROWS = 128  # query rows per program, at most: GQA heads are stacked up to this
 GPU_KEY_TILE = 64  # keys per step of a range walk on GPU (TPU: up to 128), at most
 
 
-def _step(q, k, v, mask, m_prev, l_prev, acc_prev, scale):
+def _step(q, k, v, mask, m_prev, l_prev, acc_prev, scale, softcap=None):
     """One key tile of flash attention: fold scores q @ k^T into (m, l, acc). `mask` None: every
     key is visible to every row. Both ways a live key's probability is the same expression,
     exp(s * scale - m), with no select between the product and the difference, so a compiler
@@ -48,9 +48,10 @@ def _step(q, k, v, mask, m_prev, l_prev, acc_prev, scale):
     s = jax.lax.dot_general(
         q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )  # [R, tile]
-    live = s * scale if mask is None else jnp.where(mask, s * scale, NEG)
+    live = logits(s, scale, softcap)
+    live = live if mask is None else jnp.where(mask, live, NEG)
     m_next = jnp.maximum(m_prev, live.max(axis=1, keepdims=True))
-    p = jnp.exp(s * scale - m_next)
+    p = jnp.exp(logits(s, scale, softcap) - m_next)
     if mask is not None:
         p = jnp.where(mask, p, 0.0)  # a masked key's exp may overflow: replaced, never summed
     alpha = jnp.exp(m_prev - m_next)
@@ -61,7 +62,7 @@ def _step(q, k, v, mask, m_prev, l_prev, acc_prev, scale):
     return m_next, l_next, alpha * acc_prev + pv
 
 
-def _body(ranges, local, q, read, *, block: int, tile: int, scale: float):
+def _body(ranges, local, q, read, *, block: int, tile: int, scale: float, softcap=None):
     """The kernel's math, shared by both lowerings. `ranges` = the block's four scalars,
     `local` [R, 1] int32 and `q` [R, D]: R rows = the block's tokens once per query head of
     the program, head after head. `read(source, start, size)` -> (k, v) [size, D] with source
@@ -84,11 +85,11 @@ def _body(ranges, local, q, read, *, block: int, tile: int, scale: float):
             def body(j, carry):
                 k, v = read(source, start + j * tile, tile)
                 if not masked:
-                    return _step(q, k, v, None, *carry, scale)
+                    return _step(q, k, v, None, *carry, scale, softcap)
                 mask = j * tile + cols < length
                 if source == 1:  # stream keys only before each row's own keys
                     mask &= start + j * tile + cols < own
-                return _step(q, k, v, mask, *carry, scale)
+                return _step(q, k, v, mask, *carry, scale, softcap)
 
             return body
 
@@ -108,7 +109,7 @@ def _body(ranges, local, q, read, *, block: int, tile: int, scale: float):
     # A row's place in the block (block: a power of two).
     pos = jax.lax.broadcasted_iota(jnp.int32, (r, block), 0) & (block - 1)
     keys = jax.lax.broadcasted_iota(jnp.int32, (r, block), 1)
-    _, l_sum, acc = _step(q, k, v, (keys <= pos) & (keys >= local), *carry, scale)
+    _, l_sum, acc = _step(q, k, v, (keys <= pos) & (keys >= local), *carry, scale, softcap)
     return acc / l_sum
 
 
@@ -173,7 +174,17 @@ def heads_per_program(group: int, block: int, rows: int) -> int:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("block", "tile", "rows", "num_warps", "num_stages", "backend", "interpret"),
+    static_argnames=(
+        "block",
+        "tile",
+        "rows",
+        "num_warps",
+        "num_stages",
+        "backend",
+        "interpret",
+        "scale",
+        "softcap",
+    ),
 )
 def ragged_block_attention(
     q: jax.Array,  # [T, K, G, D]
@@ -190,6 +201,8 @@ def ragged_block_attention(
     num_stages: int = 2,
     backend: str | None = None,
     interpret: bool | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:  # [T, K, G, D]
     """Block attention in Pallas. `backend`: "tpu" (Mosaic) or "gpu" (Triton); default: the
     running backend's, TPU's on CPU. `interpret` (default: on CPU) runs either in Pallas'
@@ -198,7 +211,8 @@ def ragged_block_attention(
     and the stream are read up to a tile past a range's end, so the pool needs that padding.
     `rows`: query heads are stacked in a program while they fit this many rows
     (heads_per_program; a block larger than `rows` runs one head per program). `num_warps`
-    (default: 4 per 64 rows, at most 8) and `num_stages`: Triton's, GPU only."""
+    (default: 4 per 64 rows, at most 8) and `num_stages`: Triton's, GPU only. `scale`
+    multiplies q.k (default 1/sqrt(head_dim)); `softcap` (Gemma 2) caps the scaled scores."""
     t, nk, group, d = q.shape
     if t % block:
         raise ValueError(f"{t=} must be a multiple of {block=}")
@@ -222,7 +236,7 @@ def ragged_block_attention(
     kh = jnp.pad(k.swapaxes(0, 1), [(0, 0), (0, tile), (0, 0)])
     vh = jnp.pad(v.swapaxes(0, 1), [(0, 0), (0, tile), (0, 0)])
     local = jnp.tile(meta.local_start.reshape(nb, 1, block), (1, hp, 1)).reshape(nb, r, 1)
-    kw = dict(block=block, tile=tile, scale=d**-0.5)
+    kw = dict(block=block, tile=tile, scale=d**-0.5 if scale is None else scale, softcap=softcap)
     q_spec = pl.BlockSpec((None, None, r, d), lambda i, b, *_: (i, b, 0, 0))
     local_spec = pl.BlockSpec((None, r, 1), lambda i, b, *_: (b, 0, 0))
     out_shape = jax.ShapeDtypeStruct(qp.shape, q.dtype)
