@@ -1,7 +1,8 @@
 """HF-format checkpoints: load (single or sharded safetensors) and write random-init ones.
 
-The HF tensor names are mapped to our Flax parameter tree by one regex table used in both
-directions; every tensor's shape is checked, and unknown, missing or duplicate names raise.
+The HF tensor names are mapped to our Flax parameter tree by one regex table per family
+(KEY_TABLES); the names and shapes a checkpoint must hold come from its config (hf_shapes), every
+tensor's shape is checked, and unknown, missing or duplicate names raise.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from models.config import PRESETS, ModelConfig, from_hf_config
+from models.config import FULL, PRESETS, SLIDING, ModelConfig, from_hf_config
 from models.qwen import param_shapes
 from models.tokenizer import TOKENIZER_FILES, bundled_tokenizer_dir
 
@@ -34,47 +35,74 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # Tensors some checkpoints carry that hold no weights of ours (recomputed buffers).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
+Rule = tuple[re.Pattern[str], str, str]
+
+
+def _rules(*rules: tuple[str, str, str]) -> tuple[Rule, ...]:
+    return tuple((re.compile(pattern), path, kind) for pattern, path, kind in rules)
+
+
 # (HF name regex, Flax path template, kind). Layer rules capture the layer index first and fill
 # `{}` with the second group. kind: "kernel:N" = HF [out, in] matrix whose transpose is reshaped
 # to the Flax kernel with N leading input dims; "reshape" = same data, Flax shape.
-_RULES: tuple[tuple[re.Pattern[str], str, str], ...] = tuple(
-    (re.compile(pattern), path, kind)
-    for pattern, path, kind in (
-        (r"model\.embed_tokens\.weight", "embed_tokens/embedding", "reshape"),
-        (r"model\.norm\.weight", "norm/scale", "reshape"),
-        (r"lm_head\.weight", "lm_head", "reshape"),
-        (
-            r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight",
-            "layers/self_attn/{}_proj/kernel",
-            "kernel:1",
-        ),
-        (
-            r"model\.layers\.(\d+)\.self_attn\.(o)_proj\.weight",
-            "layers/self_attn/{}_proj/kernel",
-            "kernel:2",
-        ),
-        (
-            r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.bias",
-            "layers/self_attn/{}_proj/bias",
-            "reshape",
-        ),
-        (
-            r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight",
-            "layers/self_attn/{}_norm/scale",
-            "reshape",
-        ),
-        (
-            r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-            "layers/{}/scale",
-            "reshape",
-        ),
-        (
-            r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight",
-            "layers/mlp/{}_proj/kernel",
-            "kernel:1",
-        ),
+_DECODER = _rules(
+    (r"model\.embed_tokens\.weight", "embed_tokens/embedding", "reshape"),
+    (r"model\.norm\.weight", "norm/scale", "reshape"),
+    (r"lm_head\.weight", "lm_head", "reshape"),
+    (r"score\.weight", "score", "reshape"),  # *ForSequenceClassification
+    (
+        r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight",
+        "layers/self_attn/{}_proj/kernel",
+        "kernel:1",
+    ),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.(o)_proj\.weight",
+        "layers/self_attn/{}_proj/kernel",
+        "kernel:2",
+    ),
+    (
+        r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
+        "layers/{}/scale",
+        "reshape",
+    ),
+    (
+        r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight",
+        "layers/mlp/{}_proj/kernel",
+        "kernel:1",
+    ),
+)
+_BIASES = _rules(
+    (
+        r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.bias",
+        "layers/self_attn/{}_proj/bias",
+        "reshape",
     )
 )
+_QK_NORM = _rules(
+    (
+        r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight",
+        "layers/self_attn/{}_norm/scale",
+        "reshape",
+    )
+)
+_SANDWICH = _rules(  # Gemma 2/3: norms around the MLP (post_attention_layernorm is in _DECODER)
+    (
+        r"model\.layers\.(\d+)\.(pre_feedforward_layernorm|post_feedforward_layernorm)\.weight",
+        "layers/{}/scale",
+        "reshape",
+    )
+)
+# The tensors each family's checkpoints may hold; which of them a checkpoint must hold, and
+# their shapes, come from its config (hf_shapes).
+KEY_TABLES: dict[str, tuple[Rule, ...]] = {
+    "qwen3": _DECODER + _BIASES + _QK_NORM,
+    "qwen2": _DECODER + _BIASES,
+    "llama": _DECODER + _BIASES,
+    "mistral": _DECODER,
+    "gemma": _DECODER + _BIASES,
+    "gemma2": _DECODER + _BIASES + _SANDWICH,
+    "gemma3_text": _DECODER + _BIASES + _QK_NORM + _SANDWICH,
+}
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -85,7 +113,9 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "model.embed_tokens.weight": (cfg.vocab_size, d),
         "model.norm.weight": (d,),
     }
-    if not cfg.tie_word_embeddings:
+    if cfg.num_labels:
+        shapes["score.weight"] = (cfg.num_labels, d)
+    elif not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
@@ -110,18 +140,23 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.o_proj.bias"] = (d,)
         if cfg.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+        if cfg.sandwich_norms:
+            shapes |= {
+                p + "pre_feedforward_layernorm.weight": (d,),
+                p + "post_feedforward_layernorm.weight": (d,),
+            }
     return shapes
 
 
-def _match(name: str) -> tuple[str, int | None, str]:
-    for pattern, template, kind in _RULES:
+def _match(name: str, model_type: str) -> tuple[str, int | None, str]:
+    for pattern, template, kind in KEY_TABLES[model_type]:
         m = pattern.fullmatch(name)
         if m is None:
             continue
         if m.groups():
             return template.format(m.group(2)), int(m.group(1)), kind
         return template, None, kind
-    raise ValueError(f"unknown tensor {name!r} in checkpoint")
+    raise ValueError(f"unknown tensor {name!r} in checkpoint (model_type {model_type!r})")
 
 
 def _to_flax(w: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -173,17 +208,17 @@ def load_checkpoint(model_dir: str | Path, dtype: str | None = None) -> tuple[Mo
     for name, w in _iter_tensors(model_dir):
         if _IGNORED.fullmatch(name):
             continue
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        if name == "lm_head.weight" and cfg.tie_word_embeddings and not cfg.num_labels:
             continue  # some exporters write the tied head anyway; the embedding is used
         if name in seen:
             raise ValueError(f"tensor {name!r} appears twice in {model_dir}")
         seen.add(name)
         if name not in expected_hf:
-            _match(name)  # raises for names we do not know at all
-            raise ValueError(f"tensor {name!r} does not belong to this config ({cfg.model_type})")
+            _match(name, cfg.model_type)  # raises for names we do not know at all
+            raise ValueError(f"tensor {name!r} does not belong to this config ({cfg.architecture})")
         if tuple(w.shape) != expected_hf[name]:
             raise ValueError(f"{name}: shape {tuple(w.shape)} != expected {expected_hf[name]}")
-        path, layer, kind = _match(name)
+        path, layer, kind = _match(name, cfg.model_type)
         w = np.asarray(w).astype(DTYPES[dtype])
         if layer is None:
             flat[path] = _to_flax(w, kind, flax_shapes[path])
@@ -206,10 +241,12 @@ def load_checkpoint(model_dir: str | Path, dtype: str | None = None) -> tuple[Mo
         node[leaf] = jnp.asarray(arr)
     log.info(
         "loaded %s (%s, %d layers, %s) from %s",
-        cfg.model_type,
+        cfg.architecture,
         dtype,
         cfg.num_layers,
-        "tied" if cfg.tie_word_embeddings else "untied",
+        f"{cfg.num_labels} classes {list(cfg.class_labels)}"
+        if cfg.num_labels
+        else ("tied" if cfg.tie_word_embeddings else "untied"),
         model_dir,
     )
     if has_random_weights(model_dir):
@@ -227,12 +264,13 @@ def random_hf_state(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     Scaled so a tiny model's outputs depend strongly on its input (embeddings N(0, 0.5),
     matrices N(0, 1/fan_in), norm weights near 1): with HF's N(0, 0.02) init a tiny model gives
     near-uniform distributions in which a masking bug would hide below test tolerances.
+    Gemma's norms scale by 1 + w: theirs are drawn near 0.
     """
     rng = np.random.default_rng(seed)
     state = {}
     for name, shape in hf_shapes(cfg).items():
         if name.endswith("norm.weight"):
-            w = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+            w = (0.0 if cfg.norm_offset else 1.0) + 0.1 * rng.standard_normal(shape, np.float32)
         elif name.endswith(".bias"):
             w = 0.1 * rng.standard_normal(shape, dtype=np.float32)
         elif "embed_tokens" in name:
@@ -265,8 +303,12 @@ def save_hf_checkpoint(
     if random_weights:
         hf[RANDOM_WEIGHTS_KEY] = True
     if config_layout == "transformers5":
-        hf["rope_parameters"] = {"rope_theta": hf.pop("rope_theta"), "rope_type": "default"}
-        hf.pop("rope_scaling")
+        rope = {"rope_theta": hf.pop("rope_theta"), "rope_type": "default"}
+        rope |= hf.pop("rope_scaling") or {}
+        if cfg.local_rope_theta is not None:  # Gemma 3: one RoPE per layer type
+            local = {"rope_theta": hf.pop("rope_local_base_freq"), "rope_type": "default"}
+            rope = {FULL: rope, SLIDING: local}
+        hf["rope_parameters"] = rope
         hf["dtype"] = hf.pop("torch_dtype")
     elif config_layout != "hub":
         raise ValueError(f"{config_layout=} is not 'hub' or 'transformers5'")

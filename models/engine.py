@@ -44,7 +44,7 @@ from models.parallel import (
 )
 from models.plan import Forward, Mode, plan, stream_ladder
 from models.pool import PrefixPool
-from models.qwen import Attention, Qwen, StreamShape, init_shape
+from models.qwen import Attention, Decoder, StreamShape, init_shape
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,11 @@ class ScoringEngine:
         self.config = config = config or EngineConfig()
         self.model_dir = Path(model_dir)
         self.cfg, params = load_checkpoint(self.model_dir, config.dtype)
+        check_windows(self.cfg, config)
+        # The head the checkpoint's architecture chose: "lm" (scores at label tokens) or
+        # "classification" (every class's logit; chunks carry no label ids).
+        self.head_kind: str = self.cfg.head.value
+        self.class_labels: tuple[str, ...] = self.cfg.class_labels
         self.dtype_name = config.dtype or self.cfg.dtype
         self.dtype = jnp.dtype(self.dtype_name)
         self.vocab_size = self.cfg.vocab_size
@@ -279,10 +284,12 @@ class ScoringEngine:
     def score(self, chunks: Sequence[Chunk]) -> list[np.ndarray | ScoringInputError]:
         out: list[np.ndarray | ScoringInputError | None] = [None] * len(chunks)
         valid: list[Chunk | None] = []
+        classes = self.cfg.num_labels
         for ci, c in enumerate(chunks):
             try:
-                check_chunk(c, self.vocab_size, self.config.limits)
-                valid.append(c)
+                check_chunk(c, self.vocab_size, self.config.limits, classification=classes > 0)
+                # A classification head reads no label ids: none take label columns.
+                valid.append(dataclasses.replace(c, label_ids=()) if classes else c)
             except ScoringInputError as e:
                 out[ci] = e
                 valid.append(None)
@@ -297,7 +304,10 @@ class ScoringEngine:
         self._stats["prefix_hits"] += p.prefix_hits
         self._stats["prefix_misses"] += p.prefix_misses
         results = {
-            ci: (np.zeros((len(c.items), len(c.label_ids)), np.float32), np.zeros(len(c.items)))
+            ci: (
+                np.zeros((len(c.items), classes or len(c.label_ids)), np.float32),
+                np.zeros(len(c.items)),
+            )
             for ci, c in enumerate(valid)
             if c is not None
         }
@@ -307,10 +317,12 @@ class ScoringEngine:
             for ci in map(int, np.unique(dest[:, 0])):  # one copy per chunk, not per item
                 rows = np.flatnonzero(dest[:, 0] == ci)
                 items = dest[rows, 1]
-                results[ci][0][items] = ll[np.ix_(rows, f.label_cols[ci])]
+                cols = np.arange(classes) if classes else f.label_cols[ci]
+                results[ci][0][items] = ll[np.ix_(rows, cols)]
                 results[ci][1][items] = lse[rows]
         for ci, (ll, lse) in results.items():
-            out[ci] = finish_scores(ll, lse, valid[ci].apply_softmax)  # type: ignore[union-attr]
+            soft = valid[ci].apply_softmax  # type: ignore[union-attr]
+            out[ci] = finish_classes(ll, soft) if classes else finish_scores(ll, lse, soft)
             self._stats["items"] += len(ll)
         return out  # type: ignore[return-value]
 
@@ -363,7 +375,7 @@ class ScoringEngine:
         pool_tokens = self.pool.tokens if self.pool is not None else 0
 
         def build():
-            model = Qwen(self.run_cfg, shape, self.dtype, self.mesh)
+            model = Decoder(self.run_cfg, shape, self.dtype, self.mesh)
 
             def body(params, pool_k, pool_v, tokens, pos, ranges, local_start, write_idx):
                 hidden, (k, v) = model.apply(
@@ -373,7 +385,7 @@ class ScoringEngine:
                     BlockMeta(ranges, local_start),
                     pool_k,
                     pool_v,
-                    method=Qwen.body,
+                    method=Decoder.body,
                 )
                 # This forward's K/V [layers, T, kv, dim] into the pool where it keeps a query.
                 # The plan marks the rest with indices >= the pool's size; the array has a tile
@@ -397,11 +409,11 @@ class ScoringEngine:
         labels = self.config.max_labels
 
         def build():
-            model = Qwen(self.run_cfg, init_shape(), self.dtype, self.mesh)
+            model = Decoder(self.run_cfg, init_shape(), self.dtype, self.mesh)
 
             def head(params, hidden, score_idx, label_ids):
                 return model.apply(
-                    {"params": params}, hidden, score_idx, label_ids, method=Qwen.head
+                    {"params": params}, hidden, score_idx, label_ids, method=Decoder.head
                 )
 
             hidden = (self.config.max_batch_tokens, self.cfg.hidden_size)
@@ -451,7 +463,8 @@ class ScoringEngine:
         self._stats["tokens"] += f.real_tokens
         self._stats["padded_tokens"] += t - f.real_tokens
         if not pieces:
-            return np.zeros((0, len(f.labels)), np.float32), np.zeros(0, np.float32)
+            width = self.cfg.num_labels or len(f.labels)
+            return np.zeros((0, width), np.float32), np.zeros(0, np.float32)
         ll = np.concatenate([to_host(a)[:n] for a, _, n in pieces])
         lse = np.concatenate([to_host(b)[:n] for _, b, n in pieces])
         return ll, lse
@@ -475,6 +488,37 @@ def score_ids(
     if isinstance(result, ScoringInputError):
         raise result
     return result
+
+
+def check_windows(cfg: ModelConfig, config: EngineConfig) -> None:
+    """Sliding-window layers are served only where the window never cuts: every sequence the
+    engine can run (a query and an item) fits in it, so every token sees all of its sequence's
+    earlier tokens, as HF's windowed mask then does too. Refused otherwise, naming the
+    settings (masking by the window inside the attention is not implemented yet)."""
+    if not cfg.windowed_layers:
+        return
+    longest = config.max_query_tokens + config.max_item_tokens
+    if longest > cfg.sliding_window:  # type: ignore[operator]
+        raise ValueError(
+            f"sliding_window {cfg.sliding_window} ({cfg.architecture}, {len(cfg.windowed_layers)} "
+            f"of {cfg.num_layers} layers) is shorter than the engine's longest sequence: "
+            f"max_query_tokens {config.max_query_tokens} + max_item_tokens "
+            f"{config.max_item_tokens} = {longest}. Attention within a sliding window is not "
+            "implemented yet; lower max_query_tokens or max_item_tokens so that a query and an "
+            "item fit in the window (then it cuts nothing and scores are exact)"
+        )
+
+
+def finish_classes(logits: np.ndarray, apply_softmax: bool) -> np.ndarray:
+    """Classification scores from f32 class logits [items, classes]: the raw logits, or the
+    class probabilities (softmax over the classes; the sigmoid of a single class's logit)."""
+    z = logits.astype(np.float64)
+    if not apply_softmax:
+        return z
+    if z.shape[-1] == 1:
+        return 1.0 / (1.0 + np.exp(-z))
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def finish_scores(label_logits: np.ndarray, lse: np.ndarray, apply_softmax: bool) -> np.ndarray:

@@ -1,4 +1,7 @@
-"""Qwen3 and Qwen2/Qwen2.5 decoders in Flax, shaped for multi-item scoring.
+"""The decoder of every supported family (Qwen3, Qwen2, Llama, Mistral, Gemma, Gemma 2, Gemma 3)
+in Flax, shaped for multi-item scoring: one forward driven by ModelConfig's switches
+(models/config.py), read in the few places they matter, and a head at the end (the LM head at
+label tokens, or a sequence-classification head).
 
 A forward is two programs. `body` runs a flat stream of T tokens, cut into blocks (the mask
 and its metadata: kernels/block_attention.py), through the layers and returns the hidden states
@@ -6,7 +9,7 @@ and each layer's K/V (the engine writes a query's K/V into its pool). `head` run
 the score positions only. So the stream's length and the number of scores are two separate short
 ladders of compiled shapes, not a product. Layers are stacked with `nn.scan` so compile time
 does not grow with depth. Numerics follow HF transformers: RMSNorm and softmax in float32,
-RoPE with rotate-half and float32 angles.
+RoPE with rotate-half and float32 angles; Gemma's norms scale by (1 + w) in float32.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from jax.sharding import Mesh
 
 from kernels.block_attention import BlockMeta, block_attention, dense_attention
 from kernels.ragged_attention import ragged_block_attention
-from models.config import ModelConfig
+from models.config import Head, ModelConfig, RopeScaling
 from models.parallel import over_heads
 
 
@@ -55,10 +58,12 @@ class StreamShape:
 class RMSNorm(nn.Module):
     eps: float
     dtype: jnp.dtype
+    offset: bool = False  # Gemma: scale by (1 + w), the product in float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.dtype)
         x32 = x.astype(jnp.float32)
         # Mean square as a dot, not a fused reduce: XLA:CPU's reduce+rsqrt fusion rounds
         # differently for different row counts, which would let one item's length change
@@ -66,10 +71,12 @@ class RMSNorm(nn.Module):
         inv_d = jnp.full((x.shape[-1],), 1.0 / x.shape[-1], jnp.float32)
         mean_sq = jnp.einsum("...d,d->...", x32 * x32, inv_d)[..., None]
         y = x32 * jax.lax.rsqrt(mean_sq + self.eps)
+        if self.offset:  # HF Gemma: (norm(x.float()) * (1 + w.float())).type_as(x)
+            return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
         return scale * y.astype(x.dtype)  # HF: weight * hidden.to(input_dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
     """HF's RoPE frequencies `1 / theta ** (arange(0, d, 2) / d)`, rounded to float32 where HF
     rounds, with a correctly rounded pow, computed once on the host.
 
@@ -81,12 +88,39 @@ def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     """
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
-    return np.float32(1.0) / power
+    inv_freq = np.float32(1.0) / power
+    if scaling is None:
+        return inv_freq
+    return _scaled(inv_freq, scaling)
 
 
-def rope_tables(pos: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def _scaled(inv_freq: np.ndarray, sc: RopeScaling) -> np.ndarray:
+    """transformers' `linear` and `llama3` frequency scaling, op for op in float32 (a python
+    number divided by a tensor is torch's reciprocal times the number)."""
+    f32 = np.float32
+    factor = f32(sc.factor)
+    if sc.rope_type == "linear":
+        return inv_freq / factor
+    if sc.rope_type != "llama3":
+        raise ValueError(f"rope_type {sc.rope_type!r} is not supported")
+    old = sc.original_max_position_embeddings
+    low_wavelen = old / sc.low_freq_factor  # python floats, as in transformers
+    high_wavelen = old / sc.high_freq_factor
+    wavelen = (f32(1.0) / inv_freq) * f32(2 * np.pi)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = ((f32(1.0) / wavelen) * f32(old) - f32(sc.low_freq_factor)) / f32(
+        sc.high_freq_factor - sc.low_freq_factor
+    )
+    smoothed = (f32(1.0) - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(
+    pos: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[jax.Array, jax.Array]:
     """cos/sin [..., head_dim] for RoPE positions `pos` (float32, as HF computes them)."""
-    freqs = pos.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
+    freqs = pos.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta, scaling)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -116,8 +150,8 @@ class SelfAttention(nn.Module):
             k = dense((cfg.num_kv_heads, cfg.head_dim), cfg.qkv_bias, "k_proj")(x)  # [T, K, D]
             v = dense((cfg.num_kv_heads, cfg.head_dim), cfg.qkv_bias, "v_proj")(x)
             if cfg.qk_norm:
-                q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
-                k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
+                q = RMSNorm(cfg.rms_norm_eps, self.dtype, cfg.norm_offset, name="q_norm")(q)
+                k = RMSNorm(cfg.rms_norm_eps, self.dtype, cfg.norm_offset, name="k_norm")(k)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         t = x.shape[0]
         arrays = {
@@ -131,30 +165,38 @@ class SelfAttention(nn.Module):
         }
         with jax.named_scope("attention"):
             heads = {"q": 1, "k": 1, "v": 1, "pool_k": 0, "pool_v": 0}  # their head axes
-            attend = partial(_attend, self.shape, self.mesh is not None)
+            scale = None if cfg.query_pre_attn_scalar is None else cfg.attn_scale
+            attend = partial(_attend, self.shape, self.mesh is not None, scale, cfg.attn_softcap)
             o = over_heads(attend, self.mesh, heads)(arrays)
         o = o.reshape(t, cfg.num_heads, cfg.head_dim)
         return dense(cfg.hidden_size, cfg.o_bias, "o_proj", axis=(-2, -1))(o), (k, v)
 
 
-def _attend(shape: StreamShape, sharded: bool, a: dict[str, jax.Array]) -> jax.Array:
+def _attend(
+    shape: StreamShape,
+    sharded: bool,
+    scale: float | None,  # None: 1/sqrt(head_dim)
+    softcap: float | None,
+    a: dict[str, jax.Array],
+) -> jax.Array:
     """Block attention of one layer on whatever heads `a` holds (all, or one device's)."""
     meta = BlockMeta(a["ranges"], a["local_start"])
     q, k, v, pool_k, pool_v = (a[n] for n in ("q", "k", "v", "pool_k", "pool_v"))
+    kw = {} if scale is None and softcap is None else {"scale": scale, "softcap": softcap}
     match shape.attention:
         case Attention.XLA:
             return block_attention(
-                q, k, v, pool_k, pool_v, meta, block=shape.block, key_tiles=shape.key_tiles
+                q, k, v, pool_k, pool_v, meta, block=shape.block, key_tiles=shape.key_tiles, **kw
             )
         case Attention.PALLAS:
             # Simulated CPU devices under shard_map: the TPU interpreter's callbacks block
             # XLA:CPU's device threads (4 devices on 2 cores hang), the generic one has none.
             backend = "gpu" if sharded and jax.default_backend() == "cpu" else None
             return ragged_block_attention(
-                q, k, v, pool_k, pool_v, meta, block=shape.block, backend=backend
+                q, k, v, pool_k, pool_v, meta, block=shape.block, backend=backend, **kw
             )
         case Attention.DENSE:
-            return dense_attention(q, k, v, meta, block=shape.block)
+            return dense_attention(q, k, v, meta, block=shape.block, **kw)
     raise ValueError(f"unresolved attention {shape.attention}")
 
 
@@ -169,7 +211,19 @@ class MLP(nn.Module):
         )
         gate = dense(self.cfg.intermediate_size, "gate_proj")(x)
         up = dense(self.cfg.intermediate_size, "up_proj")(x)
-        return dense(self.cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
+        return dense(self.cfg.hidden_size, "down_proj")(activation(self.cfg.activation, gate) * up)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    """The MLP gate's activation, by its HF name."""
+    match name:
+        case "silu":
+            return nn.silu(x)
+        case "gelu_pytorch_tanh":
+            return jax.nn.gelu(x, approximate=True)
+        case "gelu":
+            return jax.nn.gelu(x, approximate=False)
+    raise ValueError(f"activation {name!r} is not supported")
 
 
 class DecoderLayer(nn.Module):
@@ -179,22 +233,35 @@ class DecoderLayer(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x, pool_kv, cos, sin, meta):
-        eps = self.cfg.rms_norm_eps
-        h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        a, kv = SelfAttention(self.cfg, self.shape, self.dtype, self.mesh, name="self_attn")(
-            h, cos, sin, meta, *pool_kv
+    def __call__(self, x, per_layer, cos, sin, meta):
+        """per_layer: this layer's (pool_k, pool_v), and its RoPE table's index when the model
+        has two (Gemma 3: cos/sin [2, T, D], sliding layers read table 1)."""
+        cfg = self.cfg
+        norm = partial(RMSNorm, cfg.rms_norm_eps, self.dtype, cfg.norm_offset)
+        pool_k, pool_v, *table = per_layer
+        if table:
+            cos, sin = cos[table[0]], sin[table[0]]
+        h = norm(name="input_layernorm")(x)
+        a, kv = SelfAttention(cfg, self.shape, self.dtype, self.mesh, name="self_attn")(
+            h, cos, sin, meta, pool_k, pool_v
         )
+        if cfg.sandwich_norms:  # Gemma 2/3: the attention output is normed before the residual
+            a = norm(name="post_attention_layernorm")(a)
         x = x + a
         with jax.named_scope("mlp"):
-            h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
-            x = x + MLP(self.cfg, self.dtype, name="mlp")(h)
+            # Gemma 2/3 call the pre-MLP norm pre_feedforward_layernorm and norm the MLP's
+            # output too; the others call it post_attention_layernorm.
+            pre = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+            h = MLP(cfg, self.dtype, name="mlp")(norm(name=pre)(x))
+            if cfg.sandwich_norms:
+                h = norm(name="post_feedforward_layernorm")(h)
+            x = x + h
         return x, kv
 
 
-class Qwen(nn.Module):
-    """The decoder (`body`) and the LM head at chosen positions (`head`); `__call__` runs both
-    (it is what `init` traces)."""
+class Decoder(nn.Module):
+    """The decoder (`body`) and the head at chosen positions (`head`: LM or classification);
+    `__call__` runs both (it is what `init` traces)."""
 
     cfg: ModelConfig
     shape: StreamShape
@@ -213,8 +280,12 @@ class Qwen(nn.Module):
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
         )(cfg, self.shape, self.dtype, self.mesh)
-        self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
-        if not cfg.tie_word_embeddings:
+        self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, cfg.norm_offset)
+        if cfg.head is Head.CLASSIFICATION:  # HF `score`: Linear(hidden, num_labels, bias=False)
+            self.score = self.param(
+                "score", nn.initializers.normal(), (cfg.num_labels, cfg.hidden_size), self.dtype
+            )
+        elif not cfg.tie_word_embeddings:
             self.lm_head = self.param(
                 "lm_head", nn.initializers.normal(), (cfg.vocab_size, cfg.hidden_size), self.dtype
             )
@@ -227,20 +298,35 @@ class Qwen(nn.Module):
         pool_k: jax.Array,  # [layers, kv_heads, P, head_dim]
         pool_v: jax.Array,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # [T, hidden]; K, V [layers, T, K, D]
+        cfg = self.cfg
         x = self.embed_tokens(tokens)
-        cos, sin = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta)
-        return self.layers(x, (pool_k, pool_v), cos, sin, meta)
+        if cfg.embed_scale:  # HF Gemma: embeddings * tensor(sqrt(hidden)).to(dtype)
+            x = x * jnp.asarray(np.float32(cfg.hidden_size**0.5), self.dtype)
+        cos, sin = rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        per_layer: tuple[jax.Array, ...] = (pool_k, pool_v)
+        if cfg.layer_rope:  # Gemma 3: the sliding layers' own RoPE base
+            local = rope_tables(pos, cfg.head_dim, cfg.local_rope_theta)
+            cos, sin = jnp.stack([cos, local[0]]), jnp.stack([sin, local[1]])
+            per_layer += (jnp.asarray(cfg.layer_rope, jnp.int32),)
+        return self.layers(x, per_layer, cos, sin, meta)
 
     def head(
         self,
         hidden: jax.Array,  # [T, hidden]
         score_idx: jax.Array,  # [S] int32: stream index whose next-token logits are scored
-        label_ids: jax.Array,  # [U] int32
-    ) -> tuple[jax.Array, jax.Array]:  # label logits [S, U] f32, log-sum-exp [S] f32
+        label_ids: jax.Array,  # [U] int32 (LM head; a classification head reads none)
+    ) -> tuple[jax.Array, jax.Array]:  # LM: label logits [S, U] f32, log-sum-exp [S] f32
+        # classification: class logits [S, num_labels] f32, zeros [S]
+        if self.cfg.head is Head.CLASSIFICATION:
+            with jax.named_scope("score"):
+                # HF: score(hidden) pooled at the sequence's last token, no soft-cap.
+                h = self.norm(jnp.take(hidden, score_idx, axis=0))
+                logits = jnp.einsum("sd,cd->sc", h, self.score, preferred_element_type=jnp.float32)
+                return logits, jnp.zeros(h.shape[:1], jnp.float32)
         with jax.named_scope("lm_head"):
             h = self.norm(jnp.take(hidden, score_idx, axis=0))
             w = self.embed_tokens.embedding if self.cfg.tie_word_embeddings else self.lm_head
-            return label_logits_and_lse(h, w, label_ids)
+            return label_logits_and_lse(h, w, label_ids, self.cfg.final_softcap)
 
     def __call__(self, tokens, pos, meta, pool_k, pool_v, score_idx, label_ids):
         hidden, _ = self.body(tokens, pos, meta, pool_k, pool_v)
@@ -260,16 +346,23 @@ def label_logits_and_lse(
     h: jax.Array,  # [S, hidden]
     head: jax.Array,  # [vocab, hidden] (HF layout of the LM head / tied embedding)
     label_ids: jax.Array,  # [U] int32
+    softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # [S, U] f32, [S] f32
     """Label logits and the log-sum-exp over the whole vocab, without writing out the
     [S, vocab] logits: the vocab is walked in blocks with a running max and sum (a 150k-wide
-    logit array cost more to write and re-read than its matmul on the CPU)."""
+    logit array cost more to write and re-read than its matmul on the CPU). `softcap` (Gemma
+    2's final_logit_softcapping): every logit becomes tanh(logit / cap) * cap, as HF applies it
+    before any softmax, so the running max and sum see capped logits too."""
+
+    def cap(logits):
+        return logits if softcap is None else jnp.tanh(logits / softcap) * softcap
+
     vocab, hidden = head.shape
     n = vocab_blocks(vocab)
     ones = jnp.ones((vocab // n,), jnp.float32)
 
     def block(w):
-        logits = jnp.einsum("sd,vd->sv", h, w, preferred_element_type=jnp.float32)
+        logits = cap(jnp.einsum("sd,vd->sv", h, w, preferred_element_type=jnp.float32))
         m = logits.max(axis=-1)
         # A dot, not a reduce: its per-row bits do not depend on how many rows there are.
         return m, jnp.einsum("sv,v->s", jnp.exp(logits - m[..., None]), ones)
@@ -280,7 +373,7 @@ def label_logits_and_lse(
     # rows' bits changed with the number of rows (64 vs 128-512 score positions).
     lse = top + jnp.log(jnp.einsum("ns,n->s", sums * jnp.exp(m - top), jnp.ones((n,), sums.dtype)))
     labels = jnp.take(head, label_ids, axis=0)  # [U, hidden]
-    label_logits = jnp.einsum("sd,ud->su", h, labels, preferred_element_type=jnp.float32)
+    label_logits = cap(jnp.einsum("sd,ud->su", h, labels, preferred_element_type=jnp.float32))
     return label_logits, lse
 
 
@@ -292,7 +385,7 @@ def init_shape(block: int = 8) -> StreamShape:
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Flax parameter path ("layers/mlp/up_proj/kernel") -> shape, from the model itself."""
     shape = init_shape()
-    model = Qwen(cfg, shape)
+    model = Decoder(cfg, shape)
     ints = jnp.zeros((shape.tokens,), jnp.int32)
     meta = BlockMeta(jnp.zeros((1, 4), jnp.int32), ints)
     pool = jnp.zeros((cfg.num_layers, cfg.num_kv_heads, 16, cfg.head_dim))  # [layers, K, P, D]
