@@ -1,0 +1,85 @@
+"""Checkpoints of every supported family written by HF transformers itself, and HF's scores on
+them (the references of tests/test_families.py and tests/test_classification.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from models.checkpoint import random_hf_state
+from models.config import PRESETS, ModelConfig
+from models.tokenizer import TOKENIZER_FILES, bundled_tokenizer_dir
+
+
+def hf_model_class(cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if cfg.num_labels else AutoModelForCausalLM
+
+
+def write_with_transformers(
+    cfg: ModelConfig | str,
+    out: Path,
+    *,
+    seed: int,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+) -> str:
+    """`save_pretrained` of the HF model built from `cfg`'s config.json (transformers picks the
+    class from `architectures`, writes its own config layout: transformers 5's) with our
+    random weights (random_hf_state: scaled so scores vary far beyond test tolerances), and
+    the real Qwen3 tokenizer files."""
+    import torch
+    from transformers import AutoConfig
+
+    cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
+    hf = cfg.to_hf_dict()
+    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = hf_model_class(cfg).from_config(config, dtype=torch.float32)
+    state = {k: torch.from_numpy(v) for k, v in random_hf_state(cfg, seed).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    # The tied LM head is the embedding (HF ties it after loading).
+    assert set(missing) <= {"lm_head.weight"}, missing
+    model = model.to(getattr(torch, dtype)).eval()
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kw)
+    tok = bundled_tokenizer_dir()
+    for fname in TOKENIZER_FILES:
+        if (tok / fname).is_file():
+            shutil.copy(tok / fname, Path(out) / fname)
+    return str(out)
+
+
+_CLASS_REFERENCE: dict[tuple, np.ndarray] = {}
+
+
+def hf_class_logits(path: str, query, items, dtype=None, item_first: bool = False) -> np.ndarray:
+    """HF transformers' `*ForSequenceClassification` on `query ++ item` alone, one forward per
+    item: class logits [items, classes] (float64 numpy)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = dtype or torch.float32
+    key = (path, str(dtype), item_first, tuple(query), tuple(map(tuple, items)))
+    if key not in _CLASS_REFERENCE:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).eval()
+        rows = []
+        with torch.no_grad():
+            for it in items:
+                ids = list(it) + list(query) if item_first else list(query) + list(it)
+                rows.append(model(torch.tensor([ids])).logits[0].double().numpy())
+        _CLASS_REFERENCE[key] = np.array(rows)
+    return _CLASS_REFERENCE[key]
+
+
+def classes_from_logits(logits: np.ndarray, apply_softmax: bool) -> np.ndarray:
+    """What a classification engine returns for these logits (DESIGN.md section 1)."""
+    if not apply_softmax:
+        return logits
+    if logits.shape[-1] == 1:
+        return 1.0 / (1.0 + np.exp(-logits))
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
