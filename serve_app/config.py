@@ -93,6 +93,13 @@ class LimitsArgs(_Group):
         "Retry-After (Serve's max_queued_requests bounds the queues in front of it).",
     )
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 503.")
+    forward_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A scorer's engine call must finish within it; past it the replica's "
+        "chunks are retried on others and the replica is replaced (a hung forward). Warm-up "
+        "compiles every shape first, so a forward is seconds even on a CPU.",
+    )
 
 
 class AuthArgs(_Group):
@@ -153,12 +160,30 @@ class PlacementArgs(_Group):
     tpu_version: str = Field(default="v6e", description="TPU generation of `tpu_topology`.")
 
 
-def scoring_key(model: ModelArgs, engine: EngineConfig) -> str:
-    """What makes two scorers give the same scores (checkpoint and engine settings), as a short
-    digest: an ingress sends it with each chunk and a scorer refuses a chunk meant for another
-    key (Serve's gRPC transport addresses a replica by host and port; should a call reach a
-    replica of other settings, its scores would come from another model)."""
-    settings = {"model": model.model_dump(mode="json"), "engine": engine.model_dump(mode="json")}
+def deployment_identity(app_name: str, session: str | None = None) -> str:
+    """Which deployment this is: the Ray cluster instance (its session name, unique per cluster
+    start) and the Serve application, as a short digest. Every response carries it
+    (`X-MIS-Deployment`), a request that names another is refused (421), and it is part of the
+    scoring key of every chunk call: two clusters or two applications on one host never answer
+    each other's requests or chunks. `session`: default this process' Ray cluster."""
+    if session is None:
+        import ray  # here, not at the top: the offline CLI imports this module without Ray
+
+        session = ray.get_runtime_context().get_session_name()
+    return hashlib.blake2b(f"{session}/{app_name}".encode(), digest_size=8).hexdigest()
+
+
+def scoring_key(model: ModelArgs, engine: EngineConfig, deployment: str) -> str:
+    """What a scorer must be to answer a chunk: the sender's deployment (deployment_identity)
+    and the settings that make two scorers give the same scores (checkpoint and engine), as a
+    short digest. An ingress sends it with each chunk and a scorer refuses a chunk for another
+    key: Serve's gRPC transport addresses a replica by host and port, and nothing else checks
+    that a call reached the replica it was meant for."""
+    settings = {
+        "deployment": deployment,
+        "model": model.model_dump(mode="json"),
+        "engine": engine.model_dump(mode="json"),
+    }
     data = json.dumps(settings, sort_keys=True).encode()
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
@@ -176,6 +201,7 @@ class ScorerArgs(_Group):
     call_timeout_s: float = Field(
         default=300.0, gt=0, description="A slice's hosts must answer a scoring call within it."
     )
+    forward_timeout_s: float = LimitsArgs.model_fields["forward_timeout_s"].default
 
 
 class IngressArgs(_Group):
@@ -240,6 +266,7 @@ class AppArgs(_Group):
             placement=self.placement,
             warmup=self.warmup,
             call_timeout_s=self.limits.request_timeout_s,
+            forward_timeout_s=self.limits.forward_timeout_s,
         )
 
     def ingress_args(self) -> IngressArgs:

@@ -1,4 +1,5 @@
-"""The ingress' front door, before any body is parsed or any model touched: API keys, body size,
+"""The ingress' front door, before any body is parsed or any model touched: which deployment
+answers (every response names it; a request naming another is refused), API keys, body size,
 admission (bounded in-flight requests; beyond it a fast 503 with Retry-After)."""
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve_app import metrics
 from serve_app.schema import error_body
 
-# Paths that need no key and are not counted as work: liveness and the API docs.
-OPEN_PATHS = frozenset({"/health", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
+# Paths that need no key and are not counted as work: readiness, liveness and the API docs.
+OPEN_PATHS = frozenset(
+    {"/health", "/livez", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}
+)
+# Names the deployment (serve_app.config.deployment_identity) on every response; a request that
+# carries it must reach that deployment or is refused with a 421 (Misdirected Request).
+DEPLOYMENT_HEADER = "x-mis-deployment"
 DOCS_ASSETS = "/docs-assets"  # the API docs' JS/CSS, served from a package (no CDN)
 
 KEYS_ENV = "MIS_API_KEYS"  # comma-separated; added to the config's api_keys
@@ -43,15 +49,21 @@ class Guard:
     max_body_bytes: int
     max_inflight: int
     retry_after_s: int
+    deployment: str = ""
     inflight: int = 0
 
     @classmethod
     def from_settings(
-        cls, api_keys: list[str], max_body_bytes: int, max_inflight: int, retry_after_s: int
+        cls,
+        api_keys: list[str],
+        max_body_bytes: int,
+        max_inflight: int,
+        retry_after_s: int,
+        deployment: str = "",
     ) -> Guard:
         env = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
         keys = tuple(k.encode() for k in [*api_keys, *env])
-        return cls(keys, max_body_bytes, max_inflight, retry_after_s)
+        return cls(keys, max_body_bytes, max_inflight, retry_after_s, deployment)
 
     def authorized(self, request: Request) -> bool:
         if not self.api_keys or is_open(_route_path(request)):
@@ -80,6 +92,15 @@ class Guard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
         request = Request(scope, receive)
+        wanted = request.headers.get(DEPLOYMENT_HEADER)
+        if wanted is not None and wanted != self.deployment:
+            reply = _reply(
+                f"{DEPLOYMENT_HEADER}: this is deployment {self.deployment}, not {wanted} (the "
+                "request reached another deployment on the same host)",
+                421,
+                "MisdirectedRequest",
+            )
+            return await reply(scope, receive, send)
         if not self.authorized(request):
             reply = _reply(
                 "authorization: missing or invalid API key (send 'Authorization: Bearer <key>')",
@@ -161,6 +182,9 @@ class FrontDoor:
                 started = True
                 if message["status"] >= 400:
                     _count_error(message["status"])
+                if _active is not None:
+                    header = (DEPLOYMENT_HEADER.encode(), _active.deployment.encode())
+                    message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
         try:

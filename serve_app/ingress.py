@@ -8,6 +8,7 @@ at import time to build the request models and the OpenAPI schema.
 import asyncio
 import importlib.util
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_h
 from models.inputs import Chunk, ScoringInputError
 from models.tokenizer import TextTokenizer
 from serve_app import guard, metrics
-from serve_app.config import IngressArgs, scoring_key
+from serve_app.config import IngressArgs, deployment_identity, scoring_key
 from serve_app.rerank import RerankRequest, RerankResponse, label_ids, rerank_response
+from serve_app.routing import running_replicas
 from serve_app.schema import (
     ErrorBody,
     ScoreRequest,
@@ -37,7 +39,7 @@ from serve_app.schema import (
     error_body,
     format_errors,
 )
-from serve_app.scorer import EngineFailure
+from serve_app.scorer import ChunkFailure, EngineFailure
 from serve_app.scoring import (
     make_chunks,
     merge_scores,
@@ -109,7 +111,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "authorization: missing or invalid API key"),
         (404, "model: unknown model"),
         (413, "body: larger than max_body_bytes"),
-        (503, "server busy (Retry-After), or scorer replicas failed"),
+        (421, "x-mis-deployment: this is deployment 0123456789abcdef, not fedcba9876543210"),
+        (500, "chunk 2 of 5: replica abc: scoring failed: ..."),
+        (503, "server busy, no scorer replica ready yet, or scorer replicas failed (Retry-After)"),
         (504, "request timed out after request_timeout_s"),
     ]
 }
@@ -135,7 +139,12 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body("internal error; see the server log", 500, "InternalError"), 500)
 
 
-_ERROR_KINDS = {404: "NotFoundError", 503: "ServiceUnavailable", 504: "GatewayTimeout"}
+_ERROR_KINDS = {
+    404: "NotFoundError",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "GatewayTimeout",
+}
 
 
 def _error(message: str, code: int = 400, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -145,6 +154,27 @@ def _error(message: str, code: int = 400, headers: dict[str, str] | None = None)
 
 class ReplicaFailure(Exception):
     """A chunk's scorer replica died on every try."""
+
+
+_REPLICA = re.compile(r"replica (\w+): ")
+
+
+def _failed_replica(e: Exception) -> str | None:
+    """The replica an EngineFailure / Misdelivered / ChunkFailure names (they start so)."""
+    m = _REPLICA.search(str(e))
+    return m[1] if m else None
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The exception a scorer raised, without Ray's wrapper (whose text holds a traceback)."""
+    return getattr(e, "cause", None) or e
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """A fan-out task's outcome, read so that one abandoned by a cancelled request (its client
+    went away) logs no 'exception was never retrieved'."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _Refused(Exception):
@@ -180,7 +210,11 @@ class ScoreIngress:
         except FileNotFoundError:
             self.tokenizer = None
         self.scorer = scorer
-        self.scoring_key = scoring_key(self.args.model, self.args.engine)
+        if not scorer.is_initialized:  # its router hears of ready replicas from now on
+            scorer._init()
+        self._scorers = f"{scorer.app_name}#{scorer.deployment_name}"
+        self.deployment = deployment_identity(serve.get_replica_context().app_name)
+        self.scoring_key = scoring_key(self.args.model, self.args.engine, self.deployment)
         self.rerank_prompt = self.args.rerank.prompt()
         self.rerank_labels = (  # a label that is not one token fails the start, loudly
             None
@@ -193,10 +227,12 @@ class ScoreIngress:
             limits.max_body_bytes,
             limits.max_inflight_requests,
             limits.retry_after_s,
+            self.deployment,
         )
         guard.install(front)
         log.info(
-            "ingress ready: model %s (%s)%s, %d API keys, settings %s",
+            "ingress ready: deployment %s, model %s (%s)%s, %d API keys, settings %s",
+            self.deployment,
             self.model_name,
             path,
             " RANDOM WEIGHTS" if self.random_weights else "",
@@ -243,35 +279,60 @@ class ScoreIngress:
             )
         except ScoringInputError as e:
             raise _Refused(str(e)) from e
+        if not running_replicas(self._scorers):
+            raise self._busy("no scorer replica is ready yet (warming up, or being replaced)")
         fanout = self.args.fanout
         chunks = make_chunks(body, query, items, fanout.chunk_items, fanout.chunk_tokens)
         timeout_s = self.args.limits.request_timeout_s
         pending: list[DeploymentResponse] = []
+        tasks = [
+            asyncio.ensure_future(self._score_chunk(c, (i, len(chunks)), pending))
+            for i, c in enumerate(chunks)
+        ]
+        for t in tasks:
+            t.add_done_callback(_retrieve)
+
+        def drop() -> None:  # chunks not started yet are dropped from the scorers' queues
+            for r in pending:
+                r.cancel()
+            for t in tasks:
+                t.cancel()
+
         remaining = timeout_s - (time.perf_counter() - start)
         try:
-            results = await asyncio.wait_for(
-                asyncio.gather(
-                    *(self._score_chunk(c, (i, len(chunks)), pending) for i, c in enumerate(chunks))
-                ),
-                remaining,
-            )
-        except ScoringInputError as e:
-            raise _Refused(str(e)) from e
-        except TimeoutError as e:
-            for r in pending:  # chunks not started yet are dropped from the scorers' queues
-                r.cancel()
+            done: set[asyncio.Future] = set()
+            if tasks:  # a request of no items has none
+                done, _ = await asyncio.wait(
+                    tasks, timeout=remaining, return_when=asyncio.FIRST_EXCEPTION
+                )
+        except asyncio.CancelledError:  # the client went away: nobody to answer
+            drop()
+            log.info("%s: client disconnected; %d chunk calls cancelled", route, len(pending))
+            raise
+        failures = [t.exception() for t in done if t.exception() is not None]
+        if failures or len(done) < len(tasks):
+            drop()
+        if failures:
+            e = next((f for f in failures if isinstance(f, ScoringInputError)), failures[0])
+            match e:
+                case ScoringInputError():
+                    raise _Refused(str(_cause(e))) from e
+                case ChunkFailure():
+                    log.error("%s: a chunk failed on its own: %s", route, e)
+                    raise _Refused(f"items: {e}", 500) from e
+                case ReplicaFailure():
+                    raise self._busy(str(e)) from e
+                case _:
+                    raise e
+        if len(done) < len(tasks):
             log.warning(
                 "request of %d items timed out after %.1f s; %d chunk calls cancelled",
                 len(items),
                 timeout_s,
                 len(pending),
             )
-            raise _Refused(f"request timed out after request_timeout_s={timeout_s}", 504) from e
-        except ReplicaFailure as e:
-            for r in pending:
-                r.cancel()
-            retry = str(self.args.limits.retry_after_s)
-            raise _Refused(str(e), 503, {"Retry-After": retry}) from e
+            raise _Refused(f"request timed out after request_timeout_s={timeout_s}", 504)
+        results = [t.result() for t in tasks]
         scores = merge_scores([r.scores for r in results], len(body.label_token_ids))
         replicas = sorted({r.replica for r in results})
         n_tokens = prompt_tokens(query, items)
@@ -293,26 +354,40 @@ class ScoreIngress:
         response = response_body(scores, self.model_name, n_tokens)
         return response, {"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(chunks))}
 
+    def _busy(self, message: str) -> _Refused:
+        retry = str(self.args.limits.retry_after_s)
+        return _Refused(f"{message}; retry later", 503, {"Retry-After": retry})
+
     async def _score_chunk(
         self, chunk: Chunk, part: tuple[int, int], pending: list[DeploymentResponse]
     ) -> Any:
-        """Chunk `part` = (i, k) of a request on some replica; retried elsewhere (bounded) when
-        its replica dies or its engine fails, so a request gets all of its scores or an error,
-        never part of them."""
+        """Chunk `part` = (i, k) of a request on some replica; retried on another (bounded)
+        when its replica dies, its engine fails or it refuses the chunk as not its own, so a
+        request gets all of its scores or an error, never part of them. A chunk that fails on
+        its own (ChunkFailure) is not retried: it would fail the same way anywhere."""
         start, tries = time.perf_counter(), self.args.fanout.retries + 1
+        avoid: list[str] = []
         for attempt in range(tries):
-            response = self.scorer.score.remote(chunk, part=part, key=self.scoring_key)
+            response = self.scorer.score.remote(
+                chunk, part=part, key=self.scoring_key, avoid=tuple(avoid)
+            )
             pending.append(response)
             try:
                 result = await response
                 metrics.ingress().chunk_latency.observe(time.perf_counter() - start)
                 return result
             except BackPressureError as e:
-                raise ReplicaFailure(f"scorers overloaded ({e}); retry later") from e
+                raise ReplicaFailure(f"scorers overloaded ({e})") from e
+            except ChunkFailure as e:
+                i, k = part
+                raise ChunkFailure(f"chunk {i + 1} of {k}: {_cause(e)}") from e
             except (RayActorError, ActorUnavailableError, EngineFailure) as e:
+                replica = _failed_replica(e) if isinstance(e, EngineFailure) else None
+                avoid += [replica] if replica else []
                 log.warning(
-                    "chunk of %d items: scorer replica failed (try %d of %d): %s",
+                    "chunk of %d items: scorer replica %s failed (try %d of %d): %s",
                     len(chunk.items),
+                    replica or "?",
                     attempt + 1,
                     tries,
                     type(e).__name__,
@@ -320,11 +395,30 @@ class ScoreIngress:
                 # Give the router a moment to learn the replica is gone, or the retry may
                 # be routed to it again.
                 await asyncio.sleep(0.2 * 2**attempt)
-        raise ReplicaFailure(f"scorer replicas failed {tries} times for one chunk; retry later")
+        raise ReplicaFailure(f"scorer replicas failed {tries} times for one chunk")
 
-    @api.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+    @api.get(
+        "/health",
+        responses={503: {"description": "Not ready: no scorer replica can take a chunk now"}},
+    )
+    async def health(self) -> JSONResponse:
+        """Readiness: 200 while at least one scorer replica can take a chunk, else 503 with
+        Retry-After (starting up, or every replica failed). Liveness: /livez."""
+        ready = running_replicas(self._scorers) or 0
+        body = {
+            "status": "ready" if ready else "not ready",
+            "scorer_replicas_ready": ready,
+            "model": self.model_name,
+            "deployment": self.deployment,
+        }
+        if ready:
+            return JSONResponse(body)
+        return JSONResponse(body, 503, {"Retry-After": str(self.args.limits.retry_after_s)})
+
+    @api.get("/livez")
+    async def live(self) -> dict[str, str]:
+        """Liveness: 200 while this ingress process answers (for a probe that restarts it)."""
+        return {"status": "alive"}
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:

@@ -36,6 +36,16 @@ from ray.serve.request_router import (
 
 from models.inputs import Chunk
 
+# Scorer replicas each router of this process can send chunks to now (running, past their
+# warm-up and health checks), by the deployment it routes for: the ingress' readiness.
+_RUNNING: dict[str, int] = {}
+
+
+def running_replicas(deployment: str) -> int | None:
+    """Replicas ready to take a chunk of `deployment` ("app#name"), as this process' router
+    last heard from the controller; None before it has heard anything."""
+    return _RUNNING.get(deployment)
+
 
 def query_key(query: tuple[int, ...]) -> bytes:
     """A short digest of a query's tokens."""
@@ -68,6 +78,19 @@ class QueryAffinityRouter(FIFOMixin, RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._outstanding.pop(replica_id, None)
+        self._publish()
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self._publish()
+
+    def _publish(self) -> None:
+        # Through the imported module: Serve ships this class to the ingress by value, with a
+        # copy of this module's globals, and the ingress reads the module's own registry.
+        import serve_app.routing as registry
+
+        d = self._deployment_id
+        registry._RUNNING[f"{d.app_name}#{d.name}"] = len(self.curr_replicas)
 
     def _load(self, replica: RunningReplica) -> int:
         return self._outstanding[replica.replica_id]
@@ -84,10 +107,15 @@ class QueryAffinityRouter(FIFOMixin, RequestRouter):
             # loop spins on this router's event loop, and the queue-length probes it waits for
             # never get their turn.
             pending_request.routing_context.should_backoff = True
-        by_load = sorted(candidate_replicas, key=self._load)
         chunk = pending_request.args[0] if pending_request and pending_request.args else None
         if not isinstance(chunk, Chunk):  # stats(), health: no affinity
-            return [by_load]
+            return [sorted(candidate_replicas, key=self._load)]
+        # A retried chunk avoids the replicas that failed it (or refused it as not theirs),
+        # unless no other is left.
+        avoid = set(pending_request.kwargs.get("avoid", ()))  # type: ignore[union-attr]
+        others = [r for r in candidate_replicas if r.replica_id.unique_id not in avoid]
+        candidate_replicas = others or candidate_replicas
+        by_load = sorted(candidate_replicas, key=self._load)
         ids = {r.replica_id.unique_id: r for r in candidate_replicas}
         order = affinity_order(query_key(chunk.query), list(ids))
         index, count = pending_request.kwargs.get("part", (0, 1))  # type: ignore[union-attr]

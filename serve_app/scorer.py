@@ -26,7 +26,7 @@ from models.checkpoint import cache_root, ensure_demo_checkpoint, has_random_wei
 from models.engine import Engine, ScoringEngine, use_compilation_cache
 from models.inputs import Chunk, ScoringInputError
 from serve_app import metrics
-from serve_app.config import ScorerArgs, scoring_key
+from serve_app.config import ScorerArgs, deployment_identity, scoring_key
 from serve_app.routing import QueryAffinityRouter
 from serve_app.slice import SliceEngine
 
@@ -44,14 +44,30 @@ def _route_engine_logs() -> None:
 
 
 class EngineFailure(RuntimeError):
-    """This replica's engine failed (not a bad input: e.g. a slice host died). The ingress
-    retries the chunk on another replica; Serve replaces this one (check_health)."""
+    """This replica's engine failed (not a bad input: e.g. a slice host died, or a forward ran
+    past `forward_timeout_s`). The ingress retries the chunk on another replica; Serve replaces
+    this one (check_health)."""
 
 
 class Misdelivered(EngineFailure):
-    """A chunk call that reached a replica of other scoring settings (seen once in the test
-    suite, two clusters on one machine; the path was not pinned down): refused, and retried
-    like a failed replica's."""
+    """A chunk call that reached a replica of another deployment (another Ray cluster or
+    application on the same host) or of other scoring settings: refused, and retried on another
+    replica like a failed replica's. This replica is fine."""
+
+
+class ChunkFailure(RuntimeError):
+    """This chunk failed on its own, on a replica that scores other chunks fine (an engine bug
+    on one input shape, a host-memory error on one huge chunk): its request gets a 500 that
+    says so, and nothing else is affected. Not retried: it would fail the same way elsewhere."""
+
+
+# A chunk every engine can score (one query token, one item token, one label): after a batch
+# failed and none of its chunks scores alone, this tells a broken replica from bad chunks.
+_PROBE = Chunk((0,), ((0,),), (0,), True)
+
+
+class _Hung(RuntimeError):
+    """A forward ran past forward_timeout_s."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +111,11 @@ class Scorer:
         use_compilation_cache(cache_root() / "jax")  # a restarted replica starts in seconds
         self.args = ScorerArgs.model_validate(args)
         self._failure: str | None = None
+        self._busy_since: float | None = None  # when the running forward started
         path = str(self.args.model.path or ensure_demo_checkpoint(self.args.model.demo_preset))
-        self.replica = serve.get_replica_context().replica_id.unique_id
-        self.key = scoring_key(self.args.model, self.args.engine)
+        ctx = serve.get_replica_context()
+        self.replica = ctx.replica_id.unique_id
+        self.key = scoring_key(self.args.model, self.args.engine, deployment_identity(ctx.app_name))
         p = self.args.placement
         self.engine: Engine
         if p.hosts_per_replica > 1:
@@ -122,12 +140,24 @@ class Scorer:
         log.info("replica %s ready: %s, warm-up %s", self.replica, self.args.engine, self.warmup)
 
     async def score(
-        self, chunk: Chunk, part: tuple[int, int] = (0, 1), key: str | None = None
+        self,
+        chunk: Chunk,
+        part: tuple[int, int] = (0, 1),
+        key: str | None = None,
+        avoid: tuple[str, ...] = (),
     ) -> ChunkResult:
         """The chunk's scores, from the next forward that has room for it. `part`: which of
-        its request's chunks it is, (i, k); read by the router (routing.py), not here. `key`:
-        the sender's scoring_key; a chunk for other settings is refused (Misdelivered)."""
+        its request's chunks it is, (i, k), and `avoid`: replicas that failed it already; both
+        read by the router (routing.py), not here. `key`: the sender's scoring_key (its
+        deployment and settings); a chunk for another key is refused (Misdelivered)."""
         if key is not None and key != self.key:
+            log.warning(
+                "replica %s: refused a chunk for key %s (this replica's: %s): sent by another "
+                "deployment or for other settings",
+                self.replica,
+                key,
+                self.key,
+            )
             raise Misdelivered(f"replica {self.replica}: chunk for key {key}, not {self.key}")
         if self._failure is not None:  # a broken engine (a slice's hosts may hang) is not used
             raise EngineFailure(f"replica {self.replica}: {self._failure}")
@@ -140,7 +170,7 @@ class Scorer:
         self._wake.set()  # type: ignore[union-attr]
         # Cancelling this call (a deadline) cancels the future: the batcher then skips it.
         result = await pending.future
-        if isinstance(result, ScoringInputError):
+        if isinstance(result, ScoringInputError | ChunkFailure):
             raise result
         return ChunkResult(scores=result, replica=self.replica)
 
@@ -170,16 +200,69 @@ class Scorer:
                 for p in batch:
                     m.queue_wait.observe(start - p.arrived)
                 m.batch_chunks.observe(len(batch))
+                chunks = [p.chunk for p in batch]
                 try:
-                    out, stats = await asyncio.to_thread(self._forward, [p.chunk for p in batch])
-                except Exception as e:  # not a bad input: the engine itself failed
-                    self._fail(e, batch)
-                    return
+                    out = await self._forward_in_time(chunks)
+                except _Hung as e:
+                    return self._fail(e, batch)
+                except Exception as e:  # not a bad input: the engine, or one of the chunks
+                    if (out := await self._isolate(chunks, e)) is None:
+                        return self._fail(e, batch)
                 m.batch_latency.observe(time.perf_counter() - start)
-                self._record_stats(stats)
                 for p, result in zip(batch, out, strict=True):
                     if not p.future.done():
                         p.future.set_result(result)
+
+    async def _forward_in_time(self, chunks: list[Chunk]) -> list:
+        """One engine call in a worker thread, within forward_timeout_s (past it: _Hung; the
+        thread cannot be stopped, so the replica is replaced)."""
+        self._busy_since = time.monotonic()
+        limit = self.args.forward_timeout_s
+        try:
+            work = asyncio.ensure_future(asyncio.to_thread(self._forward, chunks))
+            done, _ = await asyncio.wait({work}, timeout=limit)
+            if not done:
+                raise _Hung(f"a forward of {len(chunks)} chunks ran past forward_timeout_s={limit}")
+            out, stats = work.result()
+        finally:
+            self._busy_since = None
+        self._record_stats(stats)
+        return out
+
+    async def _isolate(self, chunks: list[Chunk], error: Exception) -> list | None:
+        """After a failed engine call: each chunk alone, so one bad chunk fails only its own
+        request. None when the replica itself is broken (no chunk scores alone, and neither
+        does a probe every engine can score)."""
+        log.warning(
+            "replica %s: an engine call of %d chunks failed (%s: %s); scoring them one by one",
+            self.replica,
+            len(chunks),
+            type(error).__name__,
+            error,
+        )
+        out: list = []
+        for c in chunks:
+            try:
+                out += await self._forward_in_time([c])
+            except _Hung:
+                return None
+            except Exception as e:
+                failed = f"{type(e).__name__}: {e}"
+                out.append(ChunkFailure(f"replica {self.replica}: scoring failed: {failed}"))
+        if all(isinstance(r, ChunkFailure) for r in out):
+            try:
+                await self._forward_in_time([_PROBE])
+            except Exception:
+                return None
+        bad = sum(isinstance(r, ChunkFailure) for r in out)
+        log.error(
+            "replica %s: %d of %d chunks fail on their own (their requests get a 500); the "
+            "engine scores the others and stays in service",
+            self.replica,
+            bad,
+            len(chunks),
+        )
+        return out
 
     def _forward(self, chunks: list[Chunk]) -> tuple[list, dict[str, int]]:
         # The counters are read here, off the event loop: a slice's are a remote call.
@@ -230,6 +313,10 @@ class Scorer:
         return self.engine.stats()
 
     def check_health(self) -> None:
-        """Unhealthy after an engine failure, so Serve replaces this replica."""
+        """Unhealthy after an engine failure or while a forward runs past forward_timeout_s,
+        so Serve replaces this replica."""
         if self._failure is not None:
             raise RuntimeError(f"engine failed: {self._failure}")
+        limit = self.args.forward_timeout_s
+        if self._busy_since is not None and time.monotonic() - self._busy_since > limit:
+            raise RuntimeError(f"a forward has run past forward_timeout_s={limit}")

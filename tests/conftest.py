@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -198,11 +198,12 @@ _CLUSTER: dict[str, object] = {}
 def serve_cluster() -> tuple[str, int]:
     """(base URL, Prometheus metrics port) of the session's local Ray + Serve."""
     if not _CLUSTER:
-        os.environ.update(serve_ports())
+        ports = cluster_ports()
+        os.environ.update(ports.env())
         import ray
         from ray import serve
 
-        port, metrics = free_port(), free_port()
+        port, metrics = ports.http, ports.metrics
         # Metrics reach the Prometheus endpoint within a second or two, not Ray's default 10 s.
         os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112 (Ray spells it so)
         ray.init(
@@ -215,6 +216,15 @@ def serve_cluster() -> tuple[str, int]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         _CLUSTER.update(url=f"http://127.0.0.1:{port}", metrics=metrics)
     return str(_CLUSTER["url"]), int(_CLUSTER["metrics"])  # type: ignore[call-overload]
+
+
+def deployment_of(app: str) -> str:
+    """The X-MIS-Deployment of `app` on the session's cluster (serve_app.config)."""
+    import ray
+
+    from serve_app.config import deployment_identity
+
+    return deployment_identity(app, ray.get_runtime_context().get_session_name())
 
 
 def stop_serve_cluster() -> None:
@@ -254,36 +264,67 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # serve, ray, locust of this environment
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _CLUSTERS_STARTED = itertools.count()
-_PORT_WINDOW = 100  # direct-ingress ports of one cluster's ingress replicas
+_WINDOW = 200  # ports of one test cluster
+_SLOTS = 16  # test clusters one pytest worker starts (more reuse the first windows)
+_FIRST_PORT = 20000  # above Ray's worker ports (10002-19999), below the ephemeral range
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterPorts:
+    """Every port a test cluster listens on that Ray would otherwise take from a fixed default
+    or from the ports free at the moment: a window of its own, by pytest worker and by
+    cluster, below the ephemeral range (so no other process picks one by chance). In a run of
+    2026-12-03 two clusters shared Serve's fallback proxy port (8500, bound with SO_REUSEPORT):
+    the multinode cluster's HAProxy, its app not deployed yet, handed a 200-item request to the
+    other worker's proxy, whose app scored it."""
+
+    base: int
+
+    def port(self, i: int) -> int:
+        return self.base + 170 + i  # 170..199: single ports, see env()
+
+    @property
+    def http(self) -> int:
+        return self.port(0)
+
+    @property
+    def metrics(self) -> int:
+        return self.port(1)
+
+    @property
+    def dashboard(self) -> int:
+        return self.port(2)
+
+    @property
+    def gcs(self) -> int:
+        return self.port(3)
+
+    def env(self) -> dict[str, str]:
+        """Serve's own ports, read from the environment when Ray starts."""
+        b = self.base
+        return {
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(b),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(b + 79),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(b + 80),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(b + 159),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(b + 160),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(b + 161),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(b + 162),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(b + 163),
+        }
+
+
+def cluster_ports() -> ClusterPorts:
+    """The next test cluster's ports (see ClusterPorts)."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    slot = worker * _SLOTS + next(_CLUSTERS_STARTED) % _SLOTS
+    return ClusterPorts(_FIRST_PORT + slot * _WINDOW)
 
 
 def serve_ports() -> dict[str, str]:
-    """Ports of its own for each Serve cluster a test starts: HAProxy's stats and Prometheus
-    listeners (fixed ports, every interface, by default) and the range the ingress replicas'
-    own HTTP/gRPC servers take ports from (30000+ / 40000+ by default, allocated by each
-    cluster's controller as if it were alone). Two clusters at once (two pytest workers, or
-    `serve run` next to the session's cluster) otherwise collide: in one run an ingress failed
-    to bind a port the other cluster held, and this cluster's requests were answered by the
-    other cluster's replicas.
-    Windows below the ephemeral port range, by worker and by cluster, so none overlap."""
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
-    slot = worker * 16 + next(_CLUSTERS_STARTED) % 16
-    http, grpc = 20000 + slot * _PORT_WINDOW, 10000 + slot * _PORT_WINDOW
-    return {
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + _PORT_WINDOW - 1),
-        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + _PORT_WINDOW - 1),
-    }
+    """Serve's ports for the next test cluster (environment settings; see ClusterPorts)."""
+    return cluster_ports().env()
 
 
 def _default_sigint() -> None:

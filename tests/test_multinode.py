@@ -26,9 +26,8 @@ from tests.conftest import (
     BIN,
     LABELS,
     REPO,
-    free_port,
+    cluster_ports,
     random_request,
-    serve_ports,
     serve_run,
     stop_serve_cluster,
     wait_for_scores,
@@ -37,10 +36,12 @@ from tests.conftest import (
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
 TPU_HOST = {"TPU": 4}
-# One HTTP port for every `serve run` on the module's cluster: Serve keeps the port it started
-# with while it runs, and a later `serve run` joins that Serve instance.
-HTTP_PORT = free_port()
-DASHBOARD_PORT = free_port()
+# The module's cluster's ports (its own window, tests/conftest.py ClusterPorts). One HTTP port for
+# every `serve run` on it: Serve keeps the port it started with while it runs, and a later
+# `serve run` joins that Serve instance.
+PORTS = cluster_ports()
+HTTP_PORT = PORTS.http
+DASHBOARD_PORT = PORTS.dashboard
 
 
 @contextlib.contextmanager
@@ -78,7 +79,7 @@ def cluster():
     stop_serve_cluster()
     env = (
         os.environ
-        | serve_ports()
+        | PORTS.env()
         | {
             "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -86,7 +87,7 @@ def cluster():
     )
     common = ["--num-cpus", "1", "--object-store-memory", str(200 * 2**20)]
     common += ["--disable-usage-stats"]
-    address = f"127.0.0.1:{free_port()}"
+    address = f"127.0.0.1:{PORTS.gcs}"
 
     nodes: list[subprocess.Popen] = []
 

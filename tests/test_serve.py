@@ -19,7 +19,7 @@ import requests
 from loadtests.summary import summarize
 from models.engine import score_ids
 from serve_app.scoring import tokenize_request
-from tests.conftest import LABELS, TEST_ENGINE, running_serve, serve_cluster
+from tests.conftest import LABELS, TEST_ENGINE, deployment_of, running_serve, serve_cluster
 
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
@@ -45,7 +45,10 @@ def service(ckpts):
 
 
 def _post(url, body):
-    return requests.post(f"{url}/v1/score", json=body, timeout=300)
+    """POST /v1/score naming this app's deployment: a request that reached another deployment
+    on the machine (another test's cluster) is refused (421) instead of answered."""
+    headers = {"X-MIS-Deployment": deployment_of(APP)}
+    return requests.post(f"{url}/v1/score", json=body, headers=headers, timeout=300)
 
 
 def _words(rng, n):
@@ -190,7 +193,15 @@ def test_malformed_json_is_400(service):
 
 
 def test_health_models_and_openapi(service):
-    assert requests.get(f"{service}/health", timeout=30).json() == {"status": "ok"}
+    health = requests.get(f"{service}/health", timeout=30)
+    assert health.status_code == 200 and health.headers["X-MIS-Deployment"] == deployment_of(APP)
+    assert health.json() == {
+        "status": "ready",
+        "scorer_replicas_ready": 2,
+        "model": "tiny",
+        "deployment": deployment_of(APP),
+    }
+    assert requests.get(f"{service}/livez", timeout=30).json() == {"status": "alive"}
     models = requests.get(f"{service}/v1/models", timeout=30).json()
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["random_weights"] is True
     spec = requests.get(f"{service}/openapi.json", timeout=30).json()

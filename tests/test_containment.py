@@ -1,0 +1,279 @@
+"""Failures that stay contained, and readiness that means ready (real Ray Serve, tiny checkpoint).
+
+The scorers here are the product's Scorer with one fault each, triggered by the first token of
+a query and recorded in a directory the test reads: a chunk that raises whenever it is scored
+(a bad chunk), a forward that hangs (once), a chunk refused as not this replica's (once), and a
+scorer that cannot start until the test lets it. Each fault is a subclass defined in a fixture,
+so Ray ships it by value to the replicas.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from models.engine import score_ids
+from tests.conftest import LABELS, serve_cluster
+
+pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
+
+ENGINE = {"max_batch_tokens": 1024, "max_item_tokens": 32, "max_query_tokens": 128, "max_labels": 4}
+POISON, HANG, REFUSE = 150_001, 150_002, 150_003  # a query starting with one of these
+FORWARD_TIMEOUT_S = 4.0
+APP, GATED = "containment", "gated"
+
+
+def _faulty_scorer(events: Path):
+    """The Scorer class with the faults above, writing one line per event to `events`."""
+    from serve_app.scorer import Misdelivered, Scorer
+
+    def note(replica: str, what: str) -> None:
+        with (events / f"{replica}.log").open("a") as f:
+            f.write(what + "\n")
+
+    def first(name: str) -> bool:
+        """True for the first replica to ask (a marker file created exclusively)."""
+        try:
+            os.close(os.open(events / name, os.O_CREAT | os.O_EXCL))
+            return True
+        except FileExistsError:
+            return False
+
+    class FaultyScorer(Scorer.func_or_class):  # type: ignore[name-defined,misc]
+        async def score(self, chunk, part=(0, 1), key=None, avoid=()):
+            if chunk.query[0] == REFUSE and first("refused"):
+                note(self.replica, "refused")
+                raise Misdelivered(f"replica {self.replica}: chunk for key x, not {self.key}")
+            return await super().score(chunk, part, key, avoid)
+
+        def _forward(self, chunks):
+            firsts = {c.query[0] for c in chunks}
+            if POISON in firsts:
+                note(self.replica, f"poison in a call of {len(chunks)} chunks")
+                raise RuntimeError("poisoned chunk")
+            if HANG in firsts and first("hung"):
+                note(self.replica, "hang")
+                time.sleep(3600)
+            return super()._forward(chunks)
+
+    return FaultyScorer
+
+
+def _gated_scorer(gate: Path):
+    """The Scorer class that starts only once `gate` exists (a warm-up that takes that long)."""
+    from serve_app.scorer import Scorer
+
+    class GatedScorer(Scorer.func_or_class):  # type: ignore[name-defined,misc]
+        def __init__(self, args):
+            while not gate.exists():
+                time.sleep(0.2)
+            super().__init__(args)
+
+    return GatedScorer
+
+
+def _app(ckpt: str, scorer_class, replicas: int):
+    from serve_app.app import build_graph
+
+    args = {
+        "model": {"path": ckpt, "name": "tiny"},
+        "engine": ENGINE,
+        "fanout.chunk_items": 8,
+        "limits.forward_timeout_s": FORWARD_TIMEOUT_S,
+    }
+    scorers = {
+        "func_or_class": scorer_class,
+        "num_replicas": replicas,
+        "ray_actor_options": {"num_cpus": 0.25},
+    }
+    return build_graph(args, scorers, {"ray_actor_options": {"num_cpus": 0.1}})
+
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("events")
+
+
+@pytest.fixture(scope="module")
+def service(ckpts, events):
+    from ray import serve
+
+    url, _ = serve_cluster()
+    serve.run(_app(ckpts["qwen3"], _faulty_scorer(events), 2), name=APP, route_prefix="/c")
+    try:
+        yield f"{url}/c"
+    finally:
+        serve.delete(APP)
+
+
+def _scorer_actors(app: str) -> dict[str, dict]:
+    """The app's live scorer replica actors by replica id (Serve names them ...app#Scorer#id)."""
+    import ray
+
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return {a["name"].rsplit("#", 1)[1]: a for a in actors if f"{app}#Scorer#" in a["name"]}
+
+
+def _replica_ids(app: str) -> set[str]:
+    return set(_scorer_actors(app))
+
+
+def _body(first: int, seed: int, n_items: int = 12) -> dict:
+    rng = np.random.default_rng(seed)
+    query = [first, *rng.integers(0, 150_000, 20).tolist()]
+    items = [rng.integers(0, 150_000, int(n)).tolist() for n in rng.integers(1, 20, n_items)]
+    return {"query": query, "items": items, "label_token_ids": LABELS}
+
+
+def _events(events: Path) -> dict[str, list[str]]:
+    return {p.stem: p.read_text().splitlines() for p in events.glob("*.log")}
+
+
+def _post(url: str, body: dict, timeout: float = 120) -> requests.Response:
+    return requests.post(f"{url}/v1/score", json=body, timeout=timeout)
+
+
+def test_a_chunk_that_fails_alone_fails_only_its_request(service, engine, events):
+    """A chunk that makes the engine raise, in flight with other requests' chunks on both
+    replicas: its request gets a 500 naming the failure, every other request its exact scores,
+    and both replicas stay in service (nothing retried, nothing replaced)."""
+    before = _replica_ids(APP)
+    assert len(before) == 2
+    good = [_body(7, seed) for seed in range(10)]
+    bad = _body(POISON, 99, n_items=4)  # one chunk
+    with concurrent.futures.ThreadPoolExecutor(11) as pool:
+        futures = [pool.submit(_post, service, b) for b in good]
+        poisoned = pool.submit(_post, service, bad).result()
+        answers = [f.result() for f in futures]
+    assert poisoned.status_code == 500, poisoned.text
+    message = poisoned.json()["message"]
+    assert message.startswith("items: chunk 1 of 1: replica ") and "poisoned chunk" in message
+    prefix = engine("qwen3", "prefix", **ENGINE)
+    for r, b in zip(answers, good, strict=True):
+        assert r.status_code == 200, r.text
+        want = score_ids(prefix, b["query"], b["items"], LABELS)
+        assert np.abs(np.asarray(r.json()["scores"]) - want).max() <= 1e-6
+    # Tried in its engine call and once more alone, on one replica: not retried elsewhere.
+    seen = {k: v for k, v in _events(events).items() if any("poison" in e for e in v)}
+    assert len(seen) == 1, seen
+    (calls,) = seen.values()
+    assert len(calls) == 2 and calls[1] == "poison in a call of 1 chunks", calls
+    assert _replica_ids(APP) == before
+    assert _post(service, good[0]).status_code == 200
+
+
+def test_a_misdelivered_chunk_is_retried_on_another_replica(service, engine, events):
+    """A replica that refuses a chunk as not its own (Misdelivered): the ingress retries it on
+    the other replica, and the request gets its exact scores."""
+    body = _body(REFUSE, 5, n_items=4)
+    r = _post(service, body)
+    assert r.status_code == 200, r.text
+    want = score_ids(engine("qwen3", "prefix", **ENGINE), body["query"], body["items"], LABELS)
+    assert np.abs(np.asarray(r.json()["scores"]) - want).max() <= 1e-6
+    refused = [k for k, v in _events(events).items() if "refused" in v]
+    assert len(refused) == 1, _events(events)
+    assert r.headers["X-MIS-Replicas"] not in refused  # answered by the other one
+
+
+def test_a_hung_forward_is_replaced_within_the_deadline(service, engine, events):
+    """A forward that never returns: past forward_timeout_s its chunks are retried on the other
+    replica (the request still gets its exact scores) and Serve replaces the hung replica."""
+    before = _replica_ids(APP)
+    body = _body(HANG, 6, n_items=4)
+    start = time.monotonic()
+    r = _post(service, body)
+    took = time.monotonic() - start
+    assert r.status_code == 200, r.text
+    want = score_ids(engine("qwen3", "prefix", **ENGINE), body["query"], body["items"], LABELS)
+    assert np.abs(np.asarray(r.json()["scores"]) - want).max() <= 1e-6
+    assert FORWARD_TIMEOUT_S <= took < FORWARD_TIMEOUT_S + 10, took
+    (hung,) = [k for k, v in _events(events).items() if "hang" in v]
+    assert hung in before and r.headers["X-MIS-Replicas"] != hung
+    deadline = time.monotonic() + 120
+    while hung in _replica_ids(APP) or len(_replica_ids(APP)) < 2:
+        assert time.monotonic() < deadline, _replica_ids(APP)
+        time.sleep(0.5)
+    assert _post(service, _body(7, 1)).status_code == 200
+
+
+def test_health_is_readiness_and_requests_get_a_fast_503_until_a_scorer_is_ready(ckpts, tmp_path):
+    """/health answers 503 (and requests a fast 503 with Retry-After) while no scorer replica
+    can take a chunk: before the first finishes starting, and after the only one died until
+    its replacement is ready; /livez is 200 throughout; 200 once one is ready."""
+    import ray
+    from ray import serve
+
+    gate = tmp_path / "gate"
+    url, _ = serve_cluster()
+    url = f"{url}/g"
+    app = _app(ckpts["qwen3"], _gated_scorer(gate), 1)
+    serve.run_many(
+        [serve.RunTarget(app, name=GATED, route_prefix="/g")], wait_for_applications_running=False
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while (h := requests.get(f"{url}/health", timeout=10)).status_code == 404:
+            assert time.monotonic() < deadline, "the ingress never came up"
+            time.sleep(0.2)  # before the ingress replica is up, Ray's proxy answers 404
+        _assert_not_ready(url, h)
+        gate.touch()
+        while (h := requests.get(f"{url}/health", timeout=10)).status_code != 200:
+            assert time.monotonic() < deadline, h.text
+            time.sleep(0.2)
+        assert h.json()["scorer_replicas_ready"] == 1 and h.json()["status"] == "ready"
+        assert _post(url, _body(7, 3)).status_code == 200
+        # The only scorer dies; its replacement cannot start until the gate opens again.
+        gate.unlink()
+        (victim,) = _scorer_actors(GATED).values()
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
+        while (h := requests.get(f"{url}/health", timeout=10)).status_code == 200:
+            assert time.monotonic() < deadline, h.text
+            time.sleep(0.2)
+        _assert_not_ready(url, h)
+        gate.touch()
+        while requests.get(f"{url}/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert _post(url, _body(7, 3)).status_code == 200
+    finally:
+        gate.touch()
+        serve.delete(GATED)
+
+
+def _assert_not_ready(url: str, health: requests.Response) -> None:
+    assert health.status_code == 503, health.text
+    assert health.json()["scorer_replicas_ready"] == 0 and health.headers["Retry-After"] == "1"
+    assert requests.get(f"{url}/livez", timeout=10).status_code == 200
+    start = time.monotonic()
+    r = _post(url, _body(7, 4), timeout=10)
+    assert time.monotonic() - start < 1.0
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+    assert r.json()["message"].startswith("no scorer replica is ready yet"), r.text
+
+
+def test_a_client_that_goes_away_leaves_a_log_line_not_a_traceback(service):
+    """A client that gives up mid-request: the ingress cancels the request's chunk calls and
+    logs one line; no 'exception was never retrieved' or traceback anywhere in the logs."""
+    import ray
+
+    big = _body(7, 8, n_items=2000)  # seconds of work, 250 chunks
+    with pytest.raises(requests.Timeout):
+        _post(service, big, timeout=0.5)
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    deadline = time.monotonic() + 60
+    while True:
+        ingress = "".join(p.read_text() for p in logs.glob(f"serve/replica_{APP}_ScoreIngress_*"))
+        if "client disconnected" in ingress or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "score: client disconnected" in ingress
+    time.sleep(2)  # what a cancelled fan-out could still log
+    text = "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file())
+    assert "was never retrieved" not in text
+    assert _post(service, _body(7, 9)).status_code == 200
