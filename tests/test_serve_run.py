@@ -70,8 +70,10 @@ def _two_deployments_on_one_machine(url: str, identity: str, log, ckpt: str) -> 
 
     from serve_app.app import build_graph
 
+    # Small forwards, compiled on first use: the requests below need two shapes.
+    engine = {"max_batch_tokens": 256, "max_item_tokens": 16, "max_query_tokens": 16}
     app = build_graph(
-        {"model": {"path": ckpt}, "engine": {"max_item_tokens": 64, "max_query_tokens": 512}},
+        {"model": {"path": ckpt}, "engine": engine, "warmup": False},
         scorer_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
         ingress_options={"ray_actor_options": {"num_cpus": 0.1}},
     )
