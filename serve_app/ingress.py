@@ -430,6 +430,12 @@ class ScoreIngress:
                     "object": "model",
                     "owned_by": "mis-serve",
                     "random_weights": self.random_weights,
+                    # What one request may hold (clients split longer item lists by it).
+                    "limits": {
+                        "max_items_per_request": self.args.limits.max_items_per_request,
+                        "max_body_bytes": self.args.limits.max_body_bytes,
+                        **self.args.engine.limits,
+                    },
                 }
             ],
         }

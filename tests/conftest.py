@@ -318,6 +318,9 @@ class ClusterPorts:
 def cluster_ports() -> ClusterPorts:
     """The next test cluster's ports (see ClusterPorts)."""
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    # Another test run at the same time on this machine: MIS_TEST_PORT_GROUP=2 (or 4) moves
+    # this run's windows past the first run's two workers.
+    worker += int(os.environ.get("MIS_TEST_PORT_GROUP", "0"))
     slot = worker * _SLOTS + next(_CLUSTERS_STARTED) % _SLOTS
     return ClusterPorts(_FIRST_PORT + slot * _WINDOW)
 

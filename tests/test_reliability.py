@@ -234,6 +234,25 @@ def test_overload_gets_a_fast_503_with_retry_after(service):
     assert all(np.array_equal(s, scores[0]) for s in scores)
 
 
+def test_python_client_honours_retry_after_and_api_keys(service):
+    """/strict takes one request at a time: four clients at once are turned away with 503 +
+    Retry-After, wait as told and try again, and all get the same exact scores; a client
+    without the API key gets a 401 raised at once (a 4xx is never retried)."""
+    from mis_score.client import BadRequestError, Client
+
+    body = _big_body(30)  # well inside /strict's 1 s deadline
+    clients = [Client(f"{service}/strict", api_key=KEY, max_retries=30) for _ in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(c.score, body["query"], body["items"], LABELS) for c in clients]
+        scores = [f.result() for f in futures]
+    assert all(np.array_equal(s, scores[0]) for s in scores)
+    assert sum(c.retries for c in clients) >= 1  # turned away, and answered after waiting
+    anonymous = Client(f"{service}/strict")
+    with pytest.raises(BadRequestError) as e:
+        anonymous.score(body["query"], body["items"], LABELS)
+    assert e.value.status == 401 and anonymous.retries == 0
+
+
 def test_deadline_gives_504_and_cancels_the_rest(service):
     """/strict has a 1 s deadline; 6000 items take far longer on one replica. The request
     gets a 504, and chunks that had not started are dropped, not scored."""
