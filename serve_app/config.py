@@ -48,6 +48,11 @@ class ModelArgs(_Group):
     name: str | None = Field(
         default=None, description="Name in responses and /v1/models (default: the dir name)."
     )
+    served_names: list[str] = Field(
+        default=[],
+        description="More names a request's `model` may give (like vLLM's --served-model-name), "
+        'e.g. ["Qwen/Qwen3-0.6B", "rerank-v3.5"]; /v1/models lists them all.',
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelArgs:
@@ -93,6 +98,11 @@ class LimitsArgs(_Group):
         "Retry-After (Serve's max_queued_requests bounds the queues in front of it).",
     )
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 503.")
+    max_items_per_batch: int = Field(
+        default=16384,
+        ge=1,
+        description="Items of all entries of one POST /v1/score/batch together (400 beyond).",
+    )
     forward_timeout_s: float = Field(
         default=120.0,
         gt=0,

@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -27,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_hf_config
 from models.inputs import Chunk, ScoringInputError
 from models.tokenizer import TextTokenizer
-from serve_app import guard, metrics
+from serve_app import guard, metrics, shapes
 from serve_app.config import IngressArgs, deployment_identity, scoring_key
 from serve_app.rerank import RerankRequest, RerankResponse, label_ids, rerank_response
 from serve_app.routing import running_replicas
@@ -38,6 +39,7 @@ from serve_app.schema import (
     Usage,
     error_body,
     format_errors,
+    validation_message,
 )
 from serve_app.scorer import ChunkFailure, EngineFailure
 from serve_app.scoring import (
@@ -192,6 +194,35 @@ class _Refused(Exception):
         return _error(message, self.code, self.headers)
 
 
+def _parse(model: type[BaseModel], body: Any) -> Any:
+    """A body of one of the shapes routes tell apart by its fields; 400 naming the field."""
+    if not isinstance(body, dict):
+        raise _Refused("body: must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise _Refused(validation_message(e)) from e
+
+
+def _one_of(*models: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request body of a route that parses its body itself: any of `models` (told
+    apart by their fields)."""
+    schemas = [m.model_json_schema(ref_template="#/components/schemas/{model}") for m in models]
+    schema = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _internal(convert: Any) -> Any:
+    """`convert()`: a request of another shape turned into the internal one; 400 naming the
+    field when what it holds is not a valid internal request (e.g. an empty query)."""
+    try:
+        return convert()
+    except ValidationError as e:
+        raise _Refused(validation_message(e)) from e
+
+
+_ANY_BODY = Body(default=None)  # parsed by the route (_parse): its shape depends on its fields
+
 # Keys, body size, admission, before any parsing; counts every error answer (its own too).
 api.add_middleware(guard.FrontDoor)
 
@@ -203,6 +234,7 @@ class ScoreIngress:
         self.args = IngressArgs.model_validate(args)
         path = Path(self.args.model.path or ensure_demo_checkpoint(self.args.model.demo_preset))
         self.model_name = self.args.model.name or path.name
+        self.served_names = (self.model_name, *self.args.model.served_names)
         self.vocab_size = int(read_hf_config(path)["vocab_size"])
         self.random_weights = has_random_weights(path)
         try:
@@ -240,14 +272,112 @@ class ScoreIngress:
             self.args.model_dump(mode="json", exclude={"auth"}),
         )
 
-    @api.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
-    async def score(self, body: ScoreRequest) -> Any:
-        """Scores of every item, in item order (SGLang-compatible)."""
+    @api.post(
+        "/v1/score",
+        response_model=ScoreResponse | shapes.VllmScoreResponse,
+        responses=_ERRORS,
+        # Documented as SGLang's body; vLLM's is documented at /score.
+        openapi_extra=_one_of(ScoreRequest),
+    )
+    async def score(self, body: Any = _ANY_BODY) -> Any:
+        """Scores of every item, in item order (SGLang's Score API); a body with vLLM's fields
+        (`text_1`/`text_2` or `queries`/`documents`) is vLLM's score API (as at /score)."""
+        if shapes.is_vllm_score(body):
+            return await self.vllm_score(body)
         try:
-            response, headers = await self._score(body, "score")
+            response, headers = await self._score(_parse(ScoreRequest, body), "score")
         except _Refused as e:
             return e.response()
         return JSONResponse(response, headers=headers)
+
+    @api.post("/v1/score/batch", response_model=shapes.BatchScoreResponse, responses=_ERRORS)
+    async def score_batch(self, body: shapes.BatchScoreRequest) -> Any:
+        """Several Score API requests in one body, answered in the same order: each entry its
+        /v1/score response or its own error body (one bad entry fails only itself). All
+        entries' chunks are fanned out together."""
+        entries: list[ScoreRequest | _Refused] = []
+        for raw in body.requests:
+            try:
+                entries.append(_parse(ScoreRequest, raw))
+            except _Refused as e:
+                entries.append(e)  # the error body /v1/score would answer
+        n_items = sum(len(e.items) for e in entries if isinstance(e, ScoreRequest))
+        cap = self.args.limits.max_items_per_batch
+        if n_items > cap:
+            return _error(f"requests: {n_items} items in all exceed max_items_per_batch={cap}")
+
+        async def answer(entry: ScoreRequest | _Refused) -> dict[str, Any]:
+            try:
+                if isinstance(entry, _Refused):
+                    raise entry
+                return (await self._score(entry, "batch"))[0]
+            except _Refused as e:
+                kind = _ERROR_KINDS.get(e.code, "BadRequestError")
+                return error_body(str(e), e.code, kind)
+
+        responses = await asyncio.gather(*(answer(e) for e in entries))
+        return JSONResponse({"object": "batch", "responses": list(responses)})
+
+    @api.post(
+        "/score",
+        response_model=shapes.VllmScoreResponse,
+        responses=_ERRORS,
+        openapi_extra=_one_of(shapes.VllmScoreRequest),
+    )
+    async def vllm_score(self, body: Any = _ANY_BODY) -> Any:
+        """vLLM's score API: `text_1`/`text_2` (1:1, 1:N, N:N) or `queries`/`documents`; each
+        pair's score is what /v1/rerank gives it (P(yes) in the rerank prompt)."""
+        try:
+            request = _parse(shapes.VllmScoreRequest, body)
+            reranks, where = _internal(request.reranks)
+            answers = await asyncio.gather(*(self._rerank_scores(r) for r in reranks))
+        except _Refused as e:
+            return e.response({"items": "text_2", "query": "text_1", "documents": "text_2"})
+        scores = [answers[r][0][d][0] for r, d in where]
+        tokens = sum(a[1] for a in answers)
+        model = request.model or self.model_name
+        return JSONResponse(shapes.vllm_response(scores, model, tokens).model_dump())
+
+    @api.post("/v2/rerank", response_model=shapes.CohereV2RerankResponse, responses=_ERRORS)
+    async def rerank_v2(self, body: shapes.CohereV2RerankRequest) -> Any:
+        """Cohere's v2 rerank (`cohere.ClientV2(base_url=...).rerank(...)`); scores as
+        /v1/rerank's."""
+        try:
+            scores, tokens = await self._rerank_scores(_internal(body.rerank))
+        except _Refused as e:
+            return e.response({"items": "documents"})
+        usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
+        return JSONResponse(shapes.cohere_v2_response(body, scores, usage).model_dump())
+
+    @api.post(
+        "/rerank",
+        response_model=RerankResponse | list[shapes.TeiRank],
+        responses=_ERRORS,
+        openapi_extra=_one_of(RerankRequest, shapes.TeiRerankRequest),
+    )
+    async def rerank_any(self, body: Any = _ANY_BODY) -> Any:
+        """vLLM's and Jina's `/rerank` (`documents`: as /v1/rerank), or TEI's (`texts`:
+        `[{index, score, text?}]` best first, `raw_scores` the logit of P(yes))."""
+        if not (isinstance(body, dict) and "texts" in body):
+            try:
+                return await self.rerank(_parse(RerankRequest, body))
+            except _Refused as e:
+                return e.response()
+        try:
+            request = _parse(shapes.TeiRerankRequest, body)
+            scores, _ = await self._rerank_scores(_internal(request.rerank))
+        except _Refused as e:
+            return e.response({"items": "texts", "documents": "texts"})
+        ranks = shapes.tei_response(request, scores)
+        return JSONResponse([r.model_dump(exclude_none=True) for r in ranks])
+
+    async def _rerank_scores(self, request: RerankRequest) -> tuple[list[list[float]], int]:
+        """(P(yes), P(no)) of each document in the rerank prompt, and the prompt tokens."""
+        if self.rerank_labels is None:
+            raise _Refused("query: reranking needs the model's tokenizer.json")
+        score_request = self.rerank_prompt.score_request(request, self.rerank_labels)
+        response, _ = await self._score(score_request, "rerank")
+        return response["scores"], response["usage"]["prompt_tokens"]
 
     @api.post("/v1/rerank", response_model=RerankResponse, responses=_ERRORS)
     async def rerank(self, body: RerankRequest) -> Any:
@@ -267,8 +397,10 @@ class ScoreIngress:
     async def _score(self, body: ScoreRequest, route: str) -> tuple[dict, dict[str, str]]:
         """Validate, split into chunks, fan out, merge in item order; raises _Refused."""
         start = time.perf_counter()
-        if body.model is not None and body.model != self.model_name:
-            raise _Refused(f"model: unknown model {body.model!r}; serving {self.model_name!r}", 404)
+        if body.model is not None and body.model not in self.served_names:
+            raise _Refused(
+                f"model: unknown model {body.model!r}; serving {list(self.served_names)}", 404
+            )
         try:
             query, items = prepare_request(
                 body,
@@ -351,7 +483,7 @@ class ScoreIngress:
         if items:  # Ray counters refuse increments of 0
             m.items.inc(len(items))
             m.tokens.inc(n_tokens)
-        response = response_body(scores, self.model_name, n_tokens)
+        response = response_body(scores, body.model or self.model_name, n_tokens)
         return response, {"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(chunks))}
 
     def _busy(self, message: str) -> _Refused:
@@ -422,20 +554,19 @@ class ScoreIngress:
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
+        """The served model, once per name it answers to (model.name, model.served_names)."""
+        card = {
+            "object": "model",
+            "owned_by": "mis-serve",
+            "random_weights": self.random_weights,
+            # What one request may hold (clients split longer item lists by it).
+            "limits": {
+                "max_items_per_request": self.args.limits.max_items_per_request,
+                "max_body_bytes": self.args.limits.max_body_bytes,
+                **self.args.engine.limits,
+            },
+        }
         return {
             "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "owned_by": "mis-serve",
-                    "random_weights": self.random_weights,
-                    # What one request may hold (clients split longer item lists by it).
-                    "limits": {
-                        "max_items_per_request": self.args.limits.max_items_per_request,
-                        "max_body_bytes": self.args.limits.max_body_bytes,
-                        **self.args.engine.limits,
-                    },
-                }
-            ],
+            "data": [{"id": name, "root": self.model_name, **card} for name in self.served_names],
         }

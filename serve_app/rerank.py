@@ -116,11 +116,16 @@ def label_ids(encode, labels: Sequence[str]) -> tuple[int, int]:
     return ids[0], ids[1]
 
 
+def best_first(scores: Sequence[Sequence[float]]) -> list[int]:
+    """Indices by relevance (each item's first score), best first; ties keep request order."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i][0])
+
+
 def rerank_response(
     req: RerankRequest, scores: Sequence[Sequence[float]], model: str, usage: Usage
 ) -> RerankResponse:
     """Results sorted by relevance (ties keep request order), cut to `top_n`."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i][0])
+    order = best_first(scores)
     texts = req.texts()
     results = [
         RerankResult(

@@ -24,6 +24,7 @@ from tests.conftest import LABELS, TEST_ENGINE, deployment_of, running_serve, se
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
 CHUNK = 8
+SERVED_NAMES = ["Qwen/Qwen3-0.6B", "rerank-v3.5"]  # more names the app answers to
 APP = "serve-tests"  # its own name: metrics are read for this application only
 
 
@@ -34,7 +35,7 @@ def service(ckpts):
     from serve_app.app import build_graph
 
     args = {
-        "model": {"path": ckpts["qwen3"], "name": "tiny"},
+        "model": {"path": ckpts["qwen3"], "name": "tiny", "served_names": SERVED_NAMES},
         "engine": TEST_ENGINE,
         "fanout": {"chunk_items": CHUNK, "chunk_tokens": 200},
     }
@@ -543,3 +544,129 @@ def test_python_client_splits_long_item_lists_bit_identically(service):
             return await client.score(query, items, LABELS)
 
     assert np.array_equal(asyncio.run(run_async()), want)
+
+
+QUERY = "Which laptop is good for long flights?"
+DOCS = ["Ultrabook, 1.1 kg, 14 hours of battery.", "Gaming laptop, 3.2 kg.", "A paperback novel."]
+
+
+def _relevance(url: str, query: str, docs: list[str]) -> list[float]:
+    """/v1/rerank's relevance score of each document, in document order."""
+    r = _rerank(url, {"query": query, "documents": docs})
+    assert r.status_code == 200, r.text
+    out = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    return [out[i] for i in range(len(docs))]
+
+
+def test_cohere_sdk_v1_and_v2_clients_rerank_as_v1_rerank(service):
+    """The Cohere SDK's own clients: v1 (`Client.rerank` -> /v1/rerank) and v2
+    (`ClientV2.rerank` -> /v2/rerank, `model` required: a served name) give /v1/rerank's
+    scores bit for bit, sorted and cut to top_n; an unknown model is the SDK's NotFoundError."""
+    import cohere
+
+    want = _relevance(service, QUERY, DOCS)
+    order = sorted(range(3), key=lambda i: -want[i])
+    v2 = cohere.ClientV2(api_key="unused", base_url=service)
+    got = v2.rerank(model="rerank-v3.5", query=QUERY, documents=DOCS, top_n=2)
+    assert [(r.index, r.relevance_score) for r in got.results] == [(i, want[i]) for i in order[:2]]
+    v1 = cohere.Client(api_key="unused", base_url=service)
+    got1 = v1.rerank(model="tiny", query=QUERY, documents=DOCS)
+    assert [(r.index, r.relevance_score) for r in got1.results] == [(i, want[i]) for i in order]
+    with pytest.raises(cohere.errors.NotFoundError):
+        v2.rerank(model="not-served", query=QUERY, documents=DOCS)
+
+
+def test_vllm_score_api_scores_pairs_as_rerank(service):
+    """vLLM's score API at /score and (told apart by its fields) at /v1/score: 1:1, 1:N, N:N
+    and queries/documents; each score is /v1/rerank's for that pair, bit for bit."""
+    want = _relevance(service, QUERY, DOCS)
+    other = _relevance(service, "A gift for a reader?", DOCS)
+    cases = [
+        ({"text_1": QUERY, "text_2": DOCS[1]}, [want[1]]),
+        ({"text_1": QUERY, "text_2": DOCS}, want),
+        ({"queries": QUERY, "documents": DOCS}, want),
+        ({"text_1": [QUERY, "A gift for a reader?"], "text_2": DOCS[:2]}, [want[0], other[1]]),
+    ]
+    for path in ("/score", "/v1/score"):
+        for body, scores in cases:
+            r = requests.post(f"{service}{path}", json={"model": "tiny", **body}, timeout=60)
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["object"] == "list" and out["model"] == "tiny" and out["id"]
+            assert [d["index"] for d in out["data"]] == list(range(len(scores)))
+            assert [d["score"] for d in out["data"]] == scores
+            assert out["usage"]["prompt_tokens"] > 0
+    bad = {"text_1": [QUERY, QUERY, QUERY], "text_2": DOCS[:2]}
+    r = requests.post(f"{service}/score", json=bad, timeout=60)
+    assert r.status_code == 400 and r.json()["message"].startswith("text_1:"), r.text
+
+
+def test_tei_and_jina_rerank_shapes(service, tokenizer):
+    """/rerank: TEI's shape (`texts`) gives [{index, score, text?}] best first, the score
+    /v1/rerank's (raw_scores: its logit log(P(yes)/P(no))); vLLM/Jina's shape (`documents`)
+    is /v1/rerank's own answer."""
+    want = _relevance(service, QUERY, DOCS)
+    order = sorted(range(3), key=lambda i: -want[i])
+    r = requests.post(f"{service}/rerank", json={"query": QUERY, "texts": DOCS}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json() == [{"index": i, "score": want[i]} for i in order]
+    body = {"query": QUERY, "texts": DOCS, "raw_scores": True, "return_text": True}
+    raw = requests.post(f"{service}/rerank", json=body, timeout=60).json()
+    assert [x["text"] for x in raw] == [DOCS[i] for i in order]
+    yes_no = _post(service, _rerank_as_score(tokenizer("qwen3"), QUERY, DOCS)).json()["scores"]
+    for x in raw:
+        p_yes, p_no = yes_no[x["index"]]
+        assert x["score"] == np.log(p_yes) - np.log(p_no)
+    jina = requests.post(f"{service}/rerank", json={"query": QUERY, "documents": DOCS}, timeout=60)
+    assert [(x["index"], x["relevance_score"]) for x in jina.json()["results"]] == [
+        (i, want[i]) for i in order
+    ]
+    r = requests.post(f"{service}/rerank", json={"query": QUERY, "texts": "x"}, timeout=60)
+    assert r.status_code == 400 and r.json()["message"].startswith("texts"), r.text
+
+
+def _rerank_as_score(tok, query: str, docs: list[str]) -> dict:
+    """The /v1/score request /v1/rerank makes of (query, docs): its prompt, as in the app."""
+    from serve_app.rerank import RerankPrompt, RerankRequest
+
+    labels = (tok.encode("yes")[0], tok.encode("no")[0])
+    request = RerankPrompt().score_request(RerankRequest(query=query, documents=docs), labels)
+    return request.model_dump(exclude_none=True)
+
+
+def test_score_batch_answers_each_entry_as_alone(service):
+    """/v1/score/batch: good and bad entries mixed, answered in order, each good one
+    bit-identical to its own /v1/score answer and each bad one the error body /v1/score gives
+    it; past max_items_per_batch the whole batch is a 400 naming the limit."""
+    bodies = _mixed_bodies(seed=21, n=6)
+    bad = [
+        {"query": [1], "items": [[2]], "label_token_ids": [3, 3]},
+        {"query": [1], "items": [[2]]},
+        {"query": [1], "items": [[2]], "label_token_ids": [3], "model": "nope"},
+    ]
+    entries = [bodies[0], bad[0], bodies[1], bodies[2], bad[1], bodies[3], bad[2], *bodies[4:]]
+    alone = [_post(service, b) for b in entries]
+    r = requests.post(f"{service}/v1/score/batch", json={"requests": entries}, timeout=300)
+    assert r.status_code == 200, r.text
+    got = r.json()["responses"]
+    assert len(got) == len(entries)
+    for one, batched in zip(alone, got, strict=True):
+        assert batched == one.json(), (batched, one.text)
+    assert [x.get("object") for x in got].count("error") == 3
+    too_many = {"requests": [{"query": [1], "items": [[2]] * 2048, "label_token_ids": [3]}] * 9}
+    r = requests.post(f"{service}/v1/score/batch", json=too_many, timeout=60)
+    assert r.status_code == 400 and "max_items_per_batch=16384" in r.json()["message"]
+
+
+def test_served_names(service):
+    """model.served_names: every name is accepted and listed; any other is a 404 that lists
+    what is served."""
+    models = requests.get(f"{service}/v1/models", timeout=30).json()
+    assert [m["id"] for m in models["data"]] == ["tiny", *SERVED_NAMES]
+    body = {"query": [5, 6], "items": [[7]], "label_token_ids": LABELS}
+    want = _post(service, body).json()["scores"]
+    for name in SERVED_NAMES:
+        r = _post(service, body | {"model": name})
+        assert r.status_code == 200 and r.json()["scores"] == want and r.json()["model"] == name
+    r = _post(service, body | {"model": "Qwen/Qwen3-8B"})
+    assert r.status_code == 404 and "rerank-v3.5" in r.json()["message"]

@@ -1,0 +1,240 @@
+"""Other clients' request shapes, each a thin adapter onto the one scoring path: a pydantic model
+per request and response, a function from the request to the internal rerank request(s), and
+one from the scores back to the response. Pure pydantic.
+
+    Cohere v2 rerank      POST /v2/rerank           -> one rerank (documents as items)
+    vLLM / Jina rerank    POST /rerank (documents)  -> /v1/rerank's own shape
+    TEI rerank            POST /rerank (texts)      -> one rerank; [{index, score, text?}]
+    vLLM score            POST /score, /v1/score (text_1/text_2 or queries/documents)
+                                                    -> one rerank per distinct query text
+    batch of Score API    POST /v1/score/batch      -> one /v1/score per entry, fanned out together
+
+A vLLM or TEI score is what `/v1/rerank` gives the same pair: P(yes) in the rerank prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+from serve_app.rerank import RerankRequest, best_first
+from serve_app.schema import Usage
+
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- Cohere v2
+
+
+class CohereV2RerankRequest(_Shape):
+    """Cohere's v2 rerank request, as `cohere.ClientV2.rerank` sends it."""
+
+    model: StrictStr = Field(description="Served model name (one of /v1/models).")
+    query: StrictStr
+    documents: list[StrictStr]
+    top_n: StrictInt | None = Field(default=None, ge=1)
+    max_tokens_per_doc: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        description="Accepted; documents longer than engine.max_item_tokens are refused (400), "
+        "never cut.",
+    )
+    priority: StrictInt | None = Field(default=None, description="Accepted and ignored.")
+
+    def rerank(self) -> RerankRequest:
+        return RerankRequest(
+            query=self.query, documents=list(self.documents), top_n=self.top_n, model=self.model
+        )
+
+
+class CohereV2Result(BaseModel):
+    index: int
+    relevance_score: float
+
+
+class CohereV2RerankResponse(BaseModel):
+    id: str
+    results: list[CohereV2Result] = Field(description="Best first, cut to top_n.")
+    meta: dict[str, Any]
+
+
+def cohere_v2_response(
+    req: CohereV2RerankRequest, scores: Sequence[Sequence[float]], usage: Usage
+) -> CohereV2RerankResponse:
+    order = best_first(scores)[: req.top_n]
+    return CohereV2RerankResponse(
+        id=str(uuid.uuid4()),
+        results=[CohereV2Result(index=i, relevance_score=scores[i][0]) for i in order],
+        meta={
+            "api_version": {"version": "2"},
+            "billed_units": {"search_units": 1},
+            "tokens": {"input_tokens": usage.prompt_tokens, "output_tokens": 0},
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- TEI
+
+
+class TeiRerankRequest(_Shape):
+    """Text Embeddings Inference's `/rerank` request."""
+
+    query: StrictStr
+    texts: list[StrictStr]
+    raw_scores: StrictBool = Field(
+        default=False, description="true: the logit log(P(yes) / P(no)) instead of P(yes)."
+    )
+    return_text: StrictBool = False
+    truncate: StrictBool = Field(
+        default=False,
+        description="Accepted; texts longer than engine.max_item_tokens are refused (400), "
+        "never cut.",
+    )
+    truncation_direction: Literal["Left", "Right"] = "Right"
+
+    def rerank(self) -> RerankRequest:
+        return RerankRequest(query=self.query, documents=list(self.texts))
+
+
+class TeiRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+def tei_response(req: TeiRerankRequest, scores: Sequence[Sequence[float]]) -> list[TeiRank]:
+    """Best first, as TEI sorts them."""
+    out = []
+    for i in best_first(scores):
+        yes, no = scores[i][0], scores[i][1]
+        score = _logit(yes, no) if req.raw_scores else yes
+        out.append(TeiRank(index=i, score=score, text=req.texts[i] if req.return_text else None))
+    return out
+
+
+def _logit(yes: float, no: float) -> float:
+    """log(P(yes) / P(no)): the rerank's raw score (its sigmoid is P(yes))."""
+    if no <= 0.0:
+        return math.inf
+    if yes <= 0.0:
+        return -math.inf
+    return math.log(yes) - math.log(no)
+
+
+# ----------------------------------------------------------------------------- vLLM score
+
+
+class VllmScoreRequest(_Shape):
+    """vLLM's score request: `text_1`/`text_2` (1:1, 1:N, N:N) or `queries`/`documents`."""
+
+    model: StrictStr | None = None
+    text_1: StrictStr | list[StrictStr] | None = None
+    text_2: StrictStr | list[StrictStr] | None = None
+    queries: StrictStr | list[StrictStr] | None = None
+    documents: StrictStr | list[StrictStr] | None = None
+    truncate_prompt_tokens: StrictInt | None = Field(
+        default=None, description="Accepted; longer documents are refused (400), never cut."
+    )
+    encoding_format: StrictStr | None = None
+    priority: StrictInt | None = None
+    user: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> VllmScoreRequest:
+        first = self.text_1 if self.text_1 is not None else self.queries
+        second = self.text_2 if self.text_2 is not None else self.documents
+        if (self.text_1 is None) == (self.queries is None):
+            raise ValueError("text_1: give text_1 and text_2, or queries and documents")
+        if first is None or second is None:
+            raise ValueError("text_2: missing (or documents)")
+        firsts = [first] if isinstance(first, str) else first
+        seconds = [second] if isinstance(second, str) else second
+        if not firsts:
+            raise ValueError("text_1: must not be empty")
+        if len(firsts) > 1 and len(firsts) != len(seconds):
+            raise ValueError(
+                f"text_1: {len(firsts)} texts for {len(seconds)} in text_2; give one, or as "
+                "many as text_2 (pairs)"
+            )
+        return self
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(query, document) per score, in order: 1:N pairs the one query with each."""
+        first = self.text_1 if self.text_1 is not None else self.queries
+        second = self.text_2 if self.text_2 is not None else self.documents
+        firsts = [first] if isinstance(first, str) else list(first or [])
+        seconds = [second] if isinstance(second, str) else list(second or [])
+        if len(firsts) == 1:
+            firsts = firsts * len(seconds)
+        return list(zip(firsts, seconds, strict=True))
+
+    def reranks(self) -> tuple[list[RerankRequest], list[tuple[int, int]]]:
+        """One rerank per distinct query text (its documents in pair order), and for each pair
+        (which rerank, which document of it)."""
+        by_query: dict[str, list[str]] = {}
+        where = []
+        for query, document in self.pairs():
+            docs = by_query.setdefault(query, [])
+            where.append((list(by_query).index(query), len(docs)))
+            docs.append(document)
+        reranks = [
+            RerankRequest(query=q, documents=list(docs), model=self.model)
+            for q, docs in by_query.items()
+        ]
+        return reranks, where
+
+
+class VllmScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class VllmScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[VllmScoreData]
+    usage: dict[str, int]
+
+
+def vllm_response(scores: Sequence[float], model: str, prompt_tokens: int) -> VllmScoreResponse:
+    return VllmScoreResponse(
+        id=f"score-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=model,
+        data=[VllmScoreData(index=i, score=s) for i, s in enumerate(scores)],
+        usage={"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    )
+
+
+def is_vllm_score(body: Any) -> bool:
+    """A `/v1/score` body in vLLM's shape rather than SGLang's (told apart by its fields)."""
+    return isinstance(body, dict) and bool({"text_1", "text_2", "queries", "documents"} & set(body))
+
+
+# ----------------------------------------------------------------------------- batch
+
+
+class BatchScoreRequest(_Shape):
+    """Several Score API requests in one body; each entry is checked on its own, so one bad
+    entry fails only itself."""
+
+    requests: list[dict[str, Any]] = Field(
+        description="Score API requests (the /v1/score body), answered in the same order."
+    )
+
+
+class BatchScoreResponse(BaseModel):
+    object: Literal["batch"] = "batch"
+    responses: list[dict[str, Any]] = Field(
+        description="Per entry: its /v1/score response, or its error body."
+    )
