@@ -5,6 +5,8 @@
     scores = client.score("Is it light?", ["1 kg", "3 kg"], [9454, 2753], apply_softmax=True)
     # numpy array [items, labels], item order
     ranked = client.rerank("light laptops", ["1 kg ultrabook", "3 kg gaming laptop"], top_n=1)
+    per_query = client.score_batch([{"query": q, "items": items, "label_token_ids": [9454]}
+                                    for q, items in candidates.items()])
 
 `AsyncClient` has the same methods as coroutines. Both read the deployment's limits from
 `/v1/models` once and split an item list longer than `max_items_per_request` into several
@@ -120,6 +122,16 @@ def _parts(n_items: int, limit: int) -> list[slice]:
 def _merge(answers: list[dict[str, Any]]) -> np.ndarray:
     rows = [row for a in answers for row in a["scores"]]
     return np.asarray(rows, dtype=np.float64)
+
+
+def _batch_results(answer: dict[str, Any]) -> list[np.ndarray | MisServeError]:
+    """Per entry of a /v1/score/batch answer: its scores, or its error (not raised)."""
+    return [
+        _error(int(r.get("code", 400)), r)
+        if r.get("object") == "error"
+        else np.asarray(r["scores"], dtype=np.float64)
+        for r in answer["responses"]
+    ]
 
 
 def _rerank_body(
@@ -245,6 +257,12 @@ class Client(_Base):
         ]
         return _merge(answers)
 
+    def score_batch(self, requests: Sequence[dict[str, Any]]) -> list[np.ndarray | MisServeError]:
+        """Several Score API requests (the /v1/score body, e.g. one per query) in one call
+        (`/v1/score/batch`): per entry its scores, or the error the server gave that entry
+        alone (returned, not raised: the other entries are still answered)."""
+        return _batch_results(self._call("POST", "/v1/score/batch", {"requests": list(requests)}))
+
     def rerank(
         self,
         query: str,
@@ -340,6 +358,12 @@ class AsyncClient(_Base):
             *(self._call("POST", "/v1/score", body | {"items": body["items"][p]}) for p in parts)
         )
         return _merge(list(answers))
+
+    async def score_batch(
+        self, requests: Sequence[dict[str, Any]]
+    ) -> list[np.ndarray | MisServeError]:
+        answer = await self._call("POST", "/v1/score/batch", {"requests": list(requests)})
+        return _batch_results(answer)
 
     async def rerank(
         self,

@@ -653,6 +653,16 @@ def test_score_batch_answers_each_entry_as_alone(service):
     for one, batched in zip(alone, got, strict=True):
         assert batched == one.json(), (batched, one.text)
     assert [x.get("object") for x in got].count("error") == 3
+    from mis_score.client import Client, MisServeError
+
+    with Client(service) as client:
+        results = client.score_batch(entries)
+    for one, result in zip(alone, results, strict=True):
+        if one.ok:
+            assert np.array_equal(result, np.asarray(one.json()["scores"]))
+        else:
+            assert isinstance(result, MisServeError) and result.status == one.status_code
+            assert result.message == one.json()["message"]
     too_many = {"requests": [{"query": [1], "items": [[2]] * 2048, "label_token_ids": [3]}] * 9}
     r = requests.post(f"{service}/v1/score/batch", json=too_many, timeout=60)
     assert r.status_code == 400 and "max_items_per_batch=16384" in r.json()["message"]
