@@ -72,12 +72,13 @@ class OfflineScorer:
                 vocab_size=self.engine.vocab_size,
                 engine=self.engine.config,
                 max_items=self.max_items,
+                head=(self.engine.head_kind, self.engine.class_labels),
             )
         except ScoringInputError as e:
             return error_body(str(e), 400)
         n_tokens = prompt_tokens(query, items)
         if not items:
-            empty = np.zeros((0, len(request.label_token_ids)))
+            empty = np.zeros((0, len(request.label_token_ids) or len(self.engine.class_labels)))
             return response_body(empty, self.model_name, n_tokens)
         # One chunk of every item: the engine packs them into forwards itself.
         (chunk,) = make_chunks(request, query, items, len(items), n_tokens)

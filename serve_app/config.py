@@ -134,7 +134,13 @@ class RerankArgs(_Group):
     labels: tuple[str, str] = Field(
         default=("yes", "no"),
         description="(relevant, irrelevant) label texts, one token each; the relevance score is "
-        "P(first) under a softmax over the two.",
+        "P(first) under a softmax over the two (a causal LM).",
+    )
+    class_index: int = Field(
+        default=-1,
+        description="A classification model with two or more classes: the class whose "
+        "probability (softmax over the classes) is the relevance score; default the last. "
+        "One class: its sigmoid.",
     )
 
     @model_validator(mode="after")

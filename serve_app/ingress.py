@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_hf_config
+from models.config import from_hf_config
 from models.inputs import Chunk, ScoringInputError
 from models.tokenizer import TextTokenizer
 from serve_app import guard, metrics, shapes
@@ -235,7 +236,13 @@ class ScoreIngress:
         path = Path(self.args.model.path or ensure_demo_checkpoint(self.args.model.demo_preset))
         self.model_name = self.args.model.name or path.name
         self.served_names = (self.model_name, *self.args.model.served_names)
-        self.vocab_size = int(read_hf_config(path)["vocab_size"])
+        model = from_hf_config(read_hf_config(path))  # what the scorers load, checked the same
+        self.vocab_size = model.vocab_size
+        # "lm" (scores at label tokens) or "classification" (class scores, no label ids).
+        self.head = (model.head.value, model.class_labels)
+        k, n = self.args.rerank.class_index, len(model.class_labels)
+        if n and not -n <= k < n:
+            raise ValueError(f"rerank.class_index {k} is not a class of {list(model.class_labels)}")
         self.random_weights = has_random_weights(path)
         try:
             self.tokenizer: TextTokenizer | None = TextTokenizer.from_model_dir(path)
@@ -251,6 +258,8 @@ class ScoreIngress:
         self.rerank_labels = (  # a label that is not one token fails the start, loudly
             None
             if self.tokenizer is None
+            else ()  # a classification model reads its class (rerank.class_index) instead
+            if self.head[0] == "classification"
             else label_ids(self.tokenizer.encode, self.args.rerank.labels)
         )
         limits = self.args.limits
@@ -377,22 +386,23 @@ class ScoreIngress:
             raise _Refused("query: reranking needs the model's tokenizer.json")
         score_request = self.rerank_prompt.score_request(request, self.rerank_labels)
         response, _ = await self._score(score_request, "rerank")
-        return response["scores"], response["usage"]["prompt_tokens"]
+        scores, tokens = response["scores"], response["usage"]["prompt_tokens"]
+        if self.head[0] == "classification":  # the relevant class's probability, and the rest
+            k = self.args.rerank.class_index
+            scores = [[row[k], 1.0 - row[k]] for row in scores]
+        return scores, tokens
 
     @api.post("/v1/rerank", response_model=RerankResponse, responses=_ERRORS)
     async def rerank(self, body: RerankRequest) -> Any:
         """Documents sorted by relevance to the query (Cohere / Jina compatible): P(yes) of
         each document in the rerank prompt, all documents in one multi-item fan-out."""
         try:
-            if self.rerank_labels is None:
-                raise _Refused("query: /v1/rerank needs the model's tokenizer.json")
-            request = self.rerank_prompt.score_request(body, self.rerank_labels)
-            response, headers = await self._score(request, "rerank")
+            scores, tokens = await self._rerank_scores(body)
         except _Refused as e:
             return e.response({"items": "documents"})
-        usage = Usage.model_validate(response["usage"])
-        out = rerank_response(body, response["scores"], self.model_name, usage)
-        return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
+        usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
+        out = rerank_response(body, scores, self.model_name, usage)
+        return JSONResponse(out.model_dump(exclude_none=True))
 
     async def _score(self, body: ScoreRequest, route: str) -> tuple[dict, dict[str, str]]:
         """Validate, split into chunks, fan out, merge in item order; raises _Refused."""
@@ -408,6 +418,7 @@ class ScoreIngress:
                 vocab_size=self.vocab_size,
                 engine=self.args.engine,
                 max_items=self.args.limits.max_items_per_request,
+                head=self.head,
             )
         except ScoringInputError as e:
             raise _Refused(str(e)) from e
@@ -465,7 +476,8 @@ class ScoreIngress:
             )
             raise _Refused(f"request timed out after request_timeout_s={timeout_s}", 504)
         results = [t.result() for t in tasks]
-        scores = merge_scores([r.scores for r in results], len(body.label_token_ids))
+        columns = len(body.label_token_ids) or len(self.head[1])
+        scores = merge_scores([r.scores for r in results], columns)
         replicas = sorted({r.replica for r in results})
         n_tokens = prompt_tokens(query, items)
         elapsed = time.perf_counter() - start
@@ -555,10 +567,14 @@ class ScoreIngress:
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         """The served model, once per name it answers to (model.name, model.served_names)."""
+        head, classes = self.head
         card = {
             "object": "model",
             "owned_by": "mis-serve",
             "random_weights": self.random_weights,
+            # "lm": scores at label_token_ids; "classification": every class, no labels.
+            "head": head,
+            **({"class_labels": list(classes)} if classes else {}),
             # What one request may hold (clients split longer item lists by it).
             "limits": {
                 "max_items_per_request": self.args.limits.max_items_per_request,

@@ -31,11 +31,16 @@ class ScoreRequest(BaseModel):
         "(the same kind as `query`)."
     )
     label_token_ids: list[StrictInt] = Field(
-        description="Token ids whose next-token probability is returned for each item."
+        default=[],
+        description="Token ids whose next-token probability is returned for each item "
+        "(required for a causal LM; none for a classification model, whose classes are "
+        "fixed: see /v1/models).",
     )
     apply_softmax: StrictBool = Field(
         default=False,
-        description="true: softmax over the label logits only; false: full-vocab probabilities.",
+        description="true: softmax over the label logits only (a classification model: over "
+        "its classes, sigmoid for one class); false: full-vocab probabilities (a "
+        "classification model: the raw class logits).",
     )
     item_first: StrictBool = Field(
         default=False, description="Score `item ++ query` instead of `query ++ item`."
@@ -56,8 +61,6 @@ class ScoreRequest(BaseModel):
                 )
             if len(item) == 0:
                 raise ValueError(f"items[{i}]: must not be empty")
-        if not self.label_token_ids:
-            raise ValueError("label_token_ids: must not be empty")
         if len(set(self.label_token_ids)) != len(self.label_token_ids):
             raise ValueError("label_token_ids: must not contain duplicates")
         return self

@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 
 from models.engine import EngineConfig
-from models.inputs import Chunk, ScoringInputError, check_limits, check_token_ids
+from models.inputs import (
+    Chunk,
+    ScoringInputError,
+    check_chunk,
+    check_head_labels,
+    check_limits,
+    check_token_ids,
+)
 from models.tokenizer import TextTokenizer
 from serve_app.chunking import split_items
 from serve_app.schema import ScoreRequest
@@ -42,13 +49,20 @@ def check_request(
     vocab_size: int,
     engine: EngineConfig,
     max_items: int,
+    head: tuple[str, Sequence[str]] = ("lm", ()),
 ) -> None:
     """Everything a request must satisfy before any of it is scored; raises
-    ScoringInputError naming the field and the limit."""
+    ScoringInputError naming the field and the limit. `head`: the model's head kind ("lm" or
+    "classification") and class labels (the engine's head_kind and class_labels)."""
     if len(items) > max_items:
         raise ScoringInputError(
             f"items: {len(items)} items exceed max_items_per_request={max_items}"
         )
+    check_head_labels(label_ids, *head)
+    if head[0] == "classification":
+        chunk = Chunk(tuple(query), tuple(map(tuple, items)), ())
+        check_chunk(chunk, vocab_size, engine.limits, classification=True)
+        return
     check_limits(query, items, label_ids, engine.limits)
     check_token_ids(query, items, label_ids, vocab_size)
 
@@ -60,6 +74,7 @@ def prepare_request(
     vocab_size: int,
     engine: EngineConfig,
     max_items: int,
+    head: tuple[str, Sequence[str]] = ("lm", ()),
 ) -> tuple[list[int], list[list[int]]]:
     """A request's token ids, checked against every limit; raises ScoringInputError."""
     query, items = tokenize_request(request, tokenizer)
@@ -70,6 +85,7 @@ def prepare_request(
         vocab_size=vocab_size,
         engine=engine,
         max_items=max_items,
+        head=head,
     )
     return query, items
 

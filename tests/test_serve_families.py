@@ -1,0 +1,131 @@
+"""The service on other families and heads (real Ray Serve, checkpoints written by HF
+transformers): a Gemma 2 causal LM and a Qwen3 sequence classifier answer /v1/score and
+/v1/rerank through HTTP as the offline engine scores the same requests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import requests
+
+from models.engine import EngineConfig, ScoringEngine
+from serve_app.rerank import RerankPrompt, RerankRequest, label_ids
+from tests.conftest import LABELS, running_serve
+from tests.hf_families import write_with_transformers
+
+pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
+
+ENGINE = {"max_batch_tokens": 1024, "max_item_tokens": 64, "max_query_tokens": 256}
+QUERY = "Which laptop is good for long flights?"
+DOCS = ["Ultrabook, 1.1 kg, 14 hours of battery.", "Gaming laptop, 3.2 kg.", "A novel."]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("serve-families")
+    return {
+        name: write_with_transformers(name, root / name, seed=7)
+        for name in ("gemma2-tiny", "qwen3-tiny-cls")
+    }
+
+
+@pytest.fixture(scope="module")
+def service(models):
+    from serve_app.app import build_graph
+
+    def app(path: str):
+        return build_graph(
+            {"model": {"path": path}, "engine": ENGINE},
+            scorer_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+            ingress_options={"ray_actor_options": {"num_cpus": 0.1}},
+        )
+
+    apps = [("gemma2", "/gemma2", app(models["gemma2-tiny"]))]
+    apps.append(("cls", "/cls", app(models["qwen3-tiny-cls"])))
+    with running_serve(*apps) as url:
+        yield url
+
+
+def _engine(path: str) -> ScoringEngine:
+    return ScoringEngine(path, EngineConfig(**ENGINE))
+
+
+def _rerank_request(engine: ScoringEngine, path: str):
+    """The /v1/score request /v1/rerank makes (the default prompt and labels)."""
+    from models.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.from_model_dir(path)
+    labels = () if engine.head_kind == "classification" else label_ids(tok.encode, ("yes", "no"))
+    request = RerankPrompt().score_request(RerankRequest(query=QUERY, documents=DOCS), labels)
+    return tok.encode(request.query), [tok.encode(d) for d in request.items]
+
+
+def _score(engine: ScoringEngine, query, items, labels, soft: bool) -> np.ndarray:
+    from models.inputs import Chunk
+
+    chunk = Chunk(tuple(query), tuple(map(tuple, items)), tuple(labels), soft)
+    (out,) = engine.score([chunk])
+    return out
+
+
+def test_gemma2_answers_score_and_rerank_as_the_engine(service, models):
+    path = models["gemma2-tiny"]
+    engine = _engine(path)
+    rng = np.random.default_rng(3)
+    query = rng.integers(0, 151_000, 40).tolist()
+    items = [rng.integers(0, 151_000, int(n)).tolist() for n in rng.integers(1, 30, 20)]
+    for soft in (True, False):
+        body = {"query": query, "items": items, "label_token_ids": LABELS, "apply_softmax": soft}
+        r = requests.post(f"{service}/gemma2/v1/score", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        want = _score(engine, query, items, LABELS, soft)
+        assert np.abs(np.asarray(r.json()["scores"]) - want).max() <= 1e-6
+    q, docs = _rerank_request(engine, path)
+    want = _score(engine, q, docs, label_ids_of(path), True)[:, 0]
+    r = requests.post(f"{service}/gemma2/v1/rerank", json={"query": QUERY, "documents": DOCS})
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    assert np.abs(np.array([got[i] for i in range(3)]) - want).max() <= 1e-6
+    r = requests.post(f"{service}/gemma2/v1/score", json={"query": query, "items": items[:2]})
+    assert r.status_code == 400 and r.json()["message"] == "label_token_ids: must not be empty"
+    card = requests.get(f"{service}/gemma2/v1/models", timeout=30).json()["data"][0]
+    assert card["head"] == "lm" and "class_labels" not in card
+
+
+def label_ids_of(path: str) -> tuple[int, int]:
+    from models.tokenizer import TextTokenizer
+
+    return label_ids(TextTokenizer.from_model_dir(path).encode, ("yes", "no"))
+
+
+def test_classification_model_answers_class_scores_and_rerank(service, models):
+    """No label_token_ids: each item's class probabilities (apply_softmax) or raw class
+    logits; sending label ids is a 400 that says why; /v1/rerank ranks by the last class's
+    probability; /v1/models names the head and its classes."""
+    path = models["qwen3-tiny-cls"]
+    engine = _engine(path)
+    rng = np.random.default_rng(4)
+    query = rng.integers(0, 151_000, 30).tolist()
+    items = [rng.integers(0, 151_000, int(n)).tolist() for n in rng.integers(1, 30, 12)]
+    for soft in (True, False):
+        body = {"query": query, "items": items, "apply_softmax": soft}
+        r = requests.post(f"{service}/cls/v1/score", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        got = np.asarray(r.json()["scores"])
+        want = _score(engine, query, items, (), soft)
+        assert got.shape == (12, 3) and np.abs(got - want).max() <= 1e-6
+        if soft:
+            assert np.allclose(got.sum(axis=1), 1.0)
+    r = requests.post(
+        f"{service}/cls/v1/score", json={"query": query, "items": items, "label_token_ids": [1]}
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["message"].startswith("label_token_ids: this model has a classification head")
+    card = requests.get(f"{service}/cls/v1/models", timeout=30).json()["data"][0]
+    assert card["head"] == "classification"
+    assert card["class_labels"] == ["negative", "neutral", "positive"]
+    q, docs = _rerank_request(engine, path)
+    want = _score(engine, q, docs, (), True)[:, -1]
+    r = requests.post(f"{service}/cls/v1/rerank", json={"query": QUERY, "documents": DOCS})
+    assert r.status_code == 200, r.text
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    assert np.abs(np.array([got[i] for i in range(3)]) - want).max() <= 1e-6
