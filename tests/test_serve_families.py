@@ -10,7 +10,7 @@ import requests
 
 from models.engine import EngineConfig, ScoringEngine
 from serve_app.rerank import RerankPrompt, RerankRequest, label_ids
-from tests.conftest import LABELS, running_serve
+from tests.conftest import LABELS, random_request, running_serve
 from tests.hf_families import write_with_transformers
 
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
@@ -71,9 +71,7 @@ def _score(engine: ScoringEngine, query, items, labels, soft: bool) -> np.ndarra
 def test_gemma2_answers_score_and_rerank_as_the_engine(service, models):
     path = models["gemma2-tiny"]
     engine = _engine(path)
-    rng = np.random.default_rng(3)
-    query = rng.integers(0, 151_000, 40).tolist()
-    items = [rng.integers(0, 151_000, int(n)).tolist() for n in rng.integers(1, 30, 20)]
+    query, items = random_request(seed=3, n_items=20, q_len=40)
     for soft in (True, False):
         body = {"query": query, "items": items, "label_token_ids": LABELS, "apply_softmax": soft}
         r = requests.post(f"{service}/gemma2/v1/score", json=body, timeout=120)
@@ -103,9 +101,7 @@ def test_classification_model_answers_class_scores_and_rerank(service, models):
     probability; /v1/models names the head and its classes."""
     path = models["qwen3-tiny-cls"]
     engine = _engine(path)
-    rng = np.random.default_rng(4)
-    query = rng.integers(0, 151_000, 30).tolist()
-    items = [rng.integers(0, 151_000, int(n)).tolist() for n in rng.integers(1, 30, 12)]
+    query, items = random_request(seed=4, n_items=12, q_len=30)
     for soft in (True, False):
         body = {"query": query, "items": items, "apply_softmax": soft}
         r = requests.post(f"{service}/cls/v1/score", json=body, timeout=120)
