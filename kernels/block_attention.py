@@ -22,6 +22,13 @@ is 0, and the rule gives plain causal attention: the earlier blocks from the ran
 itself causally. Work is O(T x (query + block)), not O(T^2), and no shape depends on a query's
 length: ranges are read tile by tile in loops whose trip counts are data.
 
+Sliding windows (Mistral, Gemma 2/3's sliding layers): with `window` W, a token at position p
+of its sequence (`BlockMeta.pos`, its RoPE position) sees only keys at positions p-W+1..p of
+that sequence. Both key ranges start at position 0 of the token's sequence (a cached or earlier
+query, or the causal run itself), so a range key's position is its offset in the range, and a
+local key's is p minus its distance from the token: the window is one more compare on numbers
+the kernels already have, still O(blocks + T) metadata.
+
 Exactness: a range is walked in big tiles and then small ones, counted from the range's own
 start, pool tiles and stream tiles by the same loop body, so an item's arithmetic does not
 depend on where its query's keys sit (pool or stream, at which offset) nor on which other
@@ -50,13 +57,24 @@ class BlockMeta:
 
     ranges: jax.Array  # [nb, 4] int32: pool_start, pool_len, stream_start, stream_len
     local_start: jax.Array  # [T] int32: index inside its block where a token's local keys start
+    pos: jax.Array | None = None  # [T] int32: position in its sequence (sliding windows only)
 
 
-jax.tree_util.register_dataclass(BlockMeta, data_fields=["ranges", "local_start"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    BlockMeta, data_fields=["ranges", "local_start", "pos"], meta_fields=[]
+)
 
 
-def visible(meta: BlockMeta, block: int, pool_size: int) -> jax.Array:  # [T, pool_size + T] bool
-    """The mask the kernels implement, over the key space [pool | stream]."""
+def _check_window(meta: BlockMeta, window) -> None:
+    if window is not None and meta.pos is None:
+        raise ValueError("a sliding window needs the tokens' positions (BlockMeta.pos)")
+
+
+def visible(
+    meta: BlockMeta, block: int, pool_size: int, window: jax.Array | int | None = None
+) -> jax.Array:  # [T, pool_size + T] bool
+    """The mask the kernels implement, over the key space [pool | stream]; `window`: keys a
+    token sees at most (itself included), None for no limit."""
     t = meta.local_start.shape[0]
     tok = jnp.arange(t)
     r = jnp.repeat(meta.ranges, block, axis=0, total_repeat_length=t)  # [T, 4] per token
@@ -66,6 +84,12 @@ def visible(meta: BlockMeta, block: int, pool_size: int) -> jax.Array:  # [T, po
     s = u - pool_size  # stream index of key u
     in_stream = (s >= r[:, 2:3]) & (s < r[:, 2:3] + r[:, 3:4]) & (s < own)
     local = (s >= own) & (s <= tok[:, None])
+    if window is not None:
+        _check_window(meta, window)
+        lowest = (meta.pos - window + 1)[:, None]  # lowest key position each token sees
+        in_pool &= u - r[:, 0:1] >= lowest
+        in_stream &= s - r[:, 2:3] >= lowest
+        local &= tok[:, None] - s < window
     return in_pool | in_stream | local
 
 
@@ -100,9 +124,10 @@ def block_attention_reference(
     block: int,
     scale: float | None = None,
     softcap: float | None = None,
+    window: jax.Array | int | None = None,
 ) -> jax.Array:  # [T, K, G, D]
     """Plain attention over [pool | stream] with the mask materialised (tests only)."""
-    mask = visible(meta, block, pool_k.shape[1])
+    mask = visible(meta, block, pool_k.shape[1], window)
     keys = jnp.concatenate([pool_k, _head_major(k)], axis=1)
     values = jnp.concatenate([pool_v, _head_major(v)], axis=1)
     return _softmax_attention(q, keys, values, mask, scale, softcap)
@@ -117,10 +142,11 @@ def dense_attention(
     block: int,
     scale: float | None = None,
     softcap: float | None = None,
+    window: jax.Array | int | None = None,
 ) -> jax.Array:  # [T, K, G, D]
     """The materialised-mask baseline (packed mode, no pool): a [T, T] mask and plain softmax
     attention over every pair of stream tokens, as sglang-jax's packed path does."""
-    mask = visible(meta, block, 0)
+    mask = visible(meta, block, 0, window)
     return _softmax_attention(q, _head_major(k), _head_major(v), mask, scale, softcap)
 
 
@@ -146,7 +172,7 @@ def _online_step(carry, s, v, live):
 _CHUNK = 8  # relative distances per step of the local part's sum
 
 
-def _local_step(carry, q, k, v, local_start, scale, softcap=None):
+def _local_step(carry, q, k, v, local_start, scale, softcap=None, window=None):
     """Fold a block's own keys (token t sees [local_start[t], t] of its block) into the
     flash-attention state, in relative coordinates: column j of the skewed scores is the key j
     tokens back, so a token's terms sit at the same places (and are summed in the same order)
@@ -159,7 +185,10 @@ def _local_step(carry, q, k, v, local_start, scale, softcap=None):
     s = jnp.einsum("rkgd,pkd->krgp", q, k, preferred_element_type=jnp.float32)
     s = logits(s, scale, softcap)
     back = jnp.arange(r)[:, None] - jnp.arange(r)[None, :]  # [R, R]: key index t - j
-    live = (back >= local_start[:, None])[None, :, None, :]  # j <= t - local_start[t]
+    live = back >= local_start[:, None]  # j <= t - local_start[t]
+    if window is not None:  # and at most window - 1 tokens back: j < window
+        live &= jnp.arange(r)[None, :] < window
+    live = live[None, :, None, :]
     back = jnp.maximum(back, 0)
     s = jnp.where(live, jnp.take_along_axis(s, back[None, :, None, :], axis=-1), NEG)
     m_new = jnp.maximum(m, s.max(axis=-1))
@@ -210,11 +239,13 @@ def block_attention(
     key_tiles: tuple[int, int] = (512, 128),
     scale: float | None = None,
     softcap: float | None = None,
+    window: jax.Array | int | None = None,
 ) -> jax.Array:  # [T, K, G, D]
     """Flash attention per block: the pool range and the stream range in tiles (whole big
     tiles, then small ones for the rest; one loop each, trip counts from the data), then the
     block's own causal keys. `scale` multiplies q.k (default 1/sqrt(head_dim)); `softcap`
-    (Gemma 2) caps the scaled scores at +-softcap with tanh."""
+    (Gemma 2) caps the scaled scores at +-softcap with tanh; `window` (an int32 scalar, may be
+    traced): keys a token sees at most, itself included (needs `meta.pos`)."""
     t, nk, g, d = q.shape
     if t % block:
         raise ValueError(f"{t=} must be a multiple of {block=}")
@@ -228,8 +259,11 @@ def block_attention(
     k_pad = jnp.pad(_head_major(k), [(0, 0), (0, big), (0, 0)])
     v_pad = jnp.pad(_head_major(v), [(0, 0), (0, big), (0, 0)])
 
+    _check_window(meta, window)
+
     def one_block(args):
-        qq, kk, vv, local_start, rng, b = args
+        qq, kk, vv, local_start, rng, b, *pp = args
+        pp = pp[0] if pp else None  # [R] the rows' positions (sliding window)
         pool_start, pool_len, stream_start, stream_len = (rng[i] for i in range(4))
         own = b * block + local_start  # [R] first local key of each row
         # Stream keys past this block are never visible: not read at all. Cut at the block's
@@ -260,6 +294,8 @@ def block_attention(
                 live = (j + offsets < length)[None, :] & (
                     from_pool | (key[None, :] < own[:, None])
                 )  # [R, tile]
+                if window is not None:  # a range key's position is its offset in the range
+                    live &= (j + offsets)[None, :] > (pp - window)[:, None]
                 return _online_step(carry, logits(s, scale, softcap), vt, live[None, :, None, :])
 
             return jax.lax.fori_loop(0, n_pool + n_stream, step, carry)
@@ -282,7 +318,7 @@ def block_attention(
             stream_from,
             -(-jnp.maximum(stream_len - stream_from, 0) // small),
         )
-        _, l_sum, o = _local_step(carry, qq, kk, vv, local_start, scale, softcap)
+        _, l_sum, o = _local_step(carry, qq, kk, vv, local_start, scale, softcap, window)
         return (o / l_sum[..., None]).transpose(1, 0, 2, 3)  # [R, K, G, D]
 
     out = jax.lax.map(
@@ -294,6 +330,7 @@ def block_attention(
             meta.local_start.reshape(nb, block),
             meta.ranges,
             jnp.arange(nb, dtype=jnp.int32),
+            *(() if window is None else (meta.pos.reshape(nb, block),)),
         ),
     )
     return out.reshape(t, nk, g, d).astype(q.dtype)

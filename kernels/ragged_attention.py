@@ -62,11 +62,12 @@ def _step(q, k, v, mask, m_prev, l_prev, acc_prev, scale, softcap=None):
     return m_next, l_next, alpha * acc_prev + pv
 
 
-def _body(ranges, local, q, read, *, block: int, tile: int, scale: float, softcap=None):
+def _body(ranges, local, q, read, win=None, *, block: int, tile: int, scale: float, softcap=None):
     """The kernel's math, shared by both lowerings. `ranges` = the block's four scalars,
     `local` [R, 1] int32 and `q` [R, D]: R rows = the block's tokens once per query head of
     the program, head after head. `read(source, start, size)` -> (k, v) [size, D] with source
-    0 = pool, 1 = stream. Returns the rows' output [R, D] float32."""
+    0 = pool, 1 = stream. `win` [R, 2] int32 (sliding window, else None): each row's position
+    and the lowest key position it sees. Returns the rows' output [R, D] float32."""
     b = pl.program_id(1)
     r = q.shape[0]
     pool_start, pool_len, stream_start, stream_len = ranges
@@ -77,6 +78,9 @@ def _body(ranges, local, q, read, *, block: int, tile: int, scale: float, softca
     # the other rows of its block.
     stream_len = jnp.clip(jnp.max(own) - stream_start, 0, stream_len)
     cols = jax.lax.broadcasted_iota(jnp.int32, (r, tile), 1)
+    if win is not None:
+        lowest = win[:, 1:2]  # [R, 1] lowest key position a row sees
+        cut = jnp.max(lowest) > 0  # the window cuts some range key of some row
 
     def walk(source: int, start, length, clean, carry):
         """The range's tiles: the first `clean` ones seen whole by every row, then the rest."""
@@ -89,10 +93,14 @@ def _body(ranges, local, q, read, *, block: int, tile: int, scale: float, softca
                 mask = j * tile + cols < length
                 if source == 1:  # stream keys only before each row's own keys
                     mask &= start + j * tile + cols < own
+                if win is not None:  # a range key's position is its offset in the range
+                    mask &= j * tile + cols >= lowest
                 return _step(q, k, v, mask, *carry, scale, softcap)
 
             return body
 
+        if win is not None:  # where the window cuts, no tile is seen whole by every row
+            clean = jnp.where(cut, 0, clean)
         carry = jax.lax.fori_loop(0, clean, step(False), carry)
         return jax.lax.fori_loop(clean, pl.cdiv(length, tile), step(True), carry)
 
@@ -109,7 +117,10 @@ def _body(ranges, local, q, read, *, block: int, tile: int, scale: float, softca
     # A row's place in the block (block: a power of two).
     pos = jax.lax.broadcasted_iota(jnp.int32, (r, block), 0) & (block - 1)
     keys = jax.lax.broadcasted_iota(jnp.int32, (r, block), 1)
-    _, l_sum, acc = _step(q, k, v, (keys <= pos) & (keys >= local), *carry, scale, softcap)
+    mask = (keys <= pos) & (keys >= local)
+    if win is not None:  # at most window - 1 = position - lowest tokens back
+        mask &= pos - keys <= win[:, 0:1] - lowest
+    _, l_sum, acc = _step(q, k, v, mask, *carry, scale, softcap)
     return acc / l_sum
 
 
@@ -121,16 +132,19 @@ def _gpu_kernel(
     v_ref,  # [T + tile, D]
     pool_k_ref,  # [P, D]  the pool of this kv head
     pool_v_ref,  # [P, D]
-    o_ref,  # [R, D]
+    *refs,  # [win_ref [R, 2] int32 (sliding window)], o_ref [R, D]
     **kw,
 ):
+    *win_ref, o_ref = refs
+
     def read(source: int, start, size: int):
         k, v = (pool_k_ref, pool_v_ref) if source == 0 else (k_ref, v_ref)
         rows = pl.ds(start, size)
         return k[rows, :], v[rows, :]
 
     ranges = tuple(ranges_ref[i] for i in range(4))
-    out = _body(ranges, local_ref[...], q_ref[...], read, **kw)
+    win = win_ref[0][...] if win_ref else None
+    out = _body(ranges, local_ref[...], q_ref[...], read, win, **kw)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
@@ -142,13 +156,12 @@ def _tpu_kernel(
     v_hbm,
     pool_k_hbm,  # [K, P, D] (HBM)
     pool_v_hbm,
-    o_ref,  # [R, D]
-    k_buf,  # VMEM [max(block, tile), D]: one tile of keys, or the block's own
-    v_buf,
-    *,
+    *refs,  # [win_ref [R, 2] int32 (sliding window)], o_ref [R, D], k_buf, v_buf: VMEM
+    # [max(block, tile), D], one tile of keys or the block's own
     programs_per_kv: int,
     **kw,
 ):
+    *win_ref, o_ref, k_buf, v_buf = refs
     kv, b = pl.program_id(0) // programs_per_kv, pl.program_id(1)
 
     def read(source: int, start, size: int):
@@ -159,7 +172,8 @@ def _tpu_kernel(
         return k_buf[:size, :], v_buf[:size, :]
 
     ranges = tuple(ranges_ref[b * 4 + i] for i in range(4))
-    out = _body(ranges, local_ref[...], q_ref[...], read, **kw)
+    win = win_ref[0][...] if win_ref else None
+    out = _body(ranges, local_ref[...], q_ref[...], read, win, **kw)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
@@ -203,6 +217,7 @@ def ragged_block_attention(
     interpret: bool | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    window: jax.Array | int | None = None,
 ) -> jax.Array:  # [T, K, G, D]
     """Block attention in Pallas. `backend`: "tpu" (Mosaic) or "gpu" (Triton); default: the
     running backend's, TPU's on CPU. `interpret` (default: on CPU) runs either in Pallas'
@@ -212,7 +227,8 @@ def ragged_block_attention(
     `rows`: query heads are stacked in a program while they fit this many rows
     (heads_per_program; a block larger than `rows` runs one head per program). `num_warps`
     (default: 4 per 64 rows, at most 8) and `num_stages`: Triton's, GPU only. `scale`
-    multiplies q.k (default 1/sqrt(head_dim)); `softcap` (Gemma 2) caps the scaled scores."""
+    multiplies q.k (default 1/sqrt(head_dim)); `softcap` (Gemma 2) caps the scaled scores;
+    `window` (an int32 scalar, may be traced; needs `meta.pos`): keys a token sees at most."""
     t, nk, group, d = q.shape
     if t % block:
         raise ValueError(f"{t=} must be a multiple of {block=}")
@@ -236,6 +252,13 @@ def ragged_block_attention(
     kh = jnp.pad(k.swapaxes(0, 1), [(0, 0), (0, tile), (0, 0)])
     vh = jnp.pad(v.swapaxes(0, 1), [(0, 0), (0, tile), (0, 0)])
     local = jnp.tile(meta.local_start.reshape(nb, 1, block), (1, hp, 1)).reshape(nb, r, 1)
+    win = ()  # sliding window: per row (position, lowest key position it sees)
+    if window is not None:
+        if meta.pos is None:
+            raise ValueError("a sliding window needs the tokens' positions (BlockMeta.pos)")
+        rows = jnp.stack([meta.pos, meta.pos - window + 1], axis=-1).reshape(nb, 1, block, 2)
+        win = (jnp.tile(rows, (1, hp, 1, 1)).reshape(nb, r, 2),)
+    win_spec = [pl.BlockSpec((None, r, 2), lambda i, b, *_: (b, 0, 0))] * len(win)
     kw = dict(block=block, tile=tile, scale=d**-0.5 if scale is None else scale, softcap=softcap)
     q_spec = pl.BlockSpec((None, None, r, d), lambda i, b, *_: (i, b, 0, 0))
     local_spec = pl.BlockSpec((None, r, 1), lambda i, b, *_: (b, 0, 0))
@@ -255,6 +278,7 @@ def ragged_block_attention(
                 per_head(kh.shape[1]),
                 per_head(pool_k.shape[1]),
                 per_head(pool_k.shape[1]),
+                *win_spec,
             ],
             out_specs=q_spec,
             compiler_params=pltriton.CompilerParams(
@@ -262,7 +286,7 @@ def ragged_block_attention(
             ),
             interpret=interpret,
             name="ragged_block_attention",
-        )(meta.ranges, local, qp, kh, vh, pool_k, pool_v)
+        )(meta.ranges, local, qp, kh, vh, pool_k, pool_v, *win)
     elif backend == "tpu":
         hbm = pl.BlockSpec(memory_space=pl.ANY)
         out = pl.pallas_call(
@@ -271,14 +295,14 @@ def ragged_block_attention(
             grid_spec=pltpu.PrefetchScalarGridSpec(
                 num_scalar_prefetch=1,
                 grid=grid,
-                in_specs=[local_spec, q_spec, hbm, hbm, hbm, hbm],
+                in_specs=[local_spec, q_spec, hbm, hbm, hbm, hbm, *win_spec],
                 out_specs=q_spec,
                 scratch_shapes=[pltpu.VMEM((max(block, tile), d), x.dtype) for x in (k, v)],
             ),
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
             interpret=pltpu.InterpretParams() if interpret else False,
             name="ragged_block_attention",
-        )(meta.ranges.reshape(-1), local, qp, kh, vh, pool_k, pool_v)
+        )(meta.ranges.reshape(-1), local, qp, kh, vh, pool_k, pool_v, *win)
     else:
         raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")
     out = out.reshape(nk, per_kv, nb, hp, block, d).transpose(2, 4, 0, 1, 3, 5)

@@ -37,6 +37,7 @@ ARCHITECTURES: dict[str, str] = {
     "gemma3_text": "Gemma3",
 }
 SLIDING, FULL = "sliding_attention", "full_attention"  # HF's layer types
+UNLIMITED = 2**30  # the window of a layer without one (longer than any sequence)
 
 
 class Head(enum.Enum):
@@ -137,6 +138,18 @@ class ModelConfig:
         if not self.layer_types:  # Mistral: every layer
             return tuple(range(self.num_layers))
         return tuple(i for i, t in enumerate(self.layer_types) if t == SLIDING)
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Per layer, the keys a token sees at most (FULL layers: UNLIMITED); () when no layer
+        has a window."""
+        if not self.windowed_layers:
+            return ()
+        windowed = set(self.windowed_layers)
+        return tuple(
+            self.sliding_window if i in windowed else UNLIMITED  # type: ignore[misc]
+            for i in range(self.num_layers)
+        )
 
     @property
     def layer_rope(self) -> tuple[int, ...]:

@@ -145,7 +145,9 @@ class Engine(Protocol):
 
     def score(self, chunks: Sequence[Chunk]) -> list[np.ndarray | ScoringInputError]:
         """Scores [items, labels] (float64) per chunk, or the chunk's input error in its
-        place; a bad chunk does not affect the others."""
+        place; a bad chunk does not affect the others. A classification engine
+        (ScoringEngine.head_kind "classification") returns [items, classes] and reads no
+        label ids."""
         ...
 
     def warmup(self, part: tuple[int, int] = (0, 1)) -> dict[str, float]:
@@ -230,7 +232,6 @@ class ScoringEngine:
         self.config = config = config or EngineConfig()
         self.model_dir = Path(model_dir)
         self.cfg, params = load_checkpoint(self.model_dir, config.dtype)
-        check_windows(self.cfg, config)
         # The head the checkpoint's architecture chose: "lm" (scores at label tokens) or
         # "classification" (every class's logit; chunks carry no label ids).
         self.head_kind: str = self.cfg.head.value
@@ -488,25 +489,6 @@ def score_ids(
     if isinstance(result, ScoringInputError):
         raise result
     return result
-
-
-def check_windows(cfg: ModelConfig, config: EngineConfig) -> None:
-    """Sliding-window layers are served only where the window never cuts: every sequence the
-    engine can run (a query and an item) fits in it, so every token sees all of its sequence's
-    earlier tokens, as HF's windowed mask then does too. Refused otherwise, naming the
-    settings (masking by the window inside the attention is not implemented yet)."""
-    if not cfg.windowed_layers:
-        return
-    longest = config.max_query_tokens + config.max_item_tokens
-    if longest > cfg.sliding_window:  # type: ignore[operator]
-        raise ValueError(
-            f"sliding_window {cfg.sliding_window} ({cfg.architecture}, {len(cfg.windowed_layers)} "
-            f"of {cfg.num_layers} layers) is shorter than the engine's longest sequence: "
-            f"max_query_tokens {config.max_query_tokens} + max_item_tokens "
-            f"{config.max_item_tokens} = {longest}. Attention within a sliding window is not "
-            "implemented yet; lower max_query_tokens or max_item_tokens so that a query and an "
-            "item fit in the window (then it cuts nothing and scores are exact)"
-        )
 
 
 def finish_classes(logits: np.ndarray, apply_softmax: bool) -> np.ndarray:

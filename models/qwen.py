@@ -140,7 +140,7 @@ class SelfAttention(nn.Module):
     mesh: Mesh | None = None  # tensor parallel: attention runs per device's heads
 
     @nn.compact
-    def __call__(self, x, cos, sin, meta: BlockMeta, pool_k, pool_v):
+    def __call__(self, x, cos, sin, meta: BlockMeta, pool_k, pool_v, window=None):
         cfg = self.cfg
         dense = lambda feats, bias, name, axis=-1: nn.DenseGeneral(  # noqa: E731
             feats, axis=axis, use_bias=bias, name=name, dtype=self.dtype, param_dtype=self.dtype
@@ -163,6 +163,8 @@ class SelfAttention(nn.Module):
             "ranges": meta.ranges,
             "local_start": meta.local_start,
         }
+        if window is not None:  # sliding window: this layer's, and the tokens' positions
+            arrays |= {"pos": meta.pos, "window": window}
         with jax.named_scope("attention"):
             heads = {"q": 1, "k": 1, "v": 1, "pool_k": 0, "pool_v": 0}  # their head axes
             scale = None if cfg.query_pre_attn_scalar is None else cfg.attn_scale
@@ -180,9 +182,11 @@ def _attend(
     a: dict[str, jax.Array],
 ) -> jax.Array:
     """Block attention of one layer on whatever heads `a` holds (all, or one device's)."""
-    meta = BlockMeta(a["ranges"], a["local_start"])
+    meta = BlockMeta(a["ranges"], a["local_start"], a.get("pos"))
     q, k, v, pool_k, pool_v = (a[n] for n in ("q", "k", "v", "pool_k", "pool_v"))
     kw = {} if scale is None and softcap is None else {"scale": scale, "softcap": softcap}
+    if "window" in a:
+        kw["window"] = a["window"]
     match shape.attention:
         case Attention.XLA:
             return block_attention(
@@ -234,16 +238,19 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, per_layer, cos, sin, meta):
-        """per_layer: this layer's (pool_k, pool_v), and its RoPE table's index when the model
-        has two (Gemma 3: cos/sin [2, T, D], sliding layers read table 1)."""
+        """per_layer: this layer's (pool_k, pool_v), then its RoPE table's index when the model
+        has two (Gemma 3: cos/sin [2, T, D], sliding layers read table 1), then its window when
+        the model has windowed layers (models/config.py: layer_windows)."""
         cfg = self.cfg
         norm = partial(RMSNorm, cfg.rms_norm_eps, self.dtype, cfg.norm_offset)
-        pool_k, pool_v, *table = per_layer
-        if table:
-            cos, sin = cos[table[0]], sin[table[0]]
+        pool_k, pool_v, *rest = per_layer
+        if cfg.layer_rope:
+            table, *rest = rest
+            cos, sin = cos[table], sin[table]
+        window = rest[0] if cfg.layer_windows else None
         h = norm(name="input_layernorm")(x)
         a, kv = SelfAttention(cfg, self.shape, self.dtype, self.mesh, name="self_attn")(
-            h, cos, sin, meta, pool_k, pool_v
+            h, cos, sin, meta, pool_k, pool_v, window
         )
         if cfg.sandwich_norms:  # Gemma 2/3: the attention output is normed before the residual
             a = norm(name="post_attention_layernorm")(a)
@@ -308,6 +315,9 @@ class Decoder(nn.Module):
             local = rope_tables(pos, cfg.head_dim, cfg.local_rope_theta)
             cos, sin = jnp.stack([cos, local[0]]), jnp.stack([sin, local[1]])
             per_layer += (jnp.asarray(cfg.layer_rope, jnp.int32),)
+        if cfg.layer_windows:  # sliding windows: per layer, over the tokens' positions
+            per_layer += (jnp.asarray(cfg.layer_windows, jnp.int32),)
+            meta = dataclasses.replace(meta, pos=pos)
         return self.layers(x, per_layer, cos, sin, meta)
 
     def head(
