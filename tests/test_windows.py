@@ -1,0 +1,237 @@
+"""Sliding-window attention (Mistral's `sliding_window`, Gemma 2/3's sliding layers): a token at
+position p of `query ++ item` sees keys p-W+1..p of that sequence only. The mask by hand, the
+kernels against the reference, and every mode against HF transformers with queries several
+times longer than the window (float32, and float64 for long queries)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from kernels.block_attention import (
+    BlockMeta,
+    block_attention,
+    block_attention_reference,
+    dense_attention,
+    ranges_array,
+    visible,
+)
+from kernels.ragged_attention import ragged_block_attention
+from models.config import PRESETS
+from models.engine import EngineConfig, ScoringEngine, score_ids
+from tests.conftest import LABELS, MODES, TEST_ENGINE, hf_reference, mode_name, random_request
+from tests.hf_families import write_with_transformers
+from tests.test_block_attention import random_case
+
+WINDOW = 24
+# Mistral: every layer windowed; Gemma 2: every other layer, soft-caps; Gemma 3: 3 of 4
+# layers, their own RoPE base.
+WINDOWED = {
+    name: dataclasses.replace(PRESETS[preset], sliding_window=WINDOW)
+    for name, preset in (
+        ("mistral", "mistral-tiny"),
+        ("gemma2", "gemma2-tiny"),
+        ("gemma3", "gemma3-tiny"),
+    )
+}
+
+
+def test_mask_by_hand():
+    """The layout of test_block_attention.test_mask_by_hand (a query run q0..q2 with item A,
+    item B, item C of a cached query c0..c2), window 2: a token sees itself and the token
+    before it in its own sequence (`query ++ item`), nothing older."""
+    meta = BlockMeta(
+        ranges_array([(0, 0, 0, 3), (0, 0, 0, 3), (0, 3, 0, 0)]),
+        np.array([0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0], np.int32),
+        # q0 q1 q2 A0 | B0 B1 pad pad | C0 C1 pad pad (padding: position 0, as the plan has it)
+        np.array([0, 1, 2, 3, 3, 4, 0, 0, 3, 4, 0, 0], np.int32),
+    )
+    got = np.asarray(visible(meta, block=4, pool_size=3, window=2)).astype(int)
+    expected = np.array(
+        [
+            # c0 c1 c2 | q0 q1 q2 A0 B0 B1 __ __ C0 C1 __ __
+            [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q0
+            [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q1
+            [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q2: q0 is 2 back, out
+            [0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],  # A0 (position 3): q2, itself
+            [0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0],  # B0 (position 3): q2, itself
+            [0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0],  # B1 (position 4): B0, itself
+            [0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0],  # padding (never read)
+            [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0],  # padding
+            [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],  # C0 (position 3): c2, itself
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0],  # C1 (position 4): C0, itself
+            [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0],  # padding
+            [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1],  # padding
+        ]
+    )
+    np.testing.assert_array_equal(got, expected)
+
+
+def _with_positions(meta: BlockMeta, block: int) -> BlockMeta:
+    """Each token's position in its sequence: a token inside its stream range (a causal run)
+    is at its offset there; an item token follows its query (the pool or stream range)."""
+    t = len(meta.local_start)
+    pos = np.zeros(t, np.int32)
+    for i in range(t):
+        ps, pl, ss, sl = (int(x) for x in meta.ranges[i // block])
+        if ss <= i < ss + sl:
+            pos[i] = i - ss
+        else:
+            pos[i] = (pl or sl) + i - (i // block * block + int(meta.local_start[i]))
+    return dataclasses.replace(meta, pos=pos)
+
+
+@pytest.mark.parametrize(("seed", "window"), [(0, 1), (1, 5), (2, 16), (3, 50)])
+def test_kernels_match_reference(seed, window, record):
+    """The XLA block attention, the Pallas kernel (TPU and GPU lowerings in interpret mode)
+    and the dense baseline against the reference, windowed."""
+    q, k, v, pk, pv, meta = random_case(seed)
+    meta = _with_positions(meta, 16)
+    w = np.int32(window)
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(block_attention_reference(q, k, v, pk, pv, meta, block=16, window=w))
+        got = {
+            "xla": block_attention(q, k, v, pk, pv, meta, block=16, key_tiles=(16, 8), window=w),
+            **{
+                f"pallas-{b}": ragged_block_attention(
+                    q, k, v, pk, pv, meta, block=16, backend=b, interpret=True, window=w
+                )
+                for b in ("tpu", "gpu")
+            },
+        }
+        # The TPU interpreter's callbacks may still run after its output is ready: let them
+        # finish before anything else runs on the CPU devices (else the next eager op can
+        # deadlock with them).
+        jax.effects_barrier()
+        no_pool = dataclasses.replace(meta, ranges=meta.ranges.copy())
+        no_pool.ranges[:, 1] = 0
+        dense_want = block_attention_reference(q, k, v, pk, pv, no_pool, block=16, window=w)
+        dense = dense_attention(q, k, v, no_pool, block=16, window=w)
+    for name, out in got.items():
+        diff = float(np.abs(np.asarray(out) - want).max())
+        record(f"windows: {name} attention vs reference", diff)
+        assert diff <= 1e-5, name
+    assert float(np.abs(np.asarray(dense) - np.asarray(dense_want)).max()) <= 1e-5
+    unwindowed = block_attention_reference(q, k, v, pk, pv, meta, block=16)
+    if window < 50:  # the window changes the answer: the test has teeth
+        assert np.abs(np.asarray(unwindowed) - want).max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def win_ckpts(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("windows")
+    return {
+        name: write_with_transformers(cfg, root / name, seed=seed)
+        for seed, (name, cfg) in enumerate(WINDOWED.items(), 100)
+    }
+
+
+_ENGINES: dict[tuple, ScoringEngine] = {}
+
+
+@pytest.fixture(scope="module")
+def engine(win_ckpts):
+    def get(name: str, mode: str = "prefix", attention: str = "auto", **settings):
+        config = TEST_ENGINE | {"mode": mode, "attention": attention} | settings
+        key = (name, tuple(sorted(config.items())))
+        if key not in _ENGINES:
+            _ENGINES[key] = ScoringEngine(win_ckpts[name], EngineConfig(**config))
+        return _ENGINES[key]
+
+    return get
+
+
+def _scores(eng, query, items):
+    soft = score_ids(eng, query, items, LABELS, apply_softmax=True)
+    return soft, np.log(score_ids(eng, query, items, LABELS))
+
+
+def _request(seed: int, n_items: int = 10, q_len: int = 4 * WINDOW + 7):
+    """A query 4x the window, items of 1..40 tokens (some longer than the window)."""
+    return random_request(seed=seed, n_items=n_items, q_len=q_len, max_item=40)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "attention"),
+    [(name, *m) for name in WINDOWED for m in MODES] + [("gemma2", "prefix", "pallas")],
+)
+def test_parity_every_mode(win_ckpts, engine, record, name, mode, attention):
+    query, items = _request(seed=50)
+    ref_soft, ref_logp = hf_reference(win_ckpts[name], query, items, LABELS)
+    soft, logp = _scores(engine(name, mode, attention), query, items)
+    label = f"{name} {mode_name(mode, attention)}"
+    record(f"windows: parity vs HF, softmax, {label}", np.abs(soft - ref_soft).max())
+    record(f"windows: parity vs HF, log-prob, {label}", np.abs(logp - ref_logp).max())
+    assert np.abs(soft - ref_soft).max() <= 1e-4
+    assert np.abs(logp - ref_logp).max() <= 1e-3
+    serial_soft, serial_logp = _scores(engine(name, "serial"), query, items)
+    assert np.abs(soft - serial_soft).max() <= 1e-5
+    assert np.abs(logp - serial_logp).max() <= 1e-4
+
+
+def test_the_window_matters(win_ckpts, engine):
+    """Teeth: the same weights without the window score far from HF's windowed scores."""
+    query, items = _request(seed=51, n_items=4)
+    _, ref_logp = hf_reference(win_ckpts["mistral"], query, items, LABELS)
+    eng = ScoringEngine(win_ckpts["mistral"], EngineConfig(**TEST_ENGINE))
+    eng.run_cfg = dataclasses.replace(eng.run_cfg, sliding_window=None)
+    logp = np.log(score_ids(eng, query, items, LABELS))
+    assert np.abs(logp - ref_logp).max() > 1e-2
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (simulated) devices")
+def test_tensor_parallel(win_ckpts, engine):
+    query, items = _request(seed=52, n_items=6)
+    ref_soft, ref_logp = hf_reference(win_ckpts["gemma3"], query, items, LABELS)
+    soft, logp = _scores(engine("gemma3", "prefix", tp_size=2), query, items)
+    assert np.abs(soft - ref_soft).max() <= 1e-4
+    assert np.abs(logp - ref_logp).max() <= 1e-3
+
+
+@pytest.mark.parametrize(("name", "mode"), [("mistral", "packed"), ("gemma3", "prefix")])
+def test_isolation_bit_exact(engine, record, name, mode):
+    eng = engine(name, mode)
+    query, items = _request(seed=53, n_items=12)
+    keep = np.arange(len(items)) != 3
+    base = score_ids(eng, query, items, LABELS)
+    for new in (items[3] + [9] * 30, items[3][:1], [7] * len(items[3])):
+        changed = list(items)
+        changed[3] = new
+        got = score_ids(eng, query, changed, LABELS)
+        record(f"windows: isolation, {name} {mode}", np.abs(got[keep] - base[keep]).max())
+        assert np.abs(got[keep] - base[keep]).max() == 0.0
+
+
+def _hf_float64(path: str, query, items) -> np.ndarray:
+    """HF in float64, one full forward of `query ++ item` per item: softmax over the labels."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    out = []
+    with torch.no_grad():
+        for it in items:
+            logits = model(torch.tensor([list(query) + list(it)])).logits[0, -1]
+            out.append(torch.softmax(logits[LABELS], -1).numpy())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_long_query_every_mode_near_float64(win_ckpts, engine, record, name):
+    """A 480-token query (20 windows): every mode's softmax scores within 1e-5 of HF in
+    float64 and within 3x serial's own float32 error."""
+    query, items = random_request(seed=54, n_items=12, q_len=20 * WINDOW, max_item=40)
+    ref = _hf_float64(win_ckpts[name], query, items)
+    err = {}
+    for mode, attention in MODES:
+        got = score_ids(engine(name, mode, attention), query, items, LABELS, apply_softmax=True)
+        err[mode_name(mode, attention)] = float(np.abs(got - ref).max())
+        record(f"windows: long query (480) vs HF float64, {name} {mode_name(mode, attention)}",
+               err[mode_name(mode, attention)])  # fmt: skip
+    for mode, e in err.items():
+        assert e <= 1e-5, (mode, err)
+        assert e <= 3 * err["serial"] + 1e-7, (mode, err)
+    assert np.ptp(ref[:, 0]) > 1e-2
