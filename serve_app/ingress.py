@@ -352,7 +352,7 @@ class ScoreIngress:
         """Cohere's v2 rerank (`cohere.ClientV2(base_url=...).rerank(...)`); scores as
         /v1/rerank's."""
         try:
-            scores, tokens = await self._rerank_scores(_internal(body.rerank))
+            scores, tokens, _ = await self._rerank_scores(_internal(body.rerank))
         except _Refused as e:
             return e.response({"items": "documents"})
         usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
@@ -374,35 +374,38 @@ class ScoreIngress:
                 return e.response()
         try:
             request = _parse(shapes.TeiRerankRequest, body)
-            scores, _ = await self._rerank_scores(_internal(request.rerank))
+            scores, _, _ = await self._rerank_scores(_internal(request.rerank))
         except _Refused as e:
             return e.response({"items": "texts", "documents": "texts"})
         ranks = shapes.tei_response(request, scores)
         return JSONResponse([r.model_dump(exclude_none=True) for r in ranks])
 
-    async def _rerank_scores(self, request: RerankRequest) -> tuple[list[list[float]], int]:
-        """(P(yes), P(no)) of each document in the rerank prompt, and the prompt tokens."""
+    async def _rerank_scores(
+        self, request: RerankRequest
+    ) -> tuple[list[list[float]], int, dict[str, str]]:
+        """(P(yes), P(no)) of each document in the rerank prompt, the prompt tokens and the
+        X-MIS headers (chunks, replicas)."""
         if self.rerank_labels is None:
             raise _Refused("query: reranking needs the model's tokenizer.json")
         score_request = self.rerank_prompt.score_request(request, self.rerank_labels)
-        response, _ = await self._score(score_request, "rerank")
+        response, headers = await self._score(score_request, "rerank")
         scores, tokens = response["scores"], response["usage"]["prompt_tokens"]
         if self.head[0] == "classification":  # the relevant class's probability, and the rest
             k = self.args.rerank.class_index
             scores = [[row[k], 1.0 - row[k]] for row in scores]
-        return scores, tokens
+        return scores, tokens, headers
 
     @api.post("/v1/rerank", response_model=RerankResponse, responses=_ERRORS)
     async def rerank(self, body: RerankRequest) -> Any:
         """Documents sorted by relevance to the query (Cohere / Jina compatible): P(yes) of
         each document in the rerank prompt, all documents in one multi-item fan-out."""
         try:
-            scores, tokens = await self._rerank_scores(body)
+            scores, tokens, headers = await self._rerank_scores(body)
         except _Refused as e:
             return e.response({"items": "documents"})
         usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
         out = rerank_response(body, scores, self.model_name, usage)
-        return JSONResponse(out.model_dump(exclude_none=True))
+        return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
 
     async def _score(self, body: ScoreRequest, route: str) -> tuple[dict, dict[str, str]]:
         """Validate, split into chunks, fan out, merge in item order; raises _Refused."""
