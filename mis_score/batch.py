@@ -133,6 +133,9 @@ class BatchSummary:
         """An engine counter (models.engine.STATS, or compiles_during_job) over all engines."""
         return sum(e[key] for e in self.engines)
 
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"items_per_s": self.items_per_s}
+
     def line(self) -> str:
         return (
             f"batch: {self.rows} rows, {self.items} items, {self.errors} errors in "
@@ -586,6 +589,7 @@ def add_parser(sub) -> None:
     p.add_argument("--label-token-ids", default=None, help="for rows without them: 9454,2753")
     p.add_argument("--apply-softmax", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--item-first", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--summary", default=None, help="also write the summary here, as JSON")
     p.add_argument(
         "--address", default=None, help="Ray cluster (default: Ray's rules; local: a new one)"
     )
@@ -631,4 +635,6 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         address=args.address,
     )
     print(summary.line())
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary.as_dict(), indent=1) + "\n")
     return 0

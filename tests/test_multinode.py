@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -305,3 +306,36 @@ def test_slice_config_one_replica_over_two_hosts(
         _check_scores(resp, engine, record, f"2-host slice ({placement})")
         hosts = _placed_actors(cluster, "SliceHost", 2)
         assert {a.node_id for a in hosts} == _tpu_nodes(cluster)  # one per TPU host
+
+
+def test_batch_job_submitted_runs_over_the_nodes(cluster, ckpts, engine, tmp_path):
+    """README's cluster recipe: `ray job submit` of `mis-score batch` to the cluster, two
+    engines (1 CPU each on 1-CPU nodes: two nodes), request and pair rows: every row's output
+    bit-identical to `mis-score score`."""
+    from mis_score.offline import OfflineScorer
+    from tests.test_batch import check_row, pair_rows, reference, request_rows
+
+    rows = request_rows(seed=90, n=6) + pair_rows(seed=91, queries=2, per_query=5)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    engine_flags = ["--max-batch-tokens", "1024", "--max-item-tokens", "64"]
+    engine_flags += ["--max-query-tokens", "512", "--mode", "prefix"]
+    job = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD_PORT}"]
+        + ["--", sys.executable, "-m", "mis_score", "batch", "--model-path", ckpts["qwen3"]]
+        + ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), *engine_flags]
+        + ["--label-token-ids", ",".join(map(str, LABELS)), "--num-engines", "2"]
+        + ["--batch-rows", "2", "--summary", str(summary)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ,
+    )
+    assert job.returncode == 0 and out.exists(), job.stdout[-4000:] + job.stderr[-4000:]
+    scorer = OfflineScorer(engine("qwen3", "prefix"), "qwen3", max_items=2048)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(got) == len(rows)
+    for g, row in zip(got, rows, strict=True):
+        check_row(g, row, reference(scorer, row, {"label_token_ids": LABELS}))
+    engines = json.loads(summary.read_text())["engines"]
+    assert len({e["node"] for e in engines if e["batches"]}) == 2  # two nodes scored
