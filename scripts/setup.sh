@@ -8,6 +8,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "mis-serve needs Python >= 3.11"'
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 \
+# --no-compile: pip would byte-compile every installed module (torch, jax, ray, ...: over half
+# of a fresh install's time); Python compiles the few it imports on first use.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]' 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" || true
 test -x .venv/bin/mis-score
