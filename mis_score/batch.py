@@ -27,6 +27,7 @@ import re
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ REQUEST_FIELDS = tuple(ScoreRequest.model_fields)  # query, items, label_token_i
 # Columns the job adds (an input that has them, e.g. an earlier output, gets them replaced).
 OUTPUT_COLUMNS = ("scores", "error")
 # Per-row bookkeeping from the actors to the driver (counted, never written).
-_LINE, _ITEMS, _FAILED = "__mis_line", "__mis_items", "__mis_failed"
+# `__mis_engine`: the engine's counters after the batch (JSON, on the batch's first row): only
+# batches that reach the driver count, so a retried batch is counted once.
+_LINE, _ITEMS, _FAILED, _ENGINE = "__mis_line", "__mis_items", "__mis_failed", "__mis_engine"
 
 
 class _Group(BaseModel):
@@ -123,7 +126,7 @@ class BatchSummary:
     errors: int
     seconds: float  # the whole job: start, warm-up, scoring, writing
     scoring_seconds: float  # from the first engine ready to the last row written
-    engines: list[dict[str, Any]]  # per engine process: node, warm-up, engine stats
+    engines: list[dict[str, Any]]  # per engine process that scored: node, warm-up, counters
 
     @property
     def items_per_s(self) -> float:
@@ -226,9 +229,10 @@ class _EngineActor:
     settings, warmed up (every shape compiled, or loaded from the compilation cache) before
     its first batch."""
 
-    def __init__(self, settings: BatchSettings, lines: bool, stats: Any):
+    def __init__(self, settings: BatchSettings, lines: bool):
         import ray
 
+        started = time.time()
         use_compilation_cache(cache_root() / "jax")  # a restarted actor starts in seconds
         start = time.perf_counter()
         model = settings.model
@@ -237,24 +241,23 @@ class _EngineActor:
         self.engine.warmup()
         scorer = OfflineScorer(self.engine, settings.model_name(), settings.max_items_per_request)
         self.rows = RowScorer(scorer, settings.defaults)
-        self.lines, self.stats, self.batches = lines, stats, 0
+        self.lines, self.batches = lines, 0
         ctx = ray.get_runtime_context()
         self.info = {
             "engine": f"{ctx.get_actor_id()}/{os.getpid()}",  # a restarted actor: a new pid
+            "pid": os.getpid(),
             "node": ctx.get_node_id(),
+            "started": started,
             "warmup_s": time.perf_counter() - start,
             "ready": time.time(),
             "compiles_at_ready": self.engine.stats()["compiles"],
         }
-        self._report()
 
-    def _report(self) -> None:
-        import ray
-
+    def _report(self) -> str:
         stats = self.engine.stats()
         compiled = stats["compiles"] - self.info["compiles_at_ready"]
         info = self.info | stats | {"batches": self.batches, "compiles_during_job": compiled}
-        ray.get(self.stats.report.remote(info))
+        return json.dumps(info)
 
     def __call__(self, batch):  # pyarrow.Table -> pyarrow.Table
         import pyarrow as pa
@@ -289,8 +292,8 @@ class _EngineActor:
         out = out.append_column(_ITEMS, pa.array(items, pa.int64()))
         out = out.append_column(_FAILED, pa.array(failed, pa.bool_()))
         self.batches += 1
-        self._report()
-        return out
+        report = [self._report()] + [None] * (len(rows) - 1)
+        return out.append_column(_ENGINE, pa.array(report, pa.string()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,19 +321,6 @@ def _out_line(row: Any, result: tuple[Any, str | None]) -> str:
         obj = {"line": row}
     obj |= {"error": error} if error is not None else {"scores": scores}
     return json.dumps(obj)
-
-
-class _JobStats:
-    """The engines' reports (a Ray actor of the driver's): the latest per engine process."""
-
-    def __init__(self):
-        self.engines: dict[str, dict[str, Any]] = {}
-
-    def report(self, info: dict[str, Any]) -> None:
-        self.engines[info["engine"]] = info
-
-    def get(self) -> list[dict[str, Any]]:
-        return list(self.engines.values())
 
 
 # ------------------------------------------------------------------ files
@@ -379,6 +369,7 @@ class _Writer:
         self.stream = self.fs.open_output_stream(self.tmp)
         self.parquet: Any = None
         self.rows = self.items = self.errors = 0
+        self.engines: dict[str, dict[str, Any]] = {}  # the latest report of each engine
 
     def _remove_stale(self, parent: str) -> None:
         import pyarrow.fs as pafs
@@ -395,7 +386,10 @@ class _Writer:
         self.rows += table.num_rows
         self.items += pc.sum(table.column(_ITEMS)).as_py() or 0
         self.errors += pc.sum(table.column(_FAILED).cast("int64")).as_py() or 0
-        table = table.drop_columns([_ITEMS, _FAILED])
+        for report in table.column(_ENGINE).drop_null().to_pylist():
+            info = json.loads(report)
+            self.engines[info["engine"]] = info
+        table = table.drop_columns([_ITEMS, _FAILED, _ENGINE])
         if self.fmt == "jsonl":
             if _LINE in table.column_names:
                 lines = table.column(_LINE).to_pylist()
@@ -488,11 +482,13 @@ def run_batch(
     *,
     input_format: str | None = None,
     address: str | None = None,
+    on_progress: Callable[[BatchSummary], None] | None = None,
 ) -> BatchSummary:
     """Score every row of `input` (JSONL or Parquet, file or directory, local or a URL) into
     `output` (format from its extension: .jsonl or .parquet) on the Ray cluster at `address`
     (default: Ray's rules: RAY_ADDRESS, a cluster started on this host, else a new local one;
-    already connected: that one)."""
+    already connected: that one). `on_progress`: called with the summary so far after each
+    batch written (in the driver)."""
     import ray
     import ray.data
 
@@ -511,12 +507,11 @@ def run_batch(
     else:
         ds = ray.data.read_parquet(input, num_cpus=read_cpus)
     n = pool_size(settings.pool)
-    stats = ray.remote(num_cpus=0)(_JobStats).remote()
     pool = settings.pool
     log.info("batch: %s -> %s, %d engines (%s)", input, output, n, settings.engine)
     scored = ds.map_batches(
         _EngineActor,
-        fn_constructor_kwargs={"settings": settings, "lines": in_fmt == "jsonl", "stats": stats},
+        fn_constructor_kwargs={"settings": settings, "lines": in_fmt == "jsonl"},
         batch_size=pool.batch_rows,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=n),
@@ -526,28 +521,32 @@ def run_batch(
         ray_remote_args_fn=_spread,
     )
     writer = _Writer(output, out_fmt)
+
+    def summary() -> BatchSummary:
+        now, engines = time.time(), list(writer.engines.values())
+        first_ready = min((e["ready"] for e in engines), default=now)
+        return BatchSummary(
+            output=output,
+            rows=writer.rows,
+            items=writer.items,
+            errors=writer.errors,
+            seconds=time.perf_counter() - start,
+            scoring_seconds=max(now - first_ready, 1e-9),
+            engines=engines,
+        )
+
     try:
         for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.write(table)
+            if on_progress is not None:
+                on_progress(summary())
         writer.close()
     except BaseException:
         writer.abort()
         raise
-    end = time.time()
-    engines = ray.get(stats.get.remote())
-    ray.kill(stats)
-    first_ready = min((e["ready"] for e in engines), default=end)
-    summary = BatchSummary(
-        output=output,
-        rows=writer.rows,
-        items=writer.items,
-        errors=writer.errors,
-        seconds=time.perf_counter() - start,
-        scoring_seconds=max(end - first_ready, 1e-9),
-        engines=engines,
-    )
-    log.info("%s", summary.line())
-    return summary
+    done = summary()
+    log.info("%s", done.line())
+    return done
 
 
 # ------------------------------------------------------------------ command line

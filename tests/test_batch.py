@@ -5,14 +5,15 @@ query cost one prefill per engine. The loopback multi-node run is in tests/test_
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mis_score import batch
@@ -96,123 +97,123 @@ def scorer(engine):
     return OfflineScorer(engine("qwen3", "prefix"), "qwen3", max_items=2048)
 
 
-def _engine_actors() -> list[dict]:
-    """The engine actors of the session's cluster, from the GCS (the cluster runs no dashboard,
-    which ray.util.state needs)."""
-    from ray._private import state
-
-    return [a for a in state.actors().values() if "_EngineActor" in a["ActorClassName"]]
+DEFAULTS = {"label_token_ids": LABELS, "apply_softmax": True}  # the JSONL job's row defaults
 
 
-def test_jsonl_both_layouts_bit_identical_and_a_killed_engine_loses_nothing(
-    ckpts, scorer, tmp_path
-):
+def _jsonl_job(tmp: Path, ckpt: str):
     """JSONL requests (token ids and text, mixed sizes), pairs of several queries (labels from
-    the job's defaults) and bad rows, 2 rows per engine call; the engine actor is SIGKILLed
-    mid-job. Every input row is in the output exactly once, in input order, bit-identical to
-    `mis-score score`; Ray restarted the actor and retried its batches."""
-    serve_cluster()
-    defaults = {"label_token_ids": LABELS, "apply_softmax": True}
+    the job's defaults) and bad rows, 2 rows per engine call; the engine is SIGKILLed once 4
+    rows are written."""
     text = {"id": "text", "query": "Is it light?", "items": ["1 kg", "3 kg"]}
     rows = request_rows(seed=1, n=12) + [text | {"label_token_ids": LABELS}]
     rows += pair_rows(seed=2, queries=3, per_query=8) + BAD_REQUESTS
     rows += [{"user": 9, "query": [5, 6], "item": [10**9]}, {"id": "empty", "query": [1]}]
     rows.insert(5, {"user": 8, "query": "text pair", "item": "an item"})
     lines = [json.dumps(r) for r in rows] + ["{not json"]
-    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "out.jsonl"
+    (tmp / "in.jsonl").write_text("\n".join(lines) + "\n")
+    killed: dict = {}
 
-    result: dict = {}
-    job = threading.Thread(
-        target=lambda: result.update(
-            summary=run_batch(
-                str(tmp_path / "in.jsonl"), str(out), settings(ckpts["qwen3"], 2, **defaults)
-            )
-        )
-    )
-    job.start()
-    deadline, killed = time.time() + 300, None
-    while job.is_alive() and killed is None and time.time() < deadline:
-        partial = list(tmp_path.glob("out.jsonl.partial-*"))
-        if partial and len(partial[0].read_text().splitlines()) >= 4:
-            alive = [a for a in _engine_actors() if a["State"] == "ALIVE"]
-            if alive:
-                os.kill(alive[0]["Pid"], signal.SIGKILL)
-                actor = alive[0]["ActorID"]
-                killed = len(partial[0].read_text().splitlines())
-        time.sleep(0.05)
-    job.join(timeout=300)
-    assert killed is not None and killed < len(lines), "the engine was not killed mid-job"
-    summary = result["summary"]
-    # Ray restarted the actor (a new process) and retried its batches.
-    assert len({e["engine"] for e in summary.engines}) == 2
-    assert {a["ActorID"]: a for a in _engine_actors()}[actor]["NumRestarts"] == 1
-    assert summary.totals("compiles_during_job") == 0
+    def kill_once(progress) -> None:
+        if not killed and progress.rows >= 4:
+            (eng,) = progress.engines
+            os.kill(eng["pid"], signal.SIGKILL)
+            killed.update(rows=progress.rows, engine=eng["engine"])
 
-    got = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(got) == len(lines) == summary.rows  # every row once, in input order
-    for g, row in zip(got, rows, strict=False):
-        check_row(g, row, reference(scorer, row, defaults))
-    assert got[-1] == {"line": "{not json", "error": scorer.score_line("{not json")["message"]}
-    errors = {g.get("id", g.get("user")): g["error"] for g in got if "error" in g}
-    assert errors["bad-long-item"].startswith("items[0]: ")
-    assert errors[9].startswith("item: ") and errors["empty"].startswith("items: ")
-    assert summary.errors == len(errors)  # the bad JSON line's under None
-    assert summary.items == sum(
-        len(g["scores"]) if "items" in g else 1 for g in got if "scores" in g
-    )
-    assert not list(tmp_path.glob("*.partial-*"))
+    def run():
+        out = str(tmp / "out.jsonl")
+        job = settings(ckpt, 2, **DEFAULTS)
+        return run_batch(str(tmp / "in.jsonl"), out, job, on_progress=kill_once), killed
+
+    return run, rows
 
 
-def test_parquet_requests_to_parquet_bit_identical(ckpts, scorer, tmp_path):
-    """A directory of Parquet files of requests -> one Parquet file: id columns kept, scores
-    bit-identical to `mis-score score`, bad rows' errors in place; a rerun replaces it whole."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    serve_cluster()
+def _parquet_job(tmp: Path, ckpt: str):
+    """A directory of two Parquet files of requests (a crashed run's leftover beside the
+    output) -> one Parquet file."""
     rows = request_rows(seed=3, n=16) + BAD_REQUESTS
     # Every row with every column (a Parquet table holds null where a row lacks one).
     keys = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: r.get(k) for k in keys} for r in rows]
     schema = pa.Table.from_pylist(rows).schema
-    (tmp_path / "in").mkdir()
+    (tmp / "in").mkdir()
     for part, chunk in enumerate((rows[:10], rows[10:])):
-        table = pa.Table.from_pylist(chunk, schema=schema)
-        pq.write_table(table, tmp_path / "in" / f"part-{part}.parquet")
-    (tmp_path / "out.parquet.partial-0123").write_text("left by a crashed run")
-    out = tmp_path / "out.parquet"
-    summary = run_batch(str(tmp_path / "in"), str(out), settings(ckpts["qwen3"], 8))
-    got = pq.read_table(out).to_pylist()
+        pq.write_table(pa.Table.from_pylist(chunk, schema=schema), tmp / "in" / f"{part}.parquet")
+    (tmp / "out.parquet.partial-0123").write_text("left by a crashed run")
+    return lambda: run_batch(str(tmp / "in"), str(tmp / "out.parquet"), settings(ckpt, 8)), rows
+
+
+def _pairs_job(tmp: Path, ckpt: str):
+    """Parquet pair rows of 4 queries (labels and apply_softmax as columns, one bad pair),
+    JSONL out."""
+    rows = pair_rows(seed=4, queries=4, per_query=12)
+    for i, r in enumerate(rows):
+        r.update(label_token_ids=LABELS, apply_softmax=i % 3 == 0)
+    rows[7]["item"] = [1] * 65  # longer than max_item_tokens
+    pq.write_table(pa.Table.from_pylist(rows), tmp / "pairs.parquet")
+    out = str(tmp / "scores.jsonl")
+    return lambda: run_batch(str(tmp / "pairs.parquet"), out, settings(ckpt, 16)), rows
+
+
+@pytest.fixture(scope="module")
+def jobs(ckpts, tmp_path_factory):
+    """The three jobs at once on the session's cluster (an engine actor each): name ->
+    (result, input rows, job dir)."""
+    serve_cluster()
+    made = {}
+    for name, job in (("jsonl", _jsonl_job), ("parquet", _parquet_job), ("pairs", _pairs_job)):
+        tmp = tmp_path_factory.mktemp(name)
+        made[name] = (*job(tmp, ckpts["qwen3"]), tmp)
+    with concurrent.futures.ThreadPoolExecutor(len(made)) as pool:
+        futures = {name: pool.submit(run) for name, (run, _, _) in made.items()}
+    return {name: (futures[name].result(), rows, tmp) for name, (_, rows, tmp) in made.items()}
+
+
+def test_jsonl_both_layouts_bit_identical_and_a_killed_engine_loses_nothing(jobs, scorer):
+    """JSONL requests and pairs, bad rows, the engine SIGKILLed mid-job: every input row is
+    in the output exactly once, in input order, bit-identical to `mis-score score`; Ray
+    restarted the actor and retried its batches; nothing compiled after warm-up."""
+    (summary, killed), rows, tmp = jobs["jsonl"]
+    n_lines = len(rows) + 1  # and the bad JSON line
+    assert killed and killed["rows"] < n_lines, "the engine was not killed mid-job"
+    # The killed engine's batches and its restarted process's (a new pid).
+    assert len(summary.engines) == 2 and killed["engine"] in {e["engine"] for e in summary.engines}
+    assert summary.totals("compiles_during_job") == 0
+
+    got = [json.loads(line) for line in (tmp / "out.jsonl").read_text().splitlines()]
+    assert len(got) == n_lines == summary.rows  # every row once, in input order
+    for g, row in zip(got, rows, strict=False):
+        check_row(g, row, reference(scorer, row, DEFAULTS))
+    assert got[-1] == {"line": "{not json", "error": scorer.score_line("{not json")["message"]}
+    errors = {g.get("id", g.get("user")): g["error"] for g in got if "error" in g}
+    assert errors["bad-long-item"].startswith("items[0]: ")
+    assert errors[9].startswith("item: ") and errors["empty"].startswith("items: ")
+    assert summary.errors == len(errors)  # the bad JSON line's under None
+    scored = [g for g in got if "scores" in g]
+    assert summary.items == sum(len(g["scores"]) if "items" in g else 1 for g in scored)
+    assert not list(tmp.glob("*.partial-*"))
+
+
+def test_parquet_requests_to_parquet_bit_identical(jobs, scorer):
+    """Parquet requests -> Parquet: id columns kept, scores bit-identical to `mis-score
+    score`, bad rows' errors in place; the crashed run's leftover removed."""
+    summary, rows, tmp = jobs["parquet"]
+    got = pq.read_table(tmp / "out.parquet").to_pylist()
     assert len(got) == len(rows) == summary.rows and summary.errors == len(BAD_REQUESTS)
     for g, row in zip(got, rows, strict=True):
         ref = reference(scorer, {k: v for k, v in row.items() if v is not None})
         if ref.get("object") == "error":
             assert g["scores"] is None and g["error"] == ref["message"]
         else:
-            assert g["error"] is None and g["scores"] == ref["scores"]
+            assert g["error"] is None and g["scores"] == ref["scores"]  # ==: bit for bit
         assert {k: g[k] for k in row} == row
-    assert not list(tmp_path.glob("*.partial-*"))  # the crashed run's leftover removed
+    assert not list(tmp.glob("*.partial-*"))
 
 
-def test_pairs_one_prefill_per_query_per_engine(ckpts, scorer, tmp_path):
-    """Parquet pair rows (labels and softmax as columns, one bad pair), JSONL out: each pair's
-    score list is `mis-score score`'s for its one-item request, bit for bit; the engine
-    prefilled each query once (prefix misses == queries), every other batch of a query hit
-    its cached K/V."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    serve_cluster()
-    rows = pair_rows(seed=4, queries=4, per_query=12)
-    rows = [
-        r | {"label_token_ids": LABELS, "apply_softmax": i % 3 == 0} for i, r in enumerate(rows)
-    ]
-    rows[7]["item"] = [1] * 65  # longer than max_item_tokens
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
-    out = tmp_path / "scores.jsonl"
-    summary = run_batch(str(tmp_path / "pairs.parquet"), str(out), settings(ckpts["qwen3"], 16))
-    got = [json.loads(line) for line in out.read_text().splitlines()]
+def test_pairs_one_prefill_per_query_per_engine(jobs, scorer):
+    """Each pair's score list is `mis-score score`'s for its one-item request, bit for bit;
+    the engine prefilled each query once (prefix misses == queries)."""
+    summary, rows, tmp = jobs["pairs"]
+    got = [json.loads(line) for line in (tmp / "scores.jsonl").read_text().splitlines()]
     assert len(got) == len(rows) == summary.rows
     for g, row in zip(got, rows, strict=True):
         check_row(g, row, reference(scorer, row))
