@@ -213,7 +213,13 @@ def serve_cluster() -> tuple[str, int]:
             log_to_driver=False,
             _metrics_export_port=metrics,
         )
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+        except BaseException:
+            # Not half a cluster: the next module's serve_cluster() starts a whole new one
+            # (a Ray left initialised made every later ray.init of the worker fail).
+            ray.shutdown()
+            raise
         _CLUSTER.update(url=f"http://127.0.0.1:{port}", metrics=metrics)
     return str(_CLUSTER["url"]), int(_CLUSTER["metrics"])  # type: ignore[call-overload]
 
