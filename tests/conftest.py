@@ -362,6 +362,11 @@ def serve_run(config: Path, log: Path, env: dict[str, str] | None = None) -> Ite
         try:
             yield log
         finally:
+            # Every process it started, found now: Ray puts some in groups and sessions of
+            # their own (Serve's HAProxy), and once `serve run` is gone they are orphans no
+            # group kill reaches. A HAProxy left behind by a shutdown cut short kept port 8000,
+            # and the next `serve run` on this machine never answered.
+            tree = descendants(proc.pid)
             # SIGINT to `serve run` alone: to its whole group it would also stop the Ray
             # processes it started, and its shutdown then waits a minute for a dead GCS.
             proc.send_signal(signal.SIGINT)
@@ -369,6 +374,26 @@ def serve_run(config: Path, log: Path, env: dict[str, str] | None = None) -> Ite
                 proc.wait(timeout=20)
             with contextlib.suppress(ProcessLookupError):  # whatever it left behind
                 os.killpg(proc.pid, signal.SIGKILL)
+            kill_all(tree + descendants(proc.pid))
+
+
+def descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_all(procs: list) -> None:
+    """SIGKILL to each process still running (psutil checks it is the same process, not a
+    new one that reused the pid)."""
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 def wait_for_scores(url: str, body: dict, log: Path, timeout_s: float = 420):

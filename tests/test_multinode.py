@@ -28,6 +28,8 @@ from tests.conftest import (
     LABELS,
     REPO,
     cluster_ports,
+    descendants,
+    kill_all,
     random_request,
     serve_run,
     stop_serve_cluster,
@@ -161,6 +163,7 @@ def _wait_for_nodes(address: str, n: int, timeout_s: float = 120) -> None:
 def _stop_groups(procs: list[subprocess.Popen], timeout_s: float = 10) -> None:
     """SIGTERM to every `ray start --block` node's process group at once (a node stops its
     raylet and workers), one shared wait, then SIGKILL to whatever still runs."""
+    tree = [p for proc in procs for p in descendants(proc.pid)]  # before they are orphans
     for proc in procs:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -172,6 +175,7 @@ def _stop_groups(procs: list[subprocess.Popen], timeout_s: float = 10) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    kill_all(tree)  # what Ray started in groups of its own (Serve's HAProxy)
 
 
 def _loopback_config(tmp_path, name: str, ckpt: str, port: int, args: dict, scorer: dict):
