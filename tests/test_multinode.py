@@ -97,7 +97,11 @@ def cluster():
     def ray_cli(*args: str, tpu: dict[str, str] | None = None) -> None:
         """Start one node and wait until it has joined (one at a time: two workers started
         together, once the head was up, did not join in 2 minutes)."""
-        cmd = [str(BIN / "ray"), *args, "--block"]
+        # Each node's dashboard agent on a port of the window: by default every agent on this
+        # machine takes 52365, and only the first to start got it; with none of this cluster's
+        # agents listening, `ray job submit` was refused ("No available agent").
+        agent = ["--dashboard-agent-listen-port", str(PORTS.port(4 + len(nodes)))]
+        cmd = [str(BIN / "ray"), *args, *agent, "--block"]
         nodes.append(
             subprocess.Popen(
                 cmd,
@@ -329,14 +333,7 @@ def test_batch_job_submitted_runs_over_the_nodes(cluster, ckpts, engine, tmp_pat
     submit += ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), *engine_flags]
     submit += ["--label-token-ids", ",".join(map(str, LABELS)), "--num-engines", "2"]
     submit += ["--batch-rows", "2", "--summary", str(summary)]
-    deadline = time.time() + 60
-    while True:
-        job = subprocess.run(submit, capture_output=True, text=True, timeout=300, env=os.environ)
-        # The head's job agent registers some time after its node is up (seen > the test's
-        # start on a loaded machine); Ray refuses the job until then and says to ask again.
-        if "No available agent to submit job" not in job.stderr or time.time() > deadline:
-            break
-        time.sleep(2)
+    job = subprocess.run(submit, capture_output=True, text=True, timeout=300, env=os.environ)
     assert job.returncode == 0 and out.exists(), job.stdout[-4000:] + job.stderr[-4000:]
     scorer = OfflineScorer(engine("qwen3", "prefix"), "qwen3", max_items=2048)
     got = [json.loads(line) for line in out.read_text().splitlines()]
