@@ -11,4 +11,5 @@ while IFS='=' read -r key value || [[ -n $key ]]; do
   key=${BASH_REMATCH[1]}
   [[ -n ${!key+x} ]] || export "$key=${value%$'\r'}"
 done < configs/serve.env
+unset PYTHONDONTWRITEBYTECODE  # keep compiled modules: every replica imports jax (setup.sh)
 exec .venv/bin/serve run "${@:-configs/config.yaml}"

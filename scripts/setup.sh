@@ -8,6 +8,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "mis-serve needs Python >= 3.11"'
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 \
+# --no-compile: pip byte-compiles every module it installs, one at a time (about a minute for
+# jax, torch, ray and transformers); Python compiles the ones a process imports on first use
+# instead, and keeps them unless PYTHONDONTWRITEBYTECODE is set (scripts/test.sh and
+# scripts/serve.sh clear it).
+.venv/bin/python -m pip install --no-compile --quiet --disable-pip-version-check -e '.[dev]' 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" || true
 test -x .venv/bin/mis-score

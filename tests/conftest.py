@@ -50,6 +50,11 @@ from models.checkpoint import make_random_checkpoint
 from models.engine import EngineConfig, ScoringEngine
 from models.tokenizer import TextTokenizer
 
+# pytest loads this file as the module `conftest` (tests/ is no package) and the test modules
+# import it as `tests.conftest`: one module under both names, or its state (the session's
+# cluster, the engines, the port windows handed out) would exist twice, each copy seeing half.
+sys.modules.setdefault("tests.conftest", sys.modules[__name__])
+
 TP_DEVICES = 4  # the simulated device count set above
 
 # Every engine configuration the equivalence tests sweep: (mode, attention).
@@ -242,6 +247,17 @@ def stop_serve_cluster() -> None:
         serve.shutdown()
         ray.shutdown()
         _CLUSTER.clear()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After a worker's last test marked `ray` (they run first), its session cluster stops:
+    idle, it still took about 11 CPU-seconds a minute (Serve's controller, proxies, replicas,
+    metrics) from the engine tests that follow on the same two cores."""
+    result = yield  # the test's own fixtures (a module's deployed apps) are torn down first
+    if _CLUSTER and (nextitem is None or nextitem.get_closest_marker("ray") is None):
+        stop_serve_cluster()
+    return result
 
 
 def pytest_sessionfinish(session, exitstatus):
