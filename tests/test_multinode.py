@@ -326,8 +326,8 @@ def test_batch_job_submitted_runs_over_the_nodes(cluster, ckpts, engine, tmp_pat
     from tests.test_batch import check_row, pair_rows, reference, request_rows
 
     rows = request_rows(seed=90, n=6) + pair_rows(seed=91, queries=2, per_query=5)
-    # Four files: Ray Data reads a small file as one block and gives a block to one engine,
-    # so with one file one engine did all the work whenever the read made one block.
+    # A directory of four files, as a job over a data set's parts is submitted (the README's
+    # recipe); which engine scores which file's block is Ray Data's choice (checked below).
     (tmp_path / "in").mkdir()
     for part in range(4):
         text = "".join(json.dumps(r) + "\n" for r in rows[part * 4 : (part + 1) * 4])
