@@ -16,10 +16,10 @@ gate bound for the dtype); one over the bound, or one that does not compile, is 
 and not timed. The `xla` row is that reference's own program (in bfloat16 at the default
 precision).
 
-Variants: `xla` (kernels/block_attention.py, the engine's key tiles), `pallas` (the kernel's
+Variants: `xla` (mis_kernels/block_attention.py, the engine's key tiles), `pallas` (the kernel's
 defaults) and `pallas:key=value:...` with the kernel's settings `tile`, `rows`, `num_warps`,
-`num_stages` (kernels/ragged_attention.py). Without --variants: xla, pallas, and on a GPU a sweep
-of the kernel's settings. On a CPU the kernel runs in Pallas' interpreter: its time there is
+`num_stages` (mis_kernels/ragged_attention.py). Without --variants: xla, pallas, and on a GPU a
+sweep of the kernel's settings. On a CPU the kernel runs in Pallas' interpreter: its time there is
 not a speed figure.
 """
 
@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_attention import BlockMeta, block_attention
-from kernels.ragged_attention import ragged_block_attention
 from loadtests.profile_engine import best_ms, request_forwards, workload_config
+from mis_kernels.block_attention import BlockMeta, block_attention
+from mis_kernels.ragged_attention import ragged_block_attention
 from mis_score.bench import GATE_BOUND, matmul_peak_gflops, share_of_peak, useful_flops
 from mis_score.workload import Workload
 from models.config import PRESETS

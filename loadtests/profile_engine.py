@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_attention import BlockMeta, block_attention, dense_attention
-from kernels.ragged_attention import ragged_block_attention
+from mis_kernels.block_attention import BlockMeta, block_attention, dense_attention
+from mis_kernels.ragged_attention import ragged_block_attention
 from mis_score.bench import matmul_peak_gflops, useful_flops
 from mis_score.workload import Workload
 from models.buckets import pow2_bucket

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kernels.block_attention import BlockMeta
+from mis_kernels.block_attention import BlockMeta
 from models.buckets import pow2_bucket, pow2_upto
 from models.checkpoint import load_checkpoint
 from models.config import ModelConfig

@@ -1,7 +1,7 @@
 """From chunks of any number of requests to forwards over one flat stream of blocks (host side).
 
 Every block of the stream belongs to one *sequence*, and a sequence's blocks share its key
-ranges (kernels/block_attention.py):
+ranges (mis_kernels/block_attention.py):
 
 - a query and some of its items: the query's keys come from the pool (cached) or from a run of
   the query's own tokens placed first in the sequence (prefilled here; in prefix mode they are

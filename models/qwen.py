@@ -4,7 +4,7 @@ in Flax, shaped for multi-item scoring: one forward driven by ModelConfig's swit
 label tokens, or a sequence-classification head).
 
 A forward is two programs. `body` runs a flat stream of T tokens, cut into blocks (the mask
-and its metadata: kernels/block_attention.py), through the layers and returns the hidden states
+and its metadata: mis_kernels/block_attention.py), through the layers and returns the hidden states
 and each layer's K/V (the engine writes a query's K/V into its pool). `head` runs the LM head at
 the score positions only. So the stream's length and the number of scores are two separate short
 ladders of compiled shapes, not a product. Layers are stacked with `nn.scan` so compile time
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kernels.block_attention import BlockMeta, block_attention, dense_attention
-from kernels.ragged_attention import ragged_block_attention
+from mis_kernels.block_attention import BlockMeta, block_attention, dense_attention
+from mis_kernels.ragged_attention import ragged_block_attention
 from models.config import Head, ModelConfig, RopeScaling
 from models.parallel import over_heads
 
@@ -34,8 +34,8 @@ class Attention(enum.Enum):
     """Who computes block attention: one choice per deployment, resolved once at start."""
 
     AUTO = "auto"  # the engine picks (models/engine.py: resolve_attention)
-    XLA = "xla"  # tiled flash attention in XLA ops (kernels/block_attention.py)
-    PALLAS = "pallas"  # the Pallas kernel: TPU Mosaic / GPU Triton (kernels/ragged_attention.py)
+    XLA = "xla"  # tiled flash attention in XLA ops (mis_kernels/block_attention.py)
+    PALLAS = "pallas"  # the Pallas kernel, TPU Mosaic / GPU Triton (mis_kernels/ragged_attention)
     DENSE = "dense"  # the materialised [T, T] mask baseline (packed mode, no pool)
 
 

@@ -1,4 +1,4 @@
-"""Block attention (kernels/block_attention.py): the mask by hand, the tiled XLA implementation
+"""Block attention (mis_kernels/block_attention.py): the mask by hand, the tiled XLA implementation
 and the dense baseline against the plain reference, and the exactness the engine relies on."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from kernels.block_attention import (
+from mis_kernels.block_attention import (
     BlockMeta,
     block_attention,
     block_attention_reference,

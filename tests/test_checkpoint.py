@@ -107,11 +107,3 @@ def test_unsupported_configs_raise(change, message):
     hf = PRESETS["qwen3-tiny"].to_hf_dict() | change
     with pytest.raises(ValueError, match=message):
         from_hf_config(hf)
-
-
-def test_our_kernels_package_is_not_mistaken_for_hf_kernels():
-    from transformers.utils import import_utils
-
-    import kernels  # noqa: F401  (ours, on sys.path)
-
-    assert not import_utils.is_kernels_available()

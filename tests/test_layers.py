@@ -1,22 +1,28 @@
-"""The layers import downwards only: kernels <- models <- serve_app <- mis_score (the command
-line, which wires everything), and no product code imports loadtests/ (the load tools)."""
+"""The layers import downwards only: mis_kernels <- models <- serve_app <- mis_score (the command
+line, which wires everything), and no product code imports loadtests/ (the load tools); and no
+other installed distribution has a top-level package of one of our names."""
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import json
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-OURS = {"kernels", "models", "serve_app", "mis_score", "loadtests", "tests"}
+OURS = {"mis_kernels", "models", "serve_app", "mis_score", "loadtests", "tests"}
 # What each package may import of ours (itself included).
 ALLOWED = {
-    "kernels": {"kernels"},
-    "models": {"kernels", "models"},
-    "serve_app": {"kernels", "models", "serve_app"},
-    "mis_score": {"kernels", "models", "serve_app", "mis_score"},
-    "loadtests": {"kernels", "models", "serve_app", "mis_score", "loadtests"},
+    "mis_kernels": {"mis_kernels"},
+    "models": {"mis_kernels", "models"},
+    "serve_app": {"mis_kernels", "models", "serve_app"},
+    "mis_score": {"mis_kernels", "models", "serve_app", "mis_score"},
+    "loadtests": {"mis_kernels", "models", "serve_app", "mis_score", "loadtests"},
 }
 
 
@@ -47,3 +53,24 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     bad = tmp_path / "m.py"
     bad.write_text("def f():\n    from serve_app.schema import ScoreRequest\nimport loadtests.x\n")
     assert imports_of(bad) == {"serve_app", "loadtests"}
+
+
+def test_our_top_level_names_are_ours_alone(tmp_path):
+    """Every package pyproject installs is one of the layers above, no other installed
+    distribution ships a package of the same name, and a process started outside the checkout
+    (a Ray worker, the CLI) imports ours. transformers 5.25 brought Hugging Face's `kernels`:
+    with our attention package then named `kernels`, the one installed first in sys.path won,
+    theirs in every Ray worker and ours inside transformers."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {p.removesuffix("*") for p in include} == set(ALLOWED)
+    owners = importlib.metadata.packages_distributions()
+    assert {n: owners[n] for n in ALLOWED if set(owners.get(n, [])) - {"mis-serve"}} == {}
+    where = "import importlib.util as u, json, sys; print(json.dumps({n: u.find_spec(n).origin"
+    where += " for n in sys.argv[1:]}))"
+    out = subprocess.run(
+        [sys.executable, "-c", where, *ALLOWED], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    origins = json.loads(out.stdout)
+    assert {n: o for n, o in origins.items() if Path(o) != REPO / n / "__init__.py"} == {}

@@ -1,4 +1,4 @@
-"""The Pallas block-attention kernel (kernels/ragged_attention.py) against its reference.
+"""The Pallas block-attention kernel (mis_kernels/ragged_attention.py) against its reference.
 
 On CPU the TPU kernel runs in TPU interpret mode and the GPU kernel in Pallas' interpreter; both
 are also lowered for TPU (Mosaic) and CUDA (Triton) without hardware, and run natively where
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from jax import export
 
-from kernels.block_attention import BlockMeta, block_attention_reference, ranges_array
-from kernels.ragged_attention import ROWS, heads_per_program, ragged_block_attention
+from mis_kernels.block_attention import BlockMeta, block_attention_reference, ranges_array
+from mis_kernels.ragged_attention import ROWS, heads_per_program, ragged_block_attention
 from tests.test_block_attention import random_case
 
 NATIVE = jax.default_backend() in ("gpu", "tpu")

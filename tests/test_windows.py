@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.block_attention import (
+from mis_kernels.block_attention import (
     BlockMeta,
     block_attention,
     block_attention_reference,
@@ -20,7 +20,7 @@ from kernels.block_attention import (
     ranges_array,
     visible,
 )
-from kernels.ragged_attention import ragged_block_attention
+from mis_kernels.ragged_attention import ragged_block_attention
 from models.config import PRESETS
 from models.engine import EngineConfig, ScoringEngine, score_ids
 from tests.conftest import LABELS, MODES, TEST_ENGINE, hf_reference, mode_name, random_request

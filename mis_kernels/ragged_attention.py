@@ -1,4 +1,4 @@
-"""Block attention (kernels/block_attention.py) as a Pallas kernel: TPU (Mosaic) and GPU (Triton).
+"""Block attention (mis_kernels/block_attention.py) as a Pallas kernel: TPU (Mosaic), GPU (Triton).
 
 Same function as `block_attention`: a flat stream of blocks, each block attending to a range of
 the KV pool, a range of the stream (only keys before a token's own) and its own keys causally.
@@ -17,7 +17,7 @@ TPU both stay in HBM (`pl.ANY`) and each tile is copied into a VMEM scratch befo
 pool's size is bounded by HBM, not VMEM. The per-block ranges are scalars (SMEM on TPU), the
 per-row local starts a [rows, 1] int32 vector (the mask is a vector compare).
 
-`kernels.block_attention.block_attention_reference` (the mask materialised) is the reference;
+`mis_kernels.block_attention.block_attention_reference` (the mask materialised) is the reference;
 tests compare both lowerings to it in interpret mode on CPU and natively where a GPU or TPU is
 present. `loadtests/bench_attention.py` times the kernel against the XLA implementation and
 sweeps its tile settings.
@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.block_attention import NEG, BlockMeta, logits
+from mis_kernels.block_attention import NEG, BlockMeta, logits
 
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
 ROWS = 128  # query rows per program, at most: GQA heads are stacked up to this
