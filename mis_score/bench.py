@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -151,6 +152,18 @@ def share_of_peak(gflops: float, peak: float, what: str) -> float:
     return share
 
 
+def hf_forward(model, cache=None, **inputs) -> tuple[Any, Any]:
+    """(output, its K/V cache) of a transformers causal LM, `cache` continued if given:
+    transformers 5.25 renamed `past_key_values` (the argument and the output field) to `cache`
+    and drops the old name in 5.40, while the releases before 5.25 know only the old one."""
+    params = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    if cache is not None:
+        inputs[name] = cache
+    out = model(**inputs)
+    return out, getattr(out, name, None)
+
+
 class HFScorer:
     """Scores the workload with HF transformers PyTorch, the ways a user would."""
 
@@ -186,7 +199,7 @@ class HFScorer:
         items, the cache cropped back to the query after each batch)."""
         torch, out, q = self.torch, [], len(query)
         with torch.inference_mode():
-            cache = self.model(input_ids=torch.tensor([query]), use_cache=True).past_key_values
+            _, cache = hf_forward(self.model, input_ids=torch.tensor([query]), use_cache=True)
             cache.batch_repeat_interleave(self.batch)
             for start in range(0, len(items), self.batch):
                 group = items[start : start + self.batch]
@@ -194,9 +207,10 @@ class HFScorer:
                 width = max(map(len, rows))
                 ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
                 mask = torch.tensor([[1] * q + [1] * len(r) + [0] * (width - len(r)) for r in rows])
-                logits = self.model(
-                    input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True
-                ).logits
+                step, _ = hf_forward(
+                    self.model, cache, input_ids=ids, attention_mask=mask, use_cache=True
+                )
+                logits = step.logits
                 cache.crop(-width)  # drop the items, keep the query
                 last = torch.tensor([len(r) - 1 for r in rows])
                 picked = logits[torch.arange(len(rows)), last][: len(group)]

@@ -46,6 +46,7 @@ os.environ["XLA_FLAGS"] = (
 import numpy as np
 import pytest
 
+from mis_score.bench import hf_forward
 from models.checkpoint import make_random_checkpoint
 from models.engine import EngineConfig, ScoringEngine
 from models.tokenizer import TextTokenizer
@@ -138,10 +139,11 @@ def hf_reference(path: str, query, items, labels, dtype=None, item_first: bool =
         cached = dtype is torch.float64 and not item_first
         soft, logp = [], []
         with torch.no_grad():
-            past = model(torch.tensor([query]), use_cache=True).past_key_values if cached else None
+            if cached:
+                _, past = hf_forward(model, input_ids=torch.tensor([query]), use_cache=True)
             for it in items:
                 if cached:
-                    out = model(torch.tensor([it]), past_key_values=copy.deepcopy(past))
+                    out, _ = hf_forward(model, copy.deepcopy(past), input_ids=torch.tensor([it]))
                 else:
                     out = model(torch.tensor([it + query if item_first else query + it]))
                 logits = out.logits[0, -1].double()
