@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -354,12 +355,26 @@ def serve_ports() -> dict[str, str]:
     return cluster_ports().env()
 
 
-def _default_sigint() -> None:
-    """In the child before exec: SIGINT delivered and handled. A test run started in the
-    background of a non-interactive shell (`cmd &`, as CI runners may) ignores SIGINT, and an
-    ignored SIGINT survives exec: `serve run` would never see its Ctrl-C."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextlib.contextmanager
+def _sigint_delivered_to_children() -> Iterator[None]:
+    """While it lasts, processes started here get SIGINT delivered and handled. A test run
+    started in the background of a non-interactive shell (`cmd &`, as CI runners may) ignores
+    SIGINT, and an ignored SIGINT survives exec: `serve run` would never see its Ctrl-C. A
+    handler does not survive exec (the child starts with the default), so one is set here, in
+    this thread, around the start. Not a preexec_fn: Python code run between fork and exec in
+    a process with JAX's threads can deadlock on a lock one of them held (JAX warns of it)."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal needs it
+        raise RuntimeError("start `serve run` from the main thread")
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 @contextlib.contextmanager
@@ -368,15 +383,15 @@ def serve_run(config: Path, log: Path, env: dict[str, str] | None = None) -> Ite
     down) on exit, then SIGKILL to anything of its process group still running."""
     env = os.environ | {"JAX_PLATFORMS": "cpu"} | serve_ports() | (env or {})
     with log.open("w") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "serve"), "run", str(config)],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_default_sigint,
-        )
+        with _sigint_delivered_to_children():
+            proc = subprocess.Popen(
+                [str(BIN / "serve"), "run", str(config)],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             yield log
         finally:
