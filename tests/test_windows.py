@@ -214,7 +214,8 @@ def _hf_float64(path: str, query, items) -> np.ndarray:
     out = []
     with torch.no_grad():
         for it in items:
-            logits = model(torch.tensor([list(query) + list(it)])).logits[0, -1]
+            ids = torch.tensor([list(query) + list(it)])
+            logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]
             out.append(torch.softmax(logits[LABELS], -1).numpy())
     return np.array(out)
 
