@@ -17,14 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from models.config import FULL, PRESETS, SLIDING, ModelConfig, from_hf_config
-from models.qwen import param_shapes
 from models.tokenizer import TOKENIZER_FILES, bundled_tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -195,6 +193,12 @@ def has_random_weights(model_dir: str | Path) -> bool:
 
 def load_checkpoint(model_dir: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Any]:
     """Load `config.json` + safetensors into (config, Flax params) in `dtype` (default: saved)."""
+    # JAX and the model only here, where tensors become the model's arrays: the ingress reads
+    # configs and writes demo checkpoints through this module without loading either.
+    import jax.numpy as jnp
+
+    from models.qwen import param_shapes
+
     model_dir = Path(model_dir)
     cfg = from_hf_config(read_hf_config(model_dir))
     dtype = dtype or cfg.dtype

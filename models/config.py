@@ -226,6 +226,23 @@ class ModelConfig:
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 
 
+def check_tp_size(cfg: ModelConfig, tp_size: int) -> None:
+    """Raise a ValueError naming the field when `cfg` cannot be split over `tp_size` devices
+    (models/parallel.py splits it; the ingress checks a config without loading JAX)."""
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    if cfg.num_heads % tp_size:
+        raise ValueError(f"tp_size {tp_size} must divide num_attention_heads {cfg.num_heads}")
+    kv = cfg.num_kv_heads
+    if kv % tp_size and tp_size % kv:
+        raise ValueError(
+            f"tp_size {tp_size} and num_key_value_heads {kv} must divide one another "
+            "(KV heads are split, or repeated when there are fewer than devices)"
+        )
+    if cfg.intermediate_size % tp_size:
+        raise ValueError(f"tp_size {tp_size} must divide intermediate_size {cfg.intermediate_size}")
+
+
 def _rope(params: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) of one RoPE parameter dict (`rope_type`, `rope_theta`, `factor`, ...)."""
     rope_type = params.get("rope_type") or params.get("type") or "default"

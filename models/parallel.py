@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.config import ModelConfig
+from models.config import ModelConfig, check_tp_size
 
 AXIS = "tp"
 
@@ -46,22 +46,6 @@ SHARDED_AXIS: dict[tuple[str, str], int] = {
 # Stream activations carry heads on axis 1 ([T, heads, ...]); the KV pool of one layer on
 # axis 0 ([kv_heads, tokens, head_dim]); the layer-stacked pool on axis 1.
 HEAD_AXIS = 1
-
-
-def check_tp_size(cfg: ModelConfig, tp_size: int) -> None:
-    """Raise a ValueError naming the field when `cfg` cannot be split over `tp_size` devices."""
-    if tp_size < 1:
-        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
-    if cfg.num_heads % tp_size:
-        raise ValueError(f"tp_size {tp_size} must divide num_attention_heads {cfg.num_heads}")
-    kv = cfg.num_kv_heads
-    if kv % tp_size and tp_size % kv:
-        raise ValueError(
-            f"tp_size {tp_size} and num_key_value_heads {kv} must divide one another "
-            "(KV heads are split, or repeated when there are fewer than devices)"
-        )
-    if cfg.intermediate_size % tp_size:
-        raise ValueError(f"tp_size {tp_size} must divide intermediate_size {cfg.intermediate_size}")
 
 
 def tp_config(cfg: ModelConfig, tp_size: int) -> ModelConfig:

@@ -15,7 +15,6 @@ RoPE with rotate-half and float32 angles; Gemma's norms scale by (1 + w) in floa
 from __future__ import annotations
 
 import dataclasses
-import enum
 from functools import partial
 
 import flax.linen as nn
@@ -27,16 +26,8 @@ from jax.sharding import Mesh
 from mis_kernels.block_attention import BlockMeta, block_attention, dense_attention
 from mis_kernels.ragged_attention import ragged_block_attention
 from models.config import Head, ModelConfig, RopeScaling
+from models.engine_config import Attention
 from models.parallel import over_heads
-
-
-class Attention(enum.Enum):
-    """Who computes block attention: one choice per deployment, resolved once at start."""
-
-    AUTO = "auto"  # the engine picks (models/engine.py: resolve_attention)
-    XLA = "xla"  # tiled flash attention in XLA ops (mis_kernels/block_attention.py)
-    PALLAS = "pallas"  # the Pallas kernel, TPU Mosaic / GPU Triton (mis_kernels/ragged_attention)
-    DENSE = "dense"  # the materialised [T, T] mask baseline (packed mode, no pool)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,9 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from models.config import PRESETS
-from models.engine import EngineConfig
-from models.parallel import check_tp_size
+from models.config import PRESETS, check_tp_size
+from models.engine_config import EngineConfig
 from serve_app.rerank import (
     QWEN3_RERANKER_DOCUMENT,
     QWEN3_RERANKER_INSTRUCTION,

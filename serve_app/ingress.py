@@ -31,6 +31,7 @@ from models.inputs import Chunk, ScoringInputError
 from models.tokenizer import TextTokenizer
 from serve_app import guard, metrics, shapes
 from serve_app.config import IngressArgs, deployment_identity, scoring_key
+from serve_app.failures import ChunkFailure, EngineFailure
 from serve_app.rerank import RerankRequest, RerankResponse, label_ids, rerank_response
 from serve_app.routing import running_replicas
 from serve_app.schema import (
@@ -42,7 +43,6 @@ from serve_app.schema import (
     format_errors,
     validation_message,
 )
-from serve_app.scorer import ChunkFailure, EngineFailure
 from serve_app.scoring import (
     make_chunks,
     merge_scores,

@@ -27,6 +27,7 @@ from models.engine import Engine, ScoringEngine, use_compilation_cache
 from models.inputs import Chunk, ScoringInputError
 from serve_app import metrics
 from serve_app.config import ScorerArgs, deployment_identity, scoring_key
+from serve_app.failures import ChunkFailure, EngineFailure, Misdelivered
 from serve_app.routing import QueryAffinityRouter
 from serve_app.slice import SliceEngine
 
@@ -41,24 +42,6 @@ def _route_engine_logs() -> None:
         if handler not in engine_log.handlers:
             engine_log.addHandler(handler)
     engine_log.propagate = False
-
-
-class EngineFailure(RuntimeError):
-    """This replica's engine failed (not a bad input: e.g. a slice host died, or a forward ran
-    past `forward_timeout_s`). The ingress retries the chunk on another replica; Serve replaces
-    this one (check_health)."""
-
-
-class Misdelivered(EngineFailure):
-    """A chunk call that reached a replica of another deployment (another Ray cluster or
-    application on the same host) or of other scoring settings: refused, and retried on another
-    replica like a failed replica's. This replica is fine."""
-
-
-class ChunkFailure(RuntimeError):
-    """This chunk failed on its own, on a replica that scores other chunks fine (an engine bug
-    on one input shape, a host-memory error on one huge chunk): its request gets a 500 that
-    says so, and nothing else is affected. Not retried: it would fail the same way elsewhere."""
 
 
 # A chunk every engine can score (one query token, one item token, one label): after a batch

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from models.engine import EngineConfig
+from models.engine_config import EngineConfig
 from models.inputs import (
     Chunk,
     ScoringInputError,

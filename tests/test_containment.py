@@ -31,7 +31,8 @@ APP, GATED = "containment", "gated"
 
 def _faulty_scorer(events: Path):
     """The Scorer class with the faults above, writing one line per event to `events`."""
-    from serve_app.scorer import Misdelivered, Scorer
+    from serve_app.failures import Misdelivered
+    from serve_app.scorer import Scorer
 
     def note(replica: str, what: str) -> None:
         with (events / f"{replica}.log").open("a") as f:

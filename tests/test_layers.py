@@ -74,3 +74,31 @@ def test_our_top_level_names_are_ours_alone(tmp_path):
     assert out.returncode == 0, out.stderr
     origins = json.loads(out.stdout)
     assert {n: o for n, o in origins.items() if Path(o) != REPO / n / "__init__.py"} == {}
+
+
+# Modules whose import a process of that kind must not pay for (seconds and hundreds of MB
+# each): the ingress routes and checks requests, the client only speaks HTTP.
+HEAVY = ("jax", "jaxlib", "flax", "torch", "transformers", "models.engine", "models.qwen")
+
+
+def modules_after_import(module: str) -> set[str]:
+    code = f"import json, sys; import {module}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout))
+
+
+@pytest.mark.parametrize(
+    ("module", "unwanted"),
+    [("serve_app.ingress", HEAVY), ("mis_score.client", (*HEAVY, "ray"))],
+)
+def test_light_processes_import_no_engine(module, unwanted):
+    """A new ingress replica (one per app, more when the ingress autoscales) imports no JAX,
+    Flax or model code; the Python client neither those nor Ray."""
+    assert sorted(modules_after_import(module) & set(unwanted)) == []
+
+
+def test_the_import_check_sees_the_engine_in_a_scorer():
+    assert {"jax", "flax", "models.engine", "models.qwen"} <= modules_after_import(
+        "serve_app.scorer"
+    )

@@ -496,7 +496,7 @@ def test_a_chunk_meant_for_other_settings_is_refused(service, engine):
     from ray import serve
 
     from models.inputs import Chunk
-    from serve_app.scorer import Misdelivered
+    from serve_app.failures import Misdelivered
 
     query, items = [5, 6, 7], ((1, 2), (3,))
     chunk = Chunk(tuple(query), items, tuple(LABELS), True)

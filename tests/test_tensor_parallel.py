@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from models.checkpoint import random_hf_state, save_hf_checkpoint
-from models.config import PRESETS
+from models.config import PRESETS, check_tp_size
 from models.engine import EngineConfig, ScoringEngine, score_ids
-from models.parallel import check_tp_size
 from tests.conftest import LABELS, TEST_ENGINE, TP_DEVICES, random_request
 
 pytestmark = pytest.mark.skipif(

@@ -1,0 +1,106 @@
+"""What an engine is asked to be (EngineConfig) and the choices it names, importable without
+JAX: the ingress checks requests against these limits and the scoring key hashes them, and an
+ingress process never loads JAX, Flax or the model (models/engine.py builds the engine)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.buckets import pow2_bucket
+from models.plan import Mode
+
+# Fewest rows a matmul gets: XLA:CPU keeps matmuls of >= 64 rows on one GEMM kernel whose
+# per-row results do not depend on the row count (its small-M paths reorder the sums), so a
+# block of 64 tokens and 64 score positions per LM-head call keep isolation exact.
+MIN_ROWS = 64
+
+
+class Attention(enum.Enum):
+    """Who computes block attention: one choice per deployment, resolved once at start."""
+
+    AUTO = "auto"  # the engine picks (models/engine.py: resolve_attention)
+    XLA = "xla"  # tiled flash attention in XLA ops (mis_kernels/block_attention.py)
+    PALLAS = "pallas"  # the Pallas kernel, TPU Mosaic / GPU Triton (mis_kernels/ragged_attention)
+    DENSE = "dense"  # the materialised [T, T] mask baseline (packed mode, no pool)
+
+
+class EngineConfig(BaseModel):
+    """How the engine runs and what it accepts; every engine default lives here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Mode = Field(default=Mode.PREFIX, description="serial | packed | prefix")
+    attention: Attention = Field(
+        default=Attention.AUTO,
+        description="auto | xla | pallas | dense. auto: resolved once when the engine starts "
+        "(resolve_attention). dense: the materialised-mask baseline, packed mode only.",
+    )
+    dtype: Literal["float32", "bfloat16"] | None = Field(
+        default=None, description="Compute dtype (default: the checkpoint's)."
+    )
+    tp_size: int = Field(default=1, ge=1, description="Devices one engine spans (tensor parallel).")
+    max_batch_tokens: int = Field(
+        default=8192,
+        ge=MIN_ROWS,
+        description="Tokens per forward, padding included: the largest compiled shape.",
+    )
+    max_item_tokens: int = Field(
+        default=128,
+        ge=1,
+        description="Longest item. The stream's block is the next power of two >= it (and "
+        f">= {MIN_ROWS}): an item never crosses a block, and a small request pads at most one "
+        "block.",
+    )
+    max_query_tokens: int = Field(default=4096, ge=1, description="Longest query.")
+    max_labels: int = Field(
+        default=32, ge=1, description="Labels per request; also the label columns per forward."
+    )
+    prefix_pool_tokens: int = Field(
+        default=32768,
+        ge=1,
+        description="prefix mode: tokens of cached query K/V held on the device (LRU).",
+    )
+
+    @property
+    def block(self) -> int:
+        return pow2_bucket(self.max_item_tokens, MIN_ROWS)
+
+    @property
+    def max_blocks(self) -> int:
+        return self.max_batch_tokens // self.block
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """What a request may hold, by setting name (models.inputs.check_limits)."""
+        return {
+            "max_query_tokens": self.max_query_tokens,
+            "max_item_tokens": self.max_item_tokens,
+            "max_labels": self.max_labels,
+        }
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.max_batch_tokens % self.block:
+            raise ValueError(
+                f"max_batch_tokens {self.max_batch_tokens} must be a multiple of the block "
+                f"({self.block}, from max_item_tokens {self.max_item_tokens})"
+            )
+        longest = self.max_query_tokens + (
+            self.max_item_tokens if self.mode is Mode.SERIAL else self.block
+        )
+        if longest > self.max_batch_tokens:
+            raise ValueError(
+                f"max_query_tokens {self.max_query_tokens}: a query and an item must fit one "
+                f"forward of max_batch_tokens {self.max_batch_tokens}"
+            )
+        if self.mode is Mode.PREFIX and self.max_query_tokens > self.prefix_pool_tokens:
+            raise ValueError(
+                f"prefix_pool_tokens {self.prefix_pool_tokens} must hold the longest query "
+                f"(max_query_tokens {self.max_query_tokens})"
+            )
+        if self.attention is Attention.DENSE and self.mode is not Mode.PACKED:
+            raise ValueError("attention 'dense' (the materialised-mask baseline) is packed mode's")
+        return self
