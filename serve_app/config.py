@@ -3,7 +3,7 @@
 Grouped by who uses them, each knob with one name, one meaning and one default:
 
     model:     which checkpoint                                   (ingress, scorers)
-    engine:    the engine's own config (models/engine.py)          (scorers; limits: ingress)
+    engine:    the engine's own config (models/engine_config.py)   (scorers; limits: ingress)
     fanout:    how the ingress cuts a request into chunk calls     (ingress)
     limits:    what one request and one ingress replica may take   (ingress)
     auth:      API keys                                            (ingress only)

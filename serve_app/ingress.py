@@ -30,8 +30,8 @@ from models.config import from_hf_config
 from models.inputs import Chunk, ScoringInputError
 from models.tokenizer import TextTokenizer
 from serve_app import guard, metrics, shapes
+from serve_app.chunk_call import ChunkFailure, EngineFailure
 from serve_app.config import IngressArgs, deployment_identity, scoring_key
-from serve_app.failures import ChunkFailure, EngineFailure
 from serve_app.rerank import RerankRequest, RerankResponse, label_ids, rerank_response
 from serve_app.routing import running_replicas
 from serve_app.schema import (

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import time
 
-import numpy as np
 import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -26,8 +25,8 @@ from models.checkpoint import cache_root, ensure_demo_checkpoint, has_random_wei
 from models.engine import Engine, ScoringEngine, use_compilation_cache
 from models.inputs import Chunk, ScoringInputError
 from serve_app import metrics
+from serve_app.chunk_call import ChunkFailure, ChunkResult, EngineFailure, Misdelivered
 from serve_app.config import ScorerArgs, deployment_identity, scoring_key
-from serve_app.failures import ChunkFailure, EngineFailure, Misdelivered
 from serve_app.routing import QueryAffinityRouter
 from serve_app.slice import SliceEngine
 
@@ -51,12 +50,6 @@ _PROBE = Chunk((0,), ((0,),), (0,), True)
 
 class _Hung(RuntimeError):
     """A forward ran past forward_timeout_s."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkResult:
-    scores: np.ndarray  # [items, labels]
-    replica: str  # which replica scored it (the ingress reports these)
 
 
 @dataclasses.dataclass

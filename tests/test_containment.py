@@ -31,7 +31,7 @@ APP, GATED = "containment", "gated"
 
 def _faulty_scorer(events: Path):
     """The Scorer class with the faults above, writing one line per event to `events`."""
-    from serve_app.failures import Misdelivered
+    from serve_app.chunk_call import Misdelivered
     from serve_app.scorer import Scorer
 
     def note(replica: str, what: str) -> None:

@@ -496,7 +496,7 @@ def test_a_chunk_meant_for_other_settings_is_refused(service, engine):
     from ray import serve
 
     from models.inputs import Chunk
-    from serve_app.failures import Misdelivered
+    from serve_app.chunk_call import Misdelivered
 
     query, items = [5, 6, 7], ((1, 2), (3,))
     chunk = Chunk(tuple(query), items, tuple(LABELS), True)
@@ -680,3 +680,26 @@ def test_served_names(service):
         assert r.status_code == 200 and r.json()["scores"] == want and r.json()["model"] == name
     r = _post(service, body | {"model": "Qwen/Qwen3-8B"})
     assert r.status_code == 404 and "rerank-v3.5" in r.json()["message"]
+
+
+def _loads_jax(deployment: str) -> list[bool]:
+    """For each live replica process of this app's `deployment` (Ray titles it
+    ray::ServeReplica:APP:DEPLOYMENT), whether jaxlib is loaded in it."""
+    import psutil
+
+    title = f"ray::ServeReplica:{APP}:{deployment}"
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if (proc.info["cmdline"] or [""])[0].startswith(title):
+            with open(f"/proc/{proc.pid}/maps") as maps:
+                found.append("/jaxlib/" in maps.read())
+    return found
+
+
+def test_the_ingress_never_loads_jax(service):
+    """After every request shape above (last in this module), the ingress replica still has no
+    JAX: it unpickles the scorers' answers (serve_app/chunk_call.py), and a class from
+    scorer.py would have imported the engine. The scorers, as a check of the check, have it."""
+    assert _post(service, {"query": [5], "items": [[6]], "label_token_ids": LABELS}).ok
+    assert _loads_jax("ScoreIngress") == [False]
+    assert _loads_jax("Scorer") == [True, True]

@@ -1,7 +1,18 @@
-"""How a chunk call fails, as the Scorer raises it and the ingress tells the cases apart: a
-module of its own so that the ingress imports them without the engine (and JAX)."""
+"""What a chunk call (ingress -> Scorer) returns or raises. The ingress unpickles these, so
+they live apart from the Scorer: unpickling a class imports its module, and scorer.py imports
+the engine and JAX, which the ingress process never loads (tests/test_serve.py checks it)."""
 
 from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkResult:
+    scores: np.ndarray  # [items, labels]
+    replica: str  # which replica scored it (the ingress reports these)
 
 
 class EngineFailure(RuntimeError):
