@@ -35,17 +35,16 @@ from models.checkpoint import ensure_demo_checkpoint
 from models.engine import (
     HEAD_ROWS,
     KEY_TILES,
-    MIN_ROWS,
     POOL_ALIGN,
-    EngineConfig,
     ScoringEngine,
     pool_rows,
     score_ids,
 )
+from models.engine_config import MIN_ROWS, Attention, EngineConfig
 from models.inputs import Chunk
 from models.plan import Forward, Mode, plan
 from models.pool import PrefixPool
-from models.qwen import MLP, Attention, RMSNorm, label_logits_and_lse
+from models.qwen import MLP, RMSNorm, label_logits_and_lse
 
 REPEATS = 5
 

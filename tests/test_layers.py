@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import json
+import pickle
 import subprocess
 import sys
 import tomllib
@@ -81,10 +82,17 @@ def test_our_top_level_names_are_ours_alone(tmp_path):
 HEAVY = ("jax", "jaxlib", "flax", "torch", "transformers", "models.engine", "models.qwen")
 
 
-def modules_after_import(module: str) -> set[str]:
-    code = f"import json, sys; import {module}; print(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+def modules_after_import(module: str, unpickle: bytes = b"") -> set[str]:
+    """The modules a fresh process holds after importing `module` and unpickling `unpickle`."""
+    code = f"import json, pickle, sys; import {module}; pickle.loads(sys.stdin.buffer.read())"
+    code += "; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        input=unpickle or pickle.dumps(None),
+        capture_output=True,
+    )
+    assert out.returncode == 0, out.stderr.decode()
     return set(json.loads(out.stdout))
 
 
@@ -102,3 +110,22 @@ def test_the_import_check_sees_the_engine_in_a_scorer():
     assert {"jax", "flax", "models.engine", "models.qwen"} <= modules_after_import(
         "serve_app.scorer"
     )
+
+
+def test_the_ingress_unpickles_what_scorers_send_without_the_engine():
+    """What a Scorer's chunk call returns or raises reaches the ingress pickled, and unpickling
+    a class imports its module: none of them may live where the engine is imported."""
+    import numpy as np
+
+    from models.inputs import ScoringInputError
+    from serve_app.chunk_call import ChunkFailure, ChunkResult, EngineFailure, Misdelivered
+
+    sent = [
+        ChunkResult(np.zeros((3, 2)), "replica"),
+        ChunkFailure("chunk"),
+        EngineFailure("engine"),
+        Misdelivered("key"),
+        ScoringInputError("items: bad"),
+    ]
+    loaded = modules_after_import("serve_app.ingress", pickle.dumps(sent))
+    assert sorted(loaded & set(HEAVY)) == []
