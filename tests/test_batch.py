@@ -155,10 +155,14 @@ def _pairs_job(tmp: Path, ckpt: str):
 
 
 @pytest.fixture(scope="module")
-def jobs(ckpts, tmp_path_factory):
+def jobs(ckpts, engine, tmp_path_factory):
     """The three jobs at once on the session's cluster (an engine actor each): name ->
     (result, input rows, job dir)."""
     serve_cluster()
+    # The jobs' engines have the reference engine's settings: its warm-up compiles their
+    # programs once into the run's compilation cache, and the three load them (started cold
+    # together, each compiled all of them: three times the CPU of one).
+    engine("qwen3", "prefix").warmup()
     made = {}
     for name, job in (("jsonl", _jsonl_job), ("parquet", _parquet_job), ("pairs", _pairs_job)):
         tmp = tmp_path_factory.mktemp(name)
