@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mis_score.offline import OfflineScorer, Prepared, add_engine_flags, engine_config
 from models.checkpoint import cache_root, demo_checkpoint_dir, ensure_demo_checkpoint
-from models.engine import EngineConfig, ScoringEngine, use_compilation_cache
+from models.engine_config import EngineConfig
 from serve_app.config import AppArgs, LimitsArgs, ModelArgs
 from serve_app.schema import ScoreRequest
 
@@ -231,6 +231,8 @@ class _EngineActor:
 
     def __init__(self, settings: BatchSettings, lines: bool):
         import ray
+
+        from models.engine import ScoringEngine, use_compilation_cache  # JAX: engines only
 
         started = time.time()
         use_compilation_cache(cache_root() / "jax")  # a restarted actor starts in seconds

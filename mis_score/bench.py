@@ -29,15 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from mis_score.workload import Workload
 from models.checkpoint import ensure_demo_checkpoint
 from models.config import PRESETS, ModelConfig
-from models.engine import EngineConfig, ScoringEngine
+from models.engine_config import EngineConfig
 from models.inputs import Chunk
 
 log = logging.getLogger("mis-score.bench")
@@ -83,6 +81,9 @@ def matmul_peak_gflops(dtype: str, n: int | None = None, repeats: int = 5) -> fl
     """Dense matmul GFLOP/s of this process's JAX backend in `dtype`: `k` [n, n] @ [n, n]
     products back to back in one program (one product timed alone is mostly launch overhead
     on a GPU: 2048^3 read ~150 TFLOP/s on an H100 whose peak is ~780), best of `repeats`."""
+    import jax  # here and in run(): `mis-score --help` and the other commands load no JAX
+    import jax.numpy as jnp
+
     gpu = jax.default_backend() != "cpu"
     n = n or (8192 if gpu else 2048)
     k = 8 if gpu else 2
@@ -232,6 +233,10 @@ def bench_engine_config(args: argparse.Namespace, workload: Workload, name: str)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    from models.engine import ScoringEngine
+
     model_dir = args.model_path or str(ensure_demo_checkpoint(args.preset))
     workload = Workload(args.query_tokens, args.items, args.item_tokens, tuple(args.labels))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -445,6 +450,12 @@ def plot(result: dict[str, Any], out: str) -> None:
     fig.savefig(out, dpi=120)
 
 
+def _jax_backend() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
 def _report(args, workload, cfg, dtype, peak, flops, rows, hf_rows, model_dir) -> dict[str, Any]:
     result = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
@@ -461,7 +472,7 @@ def _report(args, workload, cfg, dtype, peak, flops, rows, hf_rows, model_dir) -
         "rows": [dataclasses.asdict(r) for r in rows],
         "transformers": [dataclasses.asdict(r) for r in hf_rows],
         "ratios": _ratios(rows, hf_rows, workload),
-        "jax_backend": jax.default_backend(),
+        "jax_backend": _jax_backend(),
         "cpu_count": os.cpu_count(),
     }
     return result

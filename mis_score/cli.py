@@ -21,13 +21,14 @@ from mis_score import batch, bench, validate
 from mis_score.offline import OfflineScorer, add_engine_flags, engine_config
 from models.checkpoint import DTYPES, make_random_checkpoint
 from models.config import PRESETS
-from models.engine import ScoringEngine
 from serve_app.config import LimitsArgs
 
 log = logging.getLogger("mis-score")
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    from models.engine import ScoringEngine  # JAX: only the commands that score load it
+
     engine = ScoringEngine(args.model_path, engine_config(args))
     scorer = OfflineScorer(engine, args.model_name or Path(args.model_path).name, args.max_items)
     lines = Path(args.input).read_text().splitlines()

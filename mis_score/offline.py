@@ -9,16 +9,19 @@ import dataclasses
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from models.engine import EngineConfig, ScoringEngine
+from models.engine_config import EngineConfig
 from models.inputs import ScoringInputError
 from models.tokenizer import TextTokenizer
 from serve_app.schema import ScoreRequest, error_body, validation_message
 from serve_app.scoring import make_chunks, prepare_request, prompt_tokens, response_body
+
+if TYPE_CHECKING:  # the engine (JAX) is loaded by whoever builds one, not by the CLI's parser
+    from models.engine import ScoringEngine
 
 log = logging.getLogger("mis-score")
 
