@@ -298,8 +298,19 @@ BIN = Path(sys.executable).parent  # serve, ray, locust of this environment
 
 _CLUSTERS_STARTED = itertools.count()
 _WINDOW = 200  # ports of one test cluster
-_SLOTS = 16  # test clusters one pytest worker starts (more reuse the first windows)
+# Test clusters one pytest worker starts (a worker starts at most 4: the session's, the
+# multinode test's two, `serve run`'s); more reuse the first windows, long stopped by then.
+_SLOTS = 8
 _FIRST_PORT = 20000  # above Ray's worker ports (10002-19999), below the ephemeral range
+_GROUPS = 6  # MIS_TEST_PORT_GROUP 0-5: up to three 2-worker runs on one machine at once
+
+
+def _ephemeral_start() -> int:
+    """Where Linux starts handing out ports to any process that asks (32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +364,11 @@ def cluster_ports() -> ClusterPorts:
     # Another test run at the same time on this machine: MIS_TEST_PORT_GROUP=2 (or 4) moves
     # this run's windows past the first run's two workers.
     worker += int(os.environ.get("MIS_TEST_PORT_GROUP", "0"))
+    if not 0 <= worker < _GROUPS:
+        raise ValueError(
+            f"MIS_TEST_PORT_GROUP + pytest worker = {worker}: 0 to {_GROUPS - 1} (groups 0, 2 "
+            "and 4 for three 2-worker runs at once)"
+        )
     slot = worker * _SLOTS + next(_CLUSTERS_STARTED) % _SLOTS
     return ClusterPorts(_FIRST_PORT + slot * _WINDOW)
 

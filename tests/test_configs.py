@@ -104,3 +104,17 @@ def test_slice_configs_reserve_one_bundle_per_host():
 def test_bad_parallel_args_are_rejected_at_config_time(args, field):
     with pytest.raises(ValidationError, match=field):
         AppArgs.parse(args)
+
+
+def test_test_port_windows_below_ephemeral_range(monkeypatch):
+    """Every test cluster's ports, of every documented MIS_TEST_PORT_GROUP, lie below Linux's
+    ephemeral range: a port the kernel hands out to some other process (a client socket, a Ray
+    worker) never collides with one a test cluster binds. A group past the last is refused."""
+    from tests import conftest
+
+    top = conftest._FIRST_PORT + conftest._GROUPS * conftest._SLOTS * conftest._WINDOW
+    assert top <= conftest._ephemeral_start(), (top, conftest._ephemeral_start())
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    monkeypatch.setenv("MIS_TEST_PORT_GROUP", str(conftest._GROUPS - 1))
+    with pytest.raises(ValueError, match="MIS_TEST_PORT_GROUP"):
+        conftest.cluster_ports()
