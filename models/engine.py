@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from models.buckets import pow2_bucket, pow2_upto
 from models.checkpoint import load_checkpoint
 from models.config import ModelConfig
 from models.engine_config import MIN_ROWS, Attention, EngineConfig
-from models.inputs import Chunk, ScoringInputError, check_chunk
+from models.inputs import Chunk, EngineBroken, ScoringInputError, check_chunk
 from models.parallel import (
     kv_pool_sharding,
     param_shardings,
@@ -76,6 +77,11 @@ class Engine(Protocol):
     def stats(self) -> dict[str, int]:
         """Counters (STATS): items, forwards, tokens, padded_tokens, prefix_hits,
         prefix_misses, compiles."""
+        ...
+
+    def compile_seconds(self) -> float:
+        """Seconds this engine has spent compiling, the compile running now included: a
+        deadline on a forward (the Scorer's forward_timeout_s) does not count them."""
         ...
 
 
@@ -196,10 +202,16 @@ class ScoringEngine:
             jax.device_put(jnp.zeros(shape, self.dtype), sharding) for _ in range(2)
         )
         self._stats: collections.Counter[str] = collections.Counter()
+        self.broken: str | None = None  # why this engine must not score again (EngineBroken)
+        self._compile_s = 0.0  # compile_seconds(): finished compiles, and since when one runs
+        self._compiling_since: float | None = None
+        self._compile_lock = threading.Lock()  # read by the scorer's event loop thread
 
     # ----------------------------------------------------------------- interface
 
     def score(self, chunks: Sequence[Chunk]) -> list[np.ndarray | ScoringInputError]:
+        if self.broken is not None:
+            raise EngineBroken(self.broken)
         out: list[np.ndarray | ScoringInputError | None] = [None] * len(chunks)
         valid: list[Chunk | None] = []
         classes = self.cfg.num_labels
@@ -211,14 +223,18 @@ class ScoringEngine:
             except ScoringInputError as e:
                 out[ci] = e
                 valid.append(None)
-        p = plan(
-            valid,
-            self.config.mode,
-            block=self.config.block,
-            max_blocks=self.config.max_blocks,
-            max_labels=self.config.max_labels,
-            pool=self.pool,
-        )
+        try:
+            p = plan(
+                valid,
+                self.config.mode,
+                block=self.config.block,
+                max_blocks=self.config.max_blocks,
+                max_labels=self.config.max_labels,
+                pool=self.pool,
+            )
+        except BaseException:
+            self._rollback()
+            raise
         self._stats["prefix_hits"] += p.prefix_hits
         self._stats["prefix_misses"] += p.prefix_misses
         results = {
@@ -230,7 +246,15 @@ class ScoringEngine:
             if c is not None
         }
         for f in p.forwards:
-            ll, lse = self._run(f)
+            try:
+                ll, lse = self._run(f)
+            except BaseException:
+                # This forward's queries and every later one's were allocated in the pool but
+                # not (all) written: a later call must prefill them again, never read them.
+                self._rollback()
+                raise
+            if self.pool is not None:
+                self.pool.commit(f.fills)
             dest = np.asarray(f.dest, np.int64).reshape(-1, 2)  # per score: (chunk, item)
             for ci in map(int, np.unique(dest[:, 0])):  # one copy per chunk, not per item
                 rows = np.flatnonzero(dest[:, 0] == ci)
@@ -275,14 +299,24 @@ class ScoringEngine:
     def stats(self) -> dict[str, int]:
         return {key: self._stats[key] for key in STATS}
 
+    def compile_seconds(self) -> float:
+        with self._compile_lock:
+            since, done = self._compiling_since, self._compile_s
+        return done + (0.0 if since is None else time.perf_counter() - since)
+
     # ----------------------------------------------------------------- execution
 
     def _program(self, kind: str, shape: tuple, build) -> Any:
         key = _ProgramKey(self.run_cfg, self.dtype_name, self.mesh, kind, shape)
         program = _PROGRAMS.get(key)
         if program is None:
-            start = time.perf_counter()
-            program = _PROGRAMS[key] = build()
+            start = self._compiling_since = time.perf_counter()
+            try:
+                program = _PROGRAMS[key] = build()
+            finally:
+                with self._compile_lock:
+                    self._compile_s += time.perf_counter() - start
+                    self._compiling_since = None
             self._stats["compiles"] += 1
             log.info("compiled %s %s in %.1f s", kind, shape, time.perf_counter() - start)
         return program
@@ -364,11 +398,35 @@ class ScoringEngine:
             )
         return jitted.lower(*args).compile()
 
+    def _break(self, error: BaseException) -> None:
+        """The device pool may be gone or half written: never score again (EngineBroken)."""
+        self.broken = f"a forward failed after the device pool was donated to it: {error!r}"
+        if self.pool is not None:
+            self.pool.clear()
+        log.error("engine broken: %s", self.broken)
+
+    def _rollback(self) -> None:
+        if self.pool is not None and (dropped := self.pool.rollback()):
+            log.warning("a failed engine call: %d queries it meant to cache dropped", len(dropped))
+
     def _run(self, f: Forward) -> tuple[np.ndarray, np.ndarray]:
         t = len(f.tokens)
-        hidden, *self._pool_kv = self._body(t)(
-            self.params, *self._pool_kv, f.tokens, f.pos, f.ranges, f.local_start, f.write_idx
-        )
+        body = self._body(t)  # a compile error here has touched nothing
+        pool_in = self._pool_kv
+        try:
+            hidden, *pool_out = body(
+                self.params, *pool_in, f.tokens, f.pos, f.ranges, f.local_start, f.write_idx
+            )
+        except BaseException as e:
+            if any(a.is_deleted() for a in pool_in):  # donated to the program that failed
+                self._break(e)
+            raise
+        self._pool_kv = tuple(pool_out)
+        try:
+            jax.block_until_ready(self._pool_kv)  # an execution error surfaces here
+        except BaseException as e:
+            self._break(e)
+            raise
         pieces = []
         for start in range(0, len(f.score_idx), HEAD_ROWS):
             idx = f.score_idx[start : start + HEAD_ROWS]

@@ -11,6 +11,12 @@ class ScoringInputError(ValueError):
     """A request that cannot be scored; the message starts with the offending field."""
 
 
+class EngineBroken(RuntimeError):
+    """An engine that must not score again: a forward failed after the device pool's buffers
+    were handed to it (donated), so the cached K/V may be gone or half written. Every later
+    call raises this; the owner replaces the engine."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Chunk:
     """One query and a slice of its items: what one scorer call scores. For a model with a

@@ -59,6 +59,8 @@ class Forward:
     dest: list[tuple[int, int]]  # per score: (chunk, item)
     label_cols: dict[int, list[int]]  # per chunk: the column of each of its labels in `labels`
     real_tokens: int  # tokens that are not padding
+    fills: list[tuple[int, ...]] = dataclasses.field(default_factory=list)  # queries it writes
+    # into the pool (prefix mode): cached once this forward has returned (PrefixPool.commit)
 
 
 @dataclasses.dataclass
@@ -92,6 +94,7 @@ class _Builder:
         self.dest: list[tuple[int, int]] = []
         self.runs: dict[tuple[int, ...], tuple[int, int]] = {}  # query run -> (start, length)
         self.pinned: set[tuple[int, ...]] = set()
+        self.fills: list[tuple[int, ...]] = []
         self.real = 0
 
     @property
@@ -181,6 +184,7 @@ class _Builder:
             dest=self.dest,
             label_cols=self.label_cols,
             real_tokens=self.real,
+            fills=self.fills,
         )
 
 
@@ -193,7 +197,9 @@ def plan(
     max_labels: int,
     pool: PrefixPool | None = None,
 ) -> Plan:
-    """Forwards scoring every item of every chunk (None: a chunk to skip), in order."""
+    """Forwards scoring every item of every chunk (None: a chunk to skip), in order. In prefix
+    mode it allocates pool ranges for the queries it prefills; the caller commits each
+    forward's (`Forward.fills`) once that forward has run, or rolls them back (PrefixPool)."""
     drop = pool.tokens if pool is not None else 0
     out = Plan([])
     b = _Builder(block, max_blocks, max_labels, drop)
@@ -240,6 +246,7 @@ def plan(
                 write = None
                 if mode is Mode.PREFIX and (at := pool.allocate(query, b.pinned)) is not None:
                     b.pinned.add(key)
+                    b.fills.append(key)
                     write = at + np.arange(len(query), dtype=np.int32)
                 b.start_sequence((0, 0, 0, 0))
                 last = b.add_run(query, write)

@@ -4,6 +4,11 @@ The pool is one [layers, kv_heads, tokens, head_dim] buffer per K and V. A cache
 contiguous range of it; ranges are aligned and allocated first-fit, and the least recently used
 queries are evicted when a new one does not fit. Queries a forward being planned refers to are
 pinned until that plan is done, so an allocation can never overwrite them.
+
+Bookkeeping is transactional: a range is allocated while an engine call is planned, before any
+forward has written it. It counts as the query's only once the forward that writes it has
+returned (`commit`); when a forward fails, every allocation not committed is dropped
+(`rollback`), so no later call reads K/V that were never written.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class PrefixPool:
         self._entries: collections.OrderedDict[tuple[int, ...], tuple[int, int]] = (
             collections.OrderedDict()
         )
+        self._uncommitted: set[tuple[int, ...]] = set()  # allocated, not written yet
 
     def find(self, query: Sequence[int]) -> int | None:
         """Start of a cached query's keys, or None; a hit makes it the most recently used."""
@@ -45,7 +51,29 @@ class PrefixPool:
                 return None
             del self._entries[victim]
         self._entries[key] = (start, need)
+        self._uncommitted.add(key)
         return start
+
+    def commit(self, queries: Sequence[Sequence[int]]) -> None:
+        """The forward that writes these queries' K/V has returned: they are cached now."""
+        self._uncommitted.difference_update(map(tuple, queries))
+
+    def rollback(self) -> list[tuple[int, ...]]:
+        """Drop every allocation not committed (its forward failed or never ran); returns the
+        dropped queries."""
+        dropped = [q for q in self._entries if q in self._uncommitted]
+        for q in dropped:
+            del self._entries[q]
+        self._uncommitted.clear()
+        return dropped
+
+    def clear(self) -> None:
+        """Forget every query (the device pool's contents can no longer be trusted)."""
+        self._entries.clear()
+        self._uncommitted.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def _first_fit(self, need: int) -> int | None:
         pos = 0

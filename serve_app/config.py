@@ -105,9 +105,10 @@ class LimitsArgs(_Group):
     forward_timeout_s: float = Field(
         default=120.0,
         gt=0,
-        description="A scorer's engine call must finish within it; past it the replica's "
-        "chunks are retried on others and the replica is replaced (a hung forward). Warm-up "
-        "compiles every shape first, so a forward is seconds even on a CPU.",
+        description="A scorer's engine call must finish within it, not counting time spent "
+        "compiling (`warmup: false` compiles on first use); past it the replica's chunks are "
+        "retried on others and the replica is replaced (a hung forward). Warm-up compiles every "
+        "shape first, so a forward is seconds even on a CPU.",
     )
 
 
@@ -265,6 +266,11 @@ class AppArgs(_Group):
             raise ValueError(
                 f"engine.tp_size {tp} must be a multiple of placement.hosts_per_replica "
                 f"{p.hosts_per_replica} (every host of a slice brings the same devices)"
+            )
+        if p.hosts_per_replica > 1 and not self.warmup:
+            raise ValueError(
+                "warmup: false is for single-host replicas: a slice's hosts would compile under "
+                "limits.forward_timeout_s, which cannot tell their compiles from a hang"
             )
         if p.tpu_topology is not None and p.hosts_per_replica < 2:
             raise ValueError(

@@ -23,7 +23,7 @@ from ray.serve.config import RequestRouterConfig
 
 from models.checkpoint import cache_root, ensure_demo_checkpoint, has_random_weights
 from models.engine import Engine, ScoringEngine, use_compilation_cache
-from models.inputs import Chunk, ScoringInputError
+from models.inputs import Chunk, EngineBroken, ScoringInputError
 from serve_app import metrics
 from serve_app.chunk_call import ChunkFailure, ChunkResult, EngineFailure, Misdelivered
 from serve_app.config import ScorerArgs, deployment_identity, scoring_key
@@ -87,7 +87,9 @@ class Scorer:
         use_compilation_cache(cache_root() / "jax")  # a restarted replica starts in seconds
         self.args = ScorerArgs.model_validate(args)
         self._failure: str | None = None
-        self._busy_since: float | None = None  # when the running forward started
+        # The running forward: when it started, and the engine's compile_seconds() then (a
+        # deadline counts the forward's time less what it spent compiling).
+        self._busy_since: tuple[float, float] | None = None
         path = str(self.args.model.path or ensure_demo_checkpoint(self.args.model.demo_preset))
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id
@@ -179,7 +181,7 @@ class Scorer:
                 chunks = [p.chunk for p in batch]
                 try:
                     out = await self._forward_in_time(chunks)
-                except _Hung as e:
+                except (_Hung, EngineBroken) as e:  # scoring one by one would not help
                     return self._fail(e, batch)
                 except Exception as e:  # not a bad input: the engine, or one of the chunks
                     if (out := await self._isolate(chunks, e)) is None:
@@ -190,20 +192,34 @@ class Scorer:
                         p.future.set_result(result)
 
     async def _forward_in_time(self, chunks: list[Chunk]) -> list:
-        """One engine call in a worker thread, within forward_timeout_s (past it: _Hung; the
-        thread cannot be stopped, so the replica is replaced)."""
-        self._busy_since = time.monotonic()
+        """One engine call in a worker thread, within forward_timeout_s not counting the time
+        it spends compiling (with warm-up off, a first compile can take minutes and is not a
+        hang). Past it: _Hung; the thread cannot be stopped, so the replica is replaced."""
         limit = self.args.forward_timeout_s
+        self._busy_since = (time.monotonic(), self.engine.compile_seconds())
         try:
             work = asyncio.ensure_future(asyncio.to_thread(self._forward, chunks))
-            done, _ = await asyncio.wait({work}, timeout=limit)
-            if not done:
-                raise _Hung(f"a forward of {len(chunks)} chunks ran past forward_timeout_s={limit}")
+            while (left := limit - self._busy_s()) > 0:
+                done, _ = await asyncio.wait({work}, timeout=left)
+                if done:
+                    break
+            else:
+                raise _Hung(
+                    f"a forward of {len(chunks)} chunks ran past forward_timeout_s={limit} "
+                    "(compiling not counted)"
+                )
             out, stats = work.result()
         finally:
             self._busy_since = None
         self._record_stats(stats)
         return out
+
+    def _busy_s(self) -> float:
+        """Seconds the running forward has taken, less its compiles; 0 when none runs."""
+        if (busy := self._busy_since) is None:
+            return 0.0
+        started, compiled = busy
+        return time.monotonic() - started - (self.engine.compile_seconds() - compiled)
 
     async def _isolate(self, chunks: list[Chunk], error: Exception) -> list | None:
         """After a failed engine call: each chunk alone, so one bad chunk fails only its own
@@ -294,5 +310,5 @@ class Scorer:
         if self._failure is not None:
             raise RuntimeError(f"engine failed: {self._failure}")
         limit = self.args.forward_timeout_s
-        if self._busy_since is not None and time.monotonic() - self._busy_since > limit:
+        if self._busy_s() > limit:
             raise RuntimeError(f"a forward has run past forward_timeout_s={limit}")

@@ -128,3 +128,37 @@ def test_staggered_warmup_orders():
             order = staggered(costs, i, n)
             assert order == [*range(order[0], 11), *range(order[0])]  # a rotation
     assert staggered([], 0, 2) == [] and staggered([1.0], 1, 4) == [0]
+
+
+def test_a_forward_deadline_does_not_count_compiles(ckpts, monkeypatch):
+    """A Scorer with warm-up off compiles on first use: a compile slower than
+    forward_timeout_s is not a hung forward (the deadline counts the forward's time less the
+    engine's compile_seconds), and a forward slow without compiling still is one."""
+    import asyncio
+    import time
+
+    from serve_app.config import ScorerArgs
+    from serve_app.scorer import Scorer, _Hung
+
+    config = EngineConfig(
+        mode="packed", max_labels=7, max_batch_tokens=768, max_item_tokens=8, max_query_tokens=64
+    )
+    eng = ScoringEngine(ckpts["qwen3"], config)  # shapes no other engine of this process has
+    compile_program = eng._compile
+
+    def slow_compile(*args, **kwargs):  # what a big model's first compile on a TPU looks like
+        time.sleep(1.5)
+        return compile_program(*args, **kwargs)
+
+    monkeypatch.setattr(eng, "_compile", slow_compile)
+    scorer = object.__new__(Scorer.func_or_class)  # the replica's deadline logic, no Serve
+    scorer.args, scorer.engine, scorer._busy_since = ScorerArgs(forward_timeout_s=1.0), eng, None
+    scorer._record_stats = lambda stats: None  # Ray metrics: not here
+    chunk = Chunk((5, 6, 7), ((8, 9), (10,)), (1, 2, 3))
+    (scores,) = asyncio.run(scorer._forward_in_time([chunk]))  # a body and a head: 3 s
+    assert eng.stats()["compiles"] == 2 and eng.compile_seconds() >= 3.0
+    np.testing.assert_array_equal(scores, eng.score([chunk])[0])
+    assert scorer._busy_s() == 0.0
+    monkeypatch.setattr(scorer, "_forward", lambda chunks: time.sleep(2.0))
+    with pytest.raises(_Hung, match="forward_timeout_s=1.0"):
+        asyncio.run(scorer._forward_in_time([chunk]))

@@ -99,6 +99,8 @@ def test_slice_configs_reserve_one_bundle_per_host():
         ({"engine.tp_size": 3}, "num_attention_heads"),  # qwen3-tiny has 4 heads
         ({"engine.tp_size": 4, "placement.hosts_per_replica": 3}, "hosts_per_replica"),
         ({"engine.tp_size": 0}, "tp_size"),
+        # a slice's compiles would count against forward_timeout_s (only one host's can't)
+        ({"engine.tp_size": 4, "placement.hosts_per_replica": 2, "warmup": False}, "warmup"),
     ],
 )
 def test_bad_parallel_args_are_rejected_at_config_time(args, field):
