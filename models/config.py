@@ -94,6 +94,9 @@ class ModelConfig:
     # Head.
     num_labels: int = 0  # classification head: classes (`score.weight` rows); 0 = LM head
     class_labels: tuple[str, ...] = ()  # `id2label`, in class order
+    # Classification head: it pools the last token that is not this one, as transformers does
+    # (None: the last token). An LM head reads the last token whatever it is.
+    pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -108,6 +111,8 @@ class ModelConfig:
             raise ValueError(f"layer_types {self.layer_types} must be {SLIDING!r} or {FULL!r}")
         if self.num_labels and len(self.class_labels) != self.num_labels:
             raise ValueError(f"{len(self.class_labels)=} must equal {self.num_labels=}")
+        if self.pad_token_id is not None and not self.num_labels:
+            raise ValueError("pad_token_id is a classification head's (its pooling)")
 
     @property
     def group_size(self) -> int:
@@ -220,6 +225,8 @@ class ModelConfig:
         if self.num_labels:
             d["id2label"] = {str(i): label for i, label in enumerate(self.class_labels)}
             d["label2id"] = {label: i for i, label in enumerate(self.class_labels)}
+            if self.pad_token_id is not None:
+                d["pad_token_id"] = self.pad_token_id
         return d
 
 
@@ -386,7 +393,11 @@ def _head(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
             id2label = hf.get("id2label") or {}
             n = int(hf.get("num_labels") or len(id2label) or 2)
             labels = tuple(str(id2label.get(str(i), f"LABEL_{i}")) for i in range(n))
-            return {"num_labels": n, "class_labels": labels}
+            pad = hf.get("pad_token_id")
+            if isinstance(pad, list):  # transformers allows a list for eos, not for pad
+                raise ValueError(f"pad_token_id {pad}: expected one token id")
+            pad = None if pad is None else int(pad)
+            return {"num_labels": n, "class_labels": labels, "pad_token_id": pad}
     raise ValueError(
         f"architectures {archs[0]!r} is not supported for model_type {model_type!r}; expected "
         f"{ARCHITECTURES[model_type]}ForCausalLM or a ForSequenceClassification of it"
@@ -524,9 +535,16 @@ PRESETS: dict[str, ModelConfig] = {
     "gemma-tiny": _GEMMA_TINY,
     "gemma2-tiny": _GEMMA2_TINY,
     "gemma3-tiny": _GEMMA3_TINY,
-    # Sequence-classification heads (`score.weight`): a 3-class Qwen3 and a 1-logit Llama.
+    # Sequence-classification heads (`score.weight`): a 3-class Qwen3 padding with
+    # <|endoftext|> (Qwen's pad token), and a 1-logit Llama padding with its eos (<|im_end|>
+    # in this vocab), as many reward models and rerankers do.
     "qwen3-tiny-cls": dataclasses.replace(
-        _QWEN3_TINY, num_labels=3, class_labels=("negative", "neutral", "positive")
+        _QWEN3_TINY,
+        num_labels=3,
+        class_labels=("negative", "neutral", "positive"),
+        pad_token_id=151643,
     ),
-    "llama3-tiny-cls": dataclasses.replace(_LLAMA_TINY, num_labels=1, class_labels=("relevant",)),
+    "llama3-tiny-cls": dataclasses.replace(
+        _LLAMA_TINY, num_labels=1, class_labels=("relevant",), pad_token_id=151645
+    ),
 }

@@ -231,6 +231,7 @@ class ScoringEngine:
                 max_blocks=self.config.max_blocks,
                 max_labels=self.config.max_labels,
                 pool=self.pool,
+                pad_id=self.cfg.pad_token_id,  # a classification head's pooling
             )
         except BaseException:
             self._rollback()

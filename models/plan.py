@@ -188,6 +188,17 @@ class _Builder:
         )
 
 
+def pooled(tokens: Sequence[int], pad_id: int | None) -> Sequence[int]:
+    """What a sequence-classification head reads of a sequence: transformers' pooling takes the
+    hidden state at the last token that is not `pad_id` (the first token when every one is,
+    the last when the model has no pad id), and a causal model's hidden state there depends
+    only on the tokens up to it. So: the sequence cut after that token."""
+    if pad_id is None:
+        return tokens
+    last = next((i for i in range(len(tokens) - 1, -1, -1) if tokens[i] != pad_id), 0)
+    return tokens[: last + 1]
+
+
 def plan(
     chunks: Sequence[Chunk | None],
     mode: Mode,
@@ -196,10 +207,14 @@ def plan(
     max_blocks: int,
     max_labels: int,
     pool: PrefixPool | None = None,
+    pad_id: int | None = None,
 ) -> Plan:
     """Forwards scoring every item of every chunk (None: a chunk to skip), in order. In prefix
     mode it allocates pool ranges for the queries it prefills; the caller commits each
-    forward's (`Forward.fills`) once that forward has run, or rolls them back (PrefixPool)."""
+    forward's (`Forward.fills`) once that forward has run, or rolls them back (PrefixPool).
+    `pad_id`: a classification head's pad token: each sequence is scored where transformers
+    pools it (`pooled`), and an item of pad tokens only is pooled inside its query, so it runs
+    as a causal run of the query's pooled part."""
     drop = pool.tokens if pool is not None else 0
     out = Plan([])
     b = _Builder(block, max_blocks, max_labels, drop)
@@ -209,6 +224,14 @@ def plan(
             out.forwards.append(b.finish(max_labels))
         return _Builder(block, max_blocks, max_labels, drop)
 
+    def add_run(ci: int, ii: int, run: Sequence[int], labels: Sequence[int]) -> None:
+        nonlocal b
+        if not (b.run_fits(len(run)) and b.take_labels(ci, labels)):
+            b = flush()
+            b.take_labels(ci, labels)
+        b.start_sequence((0, 0, 0, 0))
+        b.score(b.add_run(run, None), (ci, ii))
+
     for ci, c in enumerate(chunks):
         if c is None or not c.items:
             continue
@@ -216,15 +239,17 @@ def plan(
         if c.item_first or mode is Mode.SERIAL:
             for ii, item in enumerate(c.items):
                 run = list(item) + query if c.item_first else query + list(item)
-                if not (b.run_fits(len(run)) and b.take_labels(ci, c.label_ids)):
-                    b = flush()
-                    b.take_labels(ci, c.label_ids)
-                b.start_sequence((0, 0, 0, 0))
-                b.score(b.add_run(run, None), (ci, ii))
+                add_run(ci, ii, pooled(run, pad_id), c.label_ids)
             continue
-        todo = list(range(len(c.items)))
+        items = {ii: pooled(it, pad_id) for ii, it in enumerate(c.items)}
+        if pad_id is not None:
+            for ii, item in enumerate(c.items):
+                if all(t == pad_id for t in item):  # pooled inside the query: a run of its own
+                    del items[ii]
+                    add_run(ci, ii, pooled(query, pad_id), c.label_ids)
+        todo = list(items)
         while todo:
-            first = len(c.items[todo[0]])
+            first = len(items[todo[0]])
             if not b.take_labels(ci, c.label_ids):
                 b = flush()
                 continue
@@ -252,9 +277,9 @@ def plan(
                 last = b.add_run(query, write)
                 b.runs[key] = (last + 1 - len(query), len(query))
                 out.prefix_misses += 1
-            while todo and b.item_fits(len(c.items[todo[0]])):
+            while todo and b.item_fits(len(items[todo[0]])):
                 ii = todo.pop(0)
-                b.add_item(c.items[ii], len(query), (ci, ii))
+                b.add_item(items[ii], len(query), (ci, ii))
             if todo:
                 b = flush()
     flush()
