@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import itertools
 import os
@@ -47,7 +46,7 @@ os.environ["XLA_FLAGS"] = (
 import numpy as np
 import pytest
 
-from mis_score.bench import hf_forward
+from mis_score.bench import hf_scores
 from models.checkpoint import make_random_checkpoint
 from models.engine import EngineConfig, ScoringEngine
 from models.tokenizer import TextTokenizer
@@ -124,9 +123,10 @@ _HF_REFERENCE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def hf_reference(path: str, query, items, labels, dtype=None, item_first: bool = False):
-    """HF transformers' PyTorch model on the same checkpoint, one forward per item:
-    (softmax over the label logits, full-vocab log-probs of the labels). `dtype`: a torch
-    dtype (default float32; float64 is the reference for float32 precision)."""
+    """HF transformers' PyTorch model on the same checkpoint, each item on its own
+    (mis_score.bench.hf_scores): (softmax over the label logits, full-vocab log-probs of the
+    labels). `dtype`: a torch dtype (default float32; float64 is the reference for float32
+    precision)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -134,30 +134,8 @@ def hf_reference(path: str, query, items, labels, dtype=None, item_first: bool =
     key = (path, str(dtype), item_first, tuple(query), tuple(map(tuple, items)), tuple(labels))
     if key not in _HF_REFERENCE:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        # float64: the query runs once and each item continues from a copy of its K/V cache
-        # (transformers' own decoding path; 1e-14 from full forwards, 30x faster at 2000
-        # query tokens). float32 references run every prompt whole, as serial scoring does.
-        # logits_to_keep=1: the lm_head (and Gemma 2's logit soft-cap) on the last position
-        # only, as transformers' generate does. Every position's full-vocab logits are 2.4 GB
-        # of fresh memory in float64 at 2000 query tokens, and made a reference 4-23x slower.
-        cached = dtype is torch.float64 and not item_first
-        soft, logp = [], []
-        with torch.no_grad():
-            if cached:
-                _, past = hf_forward(
-                    model, input_ids=torch.tensor([query]), use_cache=True, logits_to_keep=1
-                )
-            for it in items:
-                if cached:
-                    ids = torch.tensor([it])
-                    out, _ = hf_forward(model, copy.deepcopy(past), input_ids=ids, logits_to_keep=1)
-                else:
-                    ids = torch.tensor([it + query if item_first else query + it])
-                    out = model(input_ids=ids, logits_to_keep=1)
-                logits = out.logits[0, -1].double()
-                soft.append(torch.softmax(logits[labels], -1).numpy())
-                logp.append(torch.log_softmax(logits, -1)[labels].numpy())
-        _HF_REFERENCE[key] = (np.array(soft), np.array(logp))
+        queries, rows = list(query), [list(it) for it in items]
+        _HF_REFERENCE[key] = hf_scores(model, queries, rows, list(labels), item_first=item_first)
     return _HF_REFERENCE[key]
 
 

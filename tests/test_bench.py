@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from mis_score.cli import main
 from models.engine import ScoringEngine
 
@@ -29,6 +31,7 @@ def test_bench_reports_every_mode_and_transformers(ckpts, tmp_path):
         assert r["items_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] > 0
         assert 0 < r["mfu"] < 1
     assert rows["serial", None]["items_timed"] == 4 and rows["prefix", 16]["items_timed"] == 12
+    assert result["gate"] == {"against": "transformers float64", "bound": 1e-5}
     assert max(r["gate_max_diff"] for r in result["rows"]) <= 1e-5
     # HF transformers on the same checkpoint is the independent reference: parity bound.
     assert [r["mode"] for r in result["transformers"]] == [
@@ -59,6 +62,25 @@ def test_a_mode_that_disagrees_with_serial_is_failed_not_ranked(ckpts, tmp_path,
     assert status["prefix"].startswith("failed"), status
     assert all(r["items_per_s"] is None for r in result["rows"] if r["mode"] == "prefix")
     assert result["ratios"]["best_mode"] is None
+
+
+def test_the_gate_passes_modes_within_the_bound_of_the_exact_scores(ckpts, tmp_path, monkeypatch):
+    """Every mode is gated by its distance to the exact (float64) scores, not to serial: two
+    correct float32 modes may be up to twice the bound apart. Here serial's scores move up by
+    0.7e-5 and prefix's down (softmax rows still summing to 1): both stay within 1e-5 of
+    float64 and pass, 1.4e-5 apart (gated against serial, prefix failed)."""
+    real = ScoringEngine.score
+
+    def nudged(self, chunks):
+        shift = 7e-6 if self.config.mode.value == "serial" else -7e-6
+        return [s + shift * np.array([1.0, -1.0]) for s in real(self, chunks)]
+
+    monkeypatch.setattr(ScoringEngine, "score", nudged)
+    argv = ("--no-transformers", "--modes", "serial,prefix", "--labels", "9454", "2753")
+    result = _bench(ckpts["qwen3"], tmp_path, *argv)
+    diffs = {r["mode"]: r["gate_max_diff"] for r in result["rows"]}
+    assert all(r["status"] == "ok" for r in result["rows"]), result["rows"]
+    assert 6e-6 < max(diffs.values()) <= 1e-5, diffs
 
 
 def test_attention_bench_checks_and_times_each_variant(tmp_path):
