@@ -299,11 +299,14 @@ def _rope_fields(hf: dict[str, Any], default_theta: float) -> dict[str, Any]:
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
-def _layer_types(hf: dict[str, Any], num_layers: int, pattern: int) -> tuple[str, ...]:
-    """Gemma 2/3 `layer_types`, or HF's default: every `pattern`-th layer global."""
+def _layer_types(hf: dict[str, Any], num_layers: int, gemma2: bool) -> tuple[str, ...]:
+    """Gemma 2/3 `layer_types`, or what transformers makes of a config without them: every
+    other layer global (Gemma 2), every `sliding_window_pattern`-th (Gemma 3, default 6; the
+    field of configs written before transformers had `layer_types`). transformers' Gemma 2
+    ignores `sliding_window_pattern`, and so do we."""
     types = hf.get("layer_types")
     if types is None:
-        pattern = int(hf.get("sliding_window_pattern") or pattern)
+        pattern = 2 if gemma2 else int(hf.get("sliding_window_pattern") or 6)
         types = [SLIDING if (i + 1) % pattern else FULL for i in range(num_layers)]
     return tuple(types)
 
@@ -358,7 +361,7 @@ def _gemma(hf: dict[str, Any]) -> dict[str, Any]:
         "attn_softcap": hf.get("attn_logit_softcapping", 50.0 if gemma2 else None),
         "final_softcap": hf.get("final_logit_softcapping", 30.0 if gemma2 else None),
         "sliding_window": hf.get("sliding_window", 4096),
-        "layer_types": _layer_types(hf, num_layers, 2 if gemma2 else 6),
+        "layer_types": _layer_types(hf, num_layers, gemma2),
     }
     if gemma2:
         return out | _rope_fields(hf, 10000.0)

@@ -236,3 +236,30 @@ def test_long_query_every_mode_near_float64(win_ckpts, engine, record, name):
         assert e <= 1e-5, (mode, err)
         assert e <= 3 * err["serial"] + 1e-7, (mode, err)
     assert np.ptp(ref[:, 0]) > 1e-2
+
+
+@pytest.mark.parametrize(("name", "pattern"), [("gemma3", 2), ("gemma2", 3)])
+def test_configs_without_layer_types(win_ckpts, tmp_path, name, pattern):
+    """A config written before transformers had `layer_types` gives `sliding_window_pattern`
+    instead: Gemma 3 makes every pattern-th layer global (here 2, where the checkpoint's own
+    layer_types say 3 of 4 are sliding), Gemma 2 ignores it (every other layer). Scored as
+    transformers scores the same directory."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    path = tmp_path / name
+    shutil.copytree(win_ckpts[name], path)
+    config = json.loads((path / "config.json").read_text())
+    del config["layer_types"]
+    config["sliding_window_pattern"] = pattern
+    (path / "config.json").write_text(json.dumps(config))
+    eng = ScoringEngine(path, EngineConfig(**TEST_ENGINE))
+    assert list(eng.cfg.layer_types) == AutoConfig.from_pretrained(path).layer_types
+    assert eng.cfg.layer_types != WINDOWED[name].layer_types or name == "gemma2"
+    query, items = _request(seed=53, n_items=6)
+    ref_soft, ref_logp = hf_reference(str(path), query, items, LABELS)
+    soft, logp = _scores(eng, query, items)
+    assert np.abs(soft - ref_soft).max() <= 1e-4
+    assert np.abs(logp - ref_logp).max() <= 1e-3
