@@ -32,6 +32,7 @@ from mis_score.bench import matmul_peak_gflops, useful_flops
 from mis_score.workload import Workload
 from models.buckets import pow2_bucket
 from models.checkpoint import ensure_demo_checkpoint
+from models.decoder import MLP, RMSNorm, label_logits_and_lse
 from models.engine import (
     HEAD_ROWS,
     KEY_TILES,
@@ -44,7 +45,6 @@ from models.engine_config import MIN_ROWS, Attention, EngineConfig
 from models.inputs import Chunk
 from models.plan import Forward, Mode, plan
 from models.pool import PrefixPool
-from models.qwen import MLP, RMSNorm, label_logits_and_lse
 
 REPEATS = 5
 

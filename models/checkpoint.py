@@ -197,7 +197,7 @@ def load_checkpoint(model_dir: str | Path, dtype: str | None = None) -> tuple[Mo
     # configs and writes demo checkpoints through this module without loading either.
     import jax.numpy as jnp
 
-    from models.qwen import param_shapes
+    from models.decoder import param_shapes
 
     model_dir = Path(model_dir)
     cfg = from_hf_config(read_hf_config(model_dir))

@@ -32,6 +32,7 @@ from mis_kernels.block_attention import BlockMeta
 from models.buckets import pow2_bucket, pow2_upto
 from models.checkpoint import load_checkpoint
 from models.config import ModelConfig
+from models.decoder import Decoder, StreamShape, init_shape
 from models.engine_config import MIN_ROWS, Attention, EngineConfig
 from models.inputs import Chunk, EngineBroken, ScoringInputError, check_chunk
 from models.parallel import (
@@ -45,7 +46,6 @@ from models.parallel import (
 )
 from models.plan import Forward, Mode, plan, stream_ladder
 from models.pool import PrefixPool
-from models.qwen import Decoder, StreamShape, init_shape
 
 log = logging.getLogger(__name__)
 

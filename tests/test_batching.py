@@ -9,10 +9,10 @@ import pytest
 
 from models.buckets import pow2_upto
 from models.config import PRESETS
+from models.decoder import label_logits_and_lse
 from models.engine import HEAD_ROWS, ScoringEngine, score_ids
 from models.engine_config import MIN_ROWS, EngineConfig
 from models.inputs import Chunk
-from models.qwen import label_logits_and_lse
 from tests.conftest import LABELS, TEST_ENGINE, random_request
 
 

@@ -18,9 +18,9 @@ from safetensors.numpy import load_file, save_file
 
 from models.checkpoint import load_checkpoint, make_random_checkpoint, read_hf_config
 from models.config import PRESETS, from_hf_config
+from models.decoder import rope_inv_freq, rope_tables
 from models.engine import EngineConfig, ScoringEngine, score_ids
 from models.inputs import Chunk
-from models.qwen import rope_inv_freq, rope_tables
 from tests.conftest import LABELS, MODES, TEST_ENGINE, hf_reference, mode_name, random_request
 from tests.hf_families import write_with_transformers
 

@@ -81,7 +81,7 @@ def test_our_top_level_names_are_ours_alone(tmp_path):
 # each): the ingress routes and checks requests, the client only speaks HTTP, and the command
 # line loads the engine only for a command that scores (not for --help, validate, make-checkpoint
 # or batch's driver).
-HEAVY = ("jax", "jaxlib", "flax", "torch", "transformers", "models.engine", "models.qwen")
+HEAVY = ("jax", "jaxlib", "flax", "torch", "transformers", "models.engine", "models.decoder")
 
 
 def modules_after_import(module: str, unpickle: bytes = b"") -> set[str]:
@@ -114,7 +114,7 @@ def test_light_processes_import_no_engine(module, unwanted):
 
 
 def test_the_import_check_sees_the_engine_in_a_scorer():
-    assert {"jax", "flax", "models.engine", "models.qwen"} <= modules_after_import(
+    assert {"jax", "flax", "models.engine", "models.decoder"} <= modules_after_import(
         "serve_app.scorer"
     )
 

@@ -17,8 +17,8 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from models.config import PRESETS
+from models.decoder import rope_tables
 from models.engine import score_ids
-from models.qwen import rope_tables
 from tests.conftest import LABELS, MODES, hf_reference, mode_name, random_request
 
 MAX_POSITION = 8192 + 512  # default max_query_tokens + max_tokens_per_item
