@@ -77,7 +77,8 @@ def _tpu_slice_group() -> Group:
     """The v6e-16 slice group as configs/tpu-v6e-16-slice.yaml places a replica: 4 hosts of 4
     chips (GKE's tpu-v6e-slice, topology 4x4), one replica per slice, 1..4 slices. A host's
     Ray CPUs leave room for the slice bundle (8) even if the light actors (ingress, Scorer
-    replica actors: 6 CPUs at most) all land on one host."""
+    replica actors: 6 CPUs at most) all land on one host. A v6e host (GKE ct6e-standard-4t)
+    has 180 vCPUs and 720 GB."""
     return Group(
         name="tpu-v6e-16",
         cpu=16,
@@ -102,10 +103,12 @@ TARGETS = (
         "gpu.yaml",
         "-cuda",
         (
+            # Fits a 12-vCPU, 48 GB node with one GPU (GKE g2-standard-12, one L4; about 11.5
+            # CPUs and 43 GB allocatable) and anything larger.
             Group(
                 "gpu",
                 cpu=8,
-                memory="48Gi",
+                memory="32Gi",
                 min=1,
                 max=8,
                 accelerators=(("nvidia.com/gpu", "1"),),

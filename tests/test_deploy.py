@@ -307,6 +307,11 @@ def test_tpu_slice_group_is_the_configs_slice():
         for d in _deployments(m).values()
     )
     assert cap["CPU"] - light >= placement["host_num_cpus"]
+    # A pod fits its host, a v6e TPU VM (GKE ct6e-standard-4t: 180 vCPUs, 720 GB), with room
+    # for GKE's own reservations.
+    limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert float(limits["cpu"]) <= 0.9 * 180
+    assert int(limits["memory"].removesuffix("Gi")) * 2**30 <= 0.9 * 720e9
 
 
 @pytest.mark.parametrize("name", TARGETS)
