@@ -496,8 +496,8 @@ class ScoreIngress:
         m.request_latency.observe(elapsed, tags={"route": route})
         m.chunks.observe(len(chunks))
         if items:  # Ray counters refuse increments of 0
-            m.items.inc(len(items))
-            m.tokens.inc(n_tokens)
+            m.items.inc(len(items), tags={"route": route})
+            m.tokens.inc(n_tokens, tags={"route": route})
         response = response_body(scores, body.model or self.model_name, n_tokens)
         return response, {"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(chunks))}
 

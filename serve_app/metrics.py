@@ -33,11 +33,14 @@ class IngressMetrics:
             boundaries=LATENCY_S,
         )
         self.items = metrics.Counter(
-            "mis_request_items_total", description="Items (documents) of answered requests."
+            "mis_request_items_total",
+            description="Items (documents) of answered requests, by route.",
+            tag_keys=("route",),
         )
         self.tokens = metrics.Counter(
             "mis_request_tokens_total",
-            description="Prompt tokens (query + items) of answered requests.",
+            description="Prompt tokens (query + items) of answered requests, by route.",
+            tag_keys=("route",),
         )
         self.errors = metrics.Counter(
             "mis_errors_total",
