@@ -77,10 +77,12 @@ def relative_diff(got: np.ndarray, want: np.ndarray) -> float:
     return float((np.abs(got - want) / np.maximum(1.0, np.abs(want))).max())
 
 
-def attention_fn(name: str, settings: dict[str, int], block: int):
+def attention_fn(name: str, settings: dict[str, int], block: int, tile: int):
     """The jitted attention of one variant: (q, k, v, pool_k, pool_v, meta) -> output."""
     if name == "xla":
-        return jax.jit(functools.partial(block_attention, block=block, key_tiles=KEY_TILES))
+        return jax.jit(
+            functools.partial(block_attention, block=block, tile=tile, key_tiles=KEY_TILES)
+        )
     return functools.partial(ragged_block_attention, block=block, **settings)
 
 
@@ -120,13 +122,16 @@ def main(argv: list[str] | None = None) -> int:
             rnd(len(f.tokens), kv, hd),
             pool_k,
             pool_v,
-            BlockMeta(jnp.asarray(f.ranges), jnp.asarray(f.local_start)),
+            BlockMeta(*map(jnp.asarray, (f.prefix, f.own, f.local_start))),
         )
         for f in forwards
     ]
+    tiles = [f.tile for f in forwards]
     with jax.default_matmul_precision("highest"):
-        reference = attention_fn("xla", {}, block)
-        want = [np.asarray(reference(*x), np.float32) for x in inputs]
+        want = [
+            np.asarray(attention_fn("xla", {}, block, tile)(*x), np.float32)
+            for x, tile in zip(inputs, tiles, strict=True)
+        ]
     flop = useful_flops(cfg, w.query_tokens, w.items, w.item_tokens)["attention"] / cfg.num_layers
     peak = matmul_peak_gflops(dtype)
     device = jax.devices()[0].device_kind
@@ -138,14 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     for spec, name, settings in variants:
         row: dict[str, Any] = {"variant": spec, "status": "ok"}
         rows.append(row)
-        fn = attention_fn(name, settings, block)
+        fns = [attention_fn(name, settings, block, tile) for tile in tiles]
         try:  # a setting the compiler refuses, or a wrong answer: report it, go on
             with jax.default_matmul_precision(precision):
-                got = [np.asarray(fn(*x), np.float32) for x in inputs]
+                got = [np.asarray(fn(*x), np.float32) for fn, x in zip(fns, inputs, strict=True)]
                 row["max_diff"] = max(map(relative_diff, got, want))
                 if not row["max_diff"] <= GATE_BOUND[dtype]:
                     raise ValueError(f"max diff {row['max_diff']:.3g} > {GATE_BOUND[dtype]}")
-                row["ms_per_layer"] = sum(best_ms(fn, *x) for x in inputs)
+                row["ms_per_layer"] = sum(
+                    best_ms(fn, *x) for fn, x in zip(fns, inputs, strict=True)
+                )
             row["tflops"] = flop / row["ms_per_layer"] / 1e9
             share = share_of_peak(row["tflops"] * 1e3, peak, f"{spec}: attention at")
             row["pct_of_peak"] = 100 * share

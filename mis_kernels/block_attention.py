@@ -1,40 +1,46 @@
 """Multi-item attention over a flat stream of token blocks: the XLA implementation, the dense
 baseline, and the plain reference they are tested against.
 
-The stream is T tokens cut into blocks of `block` tokens. A block holds tokens of one sequence
-only (one query's items, or a stretch of one causal run), so everything a block attends to
-beyond itself is two key ranges shared by all of its tokens:
+The stream is T tokens cut into blocks of `block` tokens. A block holds tokens of one query's
+items, of one causal run (a query being prefilled, a serial `query ++ item` row), or a run's
+last tokens and then items of that run's query. A token attends to three kinds of keys:
 
-    pool range    [pool_start, pool_start + pool_len)       in the KV pool (a cached query)
-    stream range  [stream_start, stream_start + stream_len) in this stream (a query run earlier
-                  in the stream, or the causal run the block belongs to)
+    prefix   its block's prefix range: a query's keys in the KV pool (cached) or in this stream
+             (its run, earlier in the stream), seen in full by the block's item tokens
+             (`own[b, 0]`: all of the block's tokens, or those after its first sequence when
+             the block starts with the query's run).
+    own      the block's own range [own_start, own_start + own_len) of this stream: the keys of
+             the block's first sequence before the block (a causal run's earlier blocks, a long
+             item's earlier blocks), seen in full by that sequence's tokens only (the tokens
+             whose local keys start at the block's start: `local_start == 0`).
+    local    each token's own keys inside its block, causally: [block_start + local_start[t], t].
 
-and each token t adds its own keys inside its block, causally:
+For an item token that is serial `query ++ item` scoring (the query in full, then the item's own
+earlier tokens, never another item), and for a causal run plain causal attention. An item fits
+its block, or starts a block and goes on over the next ones (its later blocks read its earlier
+part as their own range): items of any length, short ones packed back to back. Work is
+O(T x (query + own)), not O(T^2), and no shape depends on a query's or an item's length: ranges
+are read tile by tile in loops whose trip counts are data.
 
-    local keys    [block_start + local_start[t], t]
+Blocks are grouped in tiles of `tile` tokens, and each distinct prefix of a tile is walked once
+for all the tile's rows that take it: a query's item tokens score against its keys as one
+product per key tile (rows of other prefixes in the tile fold in nothing), so the more of a
+tile's blocks share a query, the fewer and bigger the products.
 
-where it sees only the stream-range keys before its local keys (key < block_start +
-local_start[t]). For an item token that is serial `query ++ item` scoring (the query from the
-pool or the stream, then the item's own earlier tokens, never another item), and items may
-follow their query run inside the run's last block. For the tokens of a causal run (a query
-being prefilled, a serial `query ++ item` row) the stream range is the run itself, local_start
-is 0, and the rule gives plain causal attention: the earlier blocks from the range, the block
-itself causally. Work is O(T x (query + block)), not O(T^2), and no shape depends on a query's
-length: ranges are read tile by tile in loops whose trip counts are data.
-
-Sliding windows (Mistral, Gemma 2/3's sliding layers): with `window` W, a token at position p
-of its sequence (`BlockMeta.pos`, its RoPE position) sees only keys at positions p-W+1..p of
-that sequence. Both key ranges start at position 0 of the token's sequence (a cached or earlier
-query, or the causal run itself), so a range key's position is its offset in the range, and a
-local key's is p minus its distance from the token: the window is one more compare on numbers
-the kernels already have, still O(blocks + T) metadata.
+Sliding windows (Mistral, Gemma 2/3's sliding layers): with `window` W, a token at position p of
+its sequence (`BlockMeta.pos`, its RoPE position) sees only keys at positions p-W+1..p of that
+sequence. A prefix key's position is its offset in the prefix (a query starts at position 0), an
+own key's is the range's first position (`own[b, 3]`) plus its offset, a local key's is p minus
+its distance from the token: still O(blocks + T) metadata.
 
 Exactness: a range is walked in big tiles and then small ones, counted from the range's own
-start, pool tiles and stream tiles by the same loop body, so an item's arithmetic does not
+start, pool tiles and stream tiles by the same loop body, so a token's arithmetic does not
 depend on where its query's keys sit (pool or stream, at which offset) nor on which other
-sequences share the stream. Row
-sums are dots, not fused reduces (XLA:CPU rounds a fused reduce differently for different array
-shapes; its dot does not).
+sequences share the stream or its tile (a token not taking a range folds in nothing: its state
+is unchanged to the bit). A sequence that spans blocks starts at a block boundary, so how its
+keys split between its own range and its local keys depends on the sequence alone. Row sums are
+dots, not fused reduces (XLA:CPU rounds a fused reduce differently for different array shapes;
+its dot does not).
 """
 
 from __future__ import annotations
@@ -45,58 +51,82 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mis_kernels.layout import OWN, POOL, PREFIX, TAKES_AFTER_RUN, TAKES_ALL
+
 # Finite so that a fully masked row gives exp(NEG - NEG) = 1 instead of NaN; masked entries are
 # zeroed explicitly.
 NEG = -1e30
-RANGES = ("pool_start", "pool_len", "stream_start", "stream_len")  # columns of `ranges`
+# Big and small key tiles of a range walk (tuned on CPU); a range is read up to a big tile past
+# its end, so the KV pool and the stream carry that much padding.
+KEY_TILES = (512, 128)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockMeta:
     """Traced metadata of a stream: O(blocks + T) int32 numbers, never a T x T mask."""
 
-    ranges: jax.Array  # [nb, 4] int32: pool_start, pool_len, stream_start, stream_len
+    prefix: jax.Array  # [nb, 3] int32 per block: source (POOL | STREAM), start, len
+    own: jax.Array  # [nb, 4] int32 per block: who takes the prefix (TAKES), start, len, pos
     local_start: jax.Array  # [T] int32: index inside its block where a token's local keys start
     pos: jax.Array | None = None  # [T] int32: position in its sequence (sliding windows only)
 
 
 jax.tree_util.register_dataclass(
-    BlockMeta, data_fields=["ranges", "local_start", "pos"], meta_fields=[]
+    BlockMeta, data_fields=["prefix", "own", "local_start", "pos"], meta_fields=[]
 )
 
 
-def _check_window(meta: BlockMeta, window) -> None:
+def _check(t: int, block: int, tile: int, meta: BlockMeta, window) -> None:
+    if tile % block or t % tile:
+        raise ValueError(f"{t=} must be a multiple of {tile=}, itself a multiple of {block=}")
+    if meta.prefix.shape[0] != t // block or meta.own.shape[0] != t // block:
+        raise ValueError(
+            f"{meta.prefix.shape=} / {meta.own.shape=}: one prefix and one own range per block "
+            f"of {block} tokens ({t=})"
+        )
     if window is not None and meta.pos is None:
         raise ValueError("a sliding window needs the tokens' positions (BlockMeta.pos)")
 
 
+def takes_prefix(flag: jax.Array, local_start: jax.Array) -> jax.Array:
+    """Which tokens take their block's prefix, from the block's flag (`own[:, 0]`, broadcast to
+    the tokens) and their local starts."""
+    return (flag == TAKES_ALL) | ((flag == TAKES_AFTER_RUN) & (local_start > 0))
+
+
 def visible(
-    meta: BlockMeta, block: int, pool_size: int, window: jax.Array | int | None = None
+    meta: BlockMeta,
+    block: int,
+    pool_size: int,
+    window: jax.Array | int | None = None,
 ) -> jax.Array:  # [T, pool_size + T] bool
     """The mask the kernels implement, over the key space [pool | stream]; `window`: keys a
     token sees at most (itself included), None for no limit."""
     t = meta.local_start.shape[0]
+    _check(t, block, block, meta, window)
     tok = jnp.arange(t)
-    r = jnp.repeat(meta.ranges, block, axis=0, total_repeat_length=t)  # [T, 4] per token
-    own = (tok // block * block + meta.local_start)[:, None]  # first local key of each token
+    pre = jnp.repeat(meta.prefix, block, axis=0, total_repeat_length=t)  # [T, 3] per token
+    own = jnp.repeat(meta.own, block, axis=0, total_repeat_length=t)  # [T, 4] per token
+    first = (tok // block * block + meta.local_start)[:, None]  # first local key of each token
     u = jnp.arange(pool_size + t)[None, :]
-    in_pool = (u >= r[:, 0:1]) & (u < r[:, 0:1] + r[:, 1:2])
+    start = jnp.where(pre[:, 0:1] == POOL, pre[:, 1:2], pool_size + pre[:, 1:2])
+    takes = takes_prefix(own[:, 0:1], meta.local_start[:, None])
+    in_prefix = takes & (u >= start) & (u < start + pre[:, 2:3])
     s = u - pool_size  # stream index of key u
-    in_stream = (s >= r[:, 2:3]) & (s < r[:, 2:3] + r[:, 3:4]) & (s < own)
-    local = (s >= own) & (s <= tok[:, None])
+    in_own = (meta.local_start[:, None] == 0) & (s >= own[:, 1:2]) & (s < own[:, 1:2] + own[:, 2:3])
+    local = (s >= first) & (s <= tok[:, None])
     if window is not None:
-        _check_window(meta, window)
         lowest = (meta.pos - window + 1)[:, None]  # lowest key position each token sees
-        in_pool &= u - r[:, 0:1] >= lowest
-        in_stream &= s - r[:, 2:3] >= lowest
+        in_prefix &= u - start >= lowest
+        in_own &= own[:, 3:4] + s - own[:, 1:2] >= lowest
         local &= tok[:, None] - s < window
-    return in_pool | in_stream | local
+    return in_prefix | in_own | local
 
 
 def logits(s: jax.Array, scale: float, softcap: float | None) -> jax.Array:
     """Attention logits from raw scores q.k: scaled, then (Gemma 2) soft-capped as HF does,
     `tanh(s * scale / cap) * cap`, before the mask."""
-    z = s * scale
+    z = s if scale == 1.0 else s * scale
     return z if softcap is None else jnp.tanh(z / softcap) * softcap
 
 
@@ -156,34 +186,42 @@ def _head_major(x: jax.Array) -> jax.Array:
 
 
 def _online_step(carry, s, v, live):
-    """Fold one key tile into flash-attention state. carry: (m, l [K, R, G], o [K, R, G, D]);
-    s [K, R, G, Kt] scaled scores; v [K, Kt, D]; live [..., Kt] broadcastable to s."""
+    """Fold one key tile into flash-attention state. carry: (m, l [K, M], o [K, M, D]) over M
+    rows (tokens x query heads of a kv head); s [K, M, Kt] scaled scores; v [K, Kt, D]; live
+    [..., Kt] broadcastable to s, or None: every key live for every row (the same values as
+    an all-true mask, without its two passes over the tile)."""
     m, l_sum, o = carry
-    s = jnp.where(live, s, NEG)
+    if live is not None:
+        s = jnp.where(live, s, NEG)
     m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.where(live, jnp.exp(s - m_new[..., None]), 0.0)
+    p = jnp.exp(s - m_new[..., None])
+    if live is not None:
+        p = jnp.where(live, p, 0.0)
     alpha = jnp.exp(m - m_new)
     ones = jnp.ones((s.shape[-1],), p.dtype)
-    l_new = l_sum * alpha + jnp.einsum("krgp,p->krg", p, ones)
-    pv = jnp.einsum("krgp,kpd->krgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    l_new = l_sum * alpha + jnp.einsum("kmp,p->km", p, ones)
+    pv = jnp.einsum("kmp,kpd->kmd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, l_new, o * alpha[..., None] + pv
 
 
 _CHUNK = 8  # relative distances per step of the local part's sum
 
 
-def _local_step(carry, q, k, v, local_start, scale, softcap=None, window=None):
+def _local_step(carry, q, k, v, local_start, softcap=None, window=None):
     """Fold a block's own keys (token t sees [local_start[t], t] of its block) into the
     flash-attention state, in relative coordinates: column j of the skewed scores is the key j
     tokens back, so a token's terms sit at the same places (and are summed in the same order)
     wherever its item starts in the block. Summed in absolute key order instead, XLA:CPU's
     vectorised reductions round differently for different offsets (seen at head_dim 16), and
     changing one item's length would change the bits of the items after it.
-    q [R, K, G, D]; k, v [R, K, D]; local_start [R]."""
+    carry: (m, l [K, R*G], o [K, R*G, D]); q [K, R*G, D] (scaled); k, v [R, K, D];
+    local_start [R]."""
     m, l_sum, o = carry
-    r = q.shape[0]
-    s = jnp.einsum("rkgd,pkd->krgp", q, k, preferred_element_type=jnp.float32)
-    s = logits(s, scale, softcap)
+    nk, rows, d = q.shape
+    r = k.shape[0]
+    g = rows // r
+    s = jnp.einsum("kmd,pkd->kmp", q, k, preferred_element_type=jnp.float32)
+    s = logits(s, 1.0, softcap).reshape(nk, r, g, r)
     back = jnp.arange(r)[:, None] - jnp.arange(r)[None, :]  # [R, R]: key index t - j
     live = back >= local_start[:, None]  # j <= t - local_start[t]
     if window is not None:  # and at most window - 1 tokens back: j < window
@@ -191,12 +229,14 @@ def _local_step(carry, q, k, v, local_start, scale, softcap=None, window=None):
     live = live[None, :, None, :]
     back = jnp.maximum(back, 0)
     s = jnp.where(live, jnp.take_along_axis(s, back[None, :, None, :], axis=-1), NEG)
+    s = s.reshape(nk, rows, r)
+    live = jnp.broadcast_to(live, (1, r, g, r)).reshape(1, rows, r)
     m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.where(live, jnp.exp(s - m_new[..., None]), 0.0)  # [K, R, G, R] relative
+    p = jnp.where(live, jnp.exp(s - m_new[..., None]), 0.0)  # [K, R*G, R] relative
     alpha = jnp.exp(m - m_new)
     ones = jnp.ones((_CHUNK,), p.dtype)
     width = jnp.max(jnp.arange(r) - local_start) + 1  # the longest local range
-    p = jnp.pad(p, [(0, 0), (0, 0), (0, 0), (0, _CHUNK)])
+    p = jnp.pad(p, [(0, 0), (0, 0), (0, _CHUNK)]).reshape(nk, r, g, r + _CHUNK)
     v_pad = jnp.pad(v, [(_CHUNK, 0), (0, 0), (0, 0)])  # v_pad[i + CHUNK] = v[i]
 
     def chunk(c, acc):
@@ -205,11 +245,11 @@ def _local_step(carry, q, k, v, local_start, scale, softcap=None, window=None):
         pc = jax.lax.dynamic_slice_in_dim(p, j0, _CHUNK, axis=-1)  # [K, R, G, C]
         idx = jnp.arange(r)[:, None] - j0 - jnp.arange(_CHUNK)[None, :] + _CHUNK  # [R, C]
         vc = jnp.take(v_pad, jnp.maximum(idx, 0), axis=0)  # [R, C, K, D]
-        l_acc = l_acc + jnp.einsum("krgc,c->krg", pc, ones)
+        l_acc = l_acc + jnp.einsum("krgc,c->krg", pc, ones).reshape(nk, rows)
         pv = jnp.einsum(
             "krgc,rckd->krgd", pc.astype(v.dtype), vc, preferred_element_type=jnp.float32
         )
-        return l_acc, o_acc + pv
+        return l_acc, o_acc + pv.reshape(nk, rows, d)
 
     l_sum, o = jax.lax.fori_loop(
         0, -(-width // _CHUNK), chunk, (l_sum * alpha, o * alpha[..., None])
@@ -217,18 +257,58 @@ def _local_step(carry, q, k, v, local_start, scale, softcap=None, window=None):
     return m_new, l_sum, o
 
 
-def _tile(k: jax.Array, v: jax.Array, start, size: int) -> tuple[jax.Array, jax.Array]:
-    """Keys [start, start + size) of head-major [K, S, D] arrays."""
-    return tuple(jax.lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in (k, v))
-
-
 def _big_tiles(length, big: int):
     whole, rest = length // big, length % big
     return whole + (rest > big // 2)
 
 
+def _walk(carry, q, read, start, length, live_rows, softcap, key_tiles, lowest=None):
+    """Fold the keys [start, start + length) of a range into `carry` for the rows of q
+    [K, M, D] (scaled): whole big tiles (one more when more than half of one is left), then
+    small tiles for the rest; any rule works that depends on the range's length alone.
+    `read(i, size)` -> keys and values [K, size, D] from the range's index i on. `live_rows`
+    [M] bool: the rows that take the range (the others fold in nothing). `lowest` [M]: the
+    lowest range offset each row sees (sliding window), None for all."""
+    big, small = key_tiles
+    # Tiles whole inside the range run without a mask when every row takes them all (no other
+    # sequence's rows, no window cutting): most of a query's keys, for most tiles. Not with a
+    # soft-cap: XLA rounds tanh and exp differently in the two steps' fusions, and a row's bits
+    # would depend on whether its tile held other rows (Gemma 2's batching test found it).
+    unmasked = jnp.all(live_rows) & (softcap is None)
+    if lowest is not None:
+        unmasked &= jnp.all(lowest <= 0)
+
+    def walk(carry, tile: int, first, n):
+        offsets = jnp.arange(tile, dtype=jnp.int32)
+
+        def step(masked: bool):
+            def body(i, carry):
+                j = first + i * tile
+                kt, vt = read(start + j, tile)
+                s = jnp.einsum("kmd,kpd->kmp", q, kt, preferred_element_type=jnp.float32)
+                s = logits(s, 1.0, softcap)
+                live = None
+                if masked:
+                    live = live_rows[:, None] & (j + offsets < length)[None, :]  # [M, tile]
+                    if lowest is not None:
+                        live &= (j + offsets)[None, :] >= lowest[:, None]
+                    live = live[None]
+                return _online_step(carry, s, vt, live)
+
+            return body
+
+        whole = jnp.where(unmasked, jnp.clip((length - first) // tile, 0, n), 0)
+        carry = jax.lax.fori_loop(0, whole, step(False), carry)
+        return jax.lax.fori_loop(whole, n, step(True), carry)
+
+    n_big = _big_tiles(length, big)
+    carry = walk(carry, big, 0, n_big)
+    rest = jnp.maximum(length - n_big * big, 0)
+    return walk(carry, small, n_big * big, -(-rest // small))
+
+
 def block_attention(
-    q: jax.Array,  # [T, K, G, D]  T a multiple of `block`
+    q: jax.Array,  # [T, K, G, D]  T a multiple of `tile`
     k: jax.Array,  # [T, K, D]
     v: jax.Array,  # [T, K, D]
     pool_k: jax.Array,  # [K, P, D]  the KV pool, head-major; P >= every range's end + big tile
@@ -236,106 +316,121 @@ def block_attention(
     meta: BlockMeta,
     *,
     block: int,
-    key_tiles: tuple[int, int] = (512, 128),
+    tile: int,
+    key_tiles: tuple[int, int] = KEY_TILES,
     scale: float | None = None,
     softcap: float | None = None,
     window: jax.Array | int | None = None,
 ) -> jax.Array:  # [T, K, G, D]
-    """Flash attention per block: the pool range and the stream range in tiles (whole big
-    tiles, then small ones for the rest; one loop each, trip counts from the data), then the
-    block's own causal keys. `scale` multiplies q.k (default 1/sqrt(head_dim)); `softcap`
-    (Gemma 2) caps the scaled scores at +-softcap with tanh; `window` (an int32 scalar, may be
-    traced): keys a token sees at most, itself included (needs `meta.pos`)."""
+    """Flash attention per tile: each distinct prefix of the tile's blocks for all of the rows
+    that take it, as one product per key tile; then per block its own range, then its own keys
+    causally.
+    `scale` multiplies q.k (default 1/sqrt(head_dim)); `softcap` (Gemma 2) caps the scaled
+    scores at +-softcap with tanh; `window` (an int32 scalar, may be traced): keys a token sees
+    at most, itself included (needs `meta.pos`)."""
     t, nk, g, d = q.shape
-    if t % block:
-        raise ValueError(f"{t=} must be a multiple of {block=}")
+    _check(t, block, tile, meta, window)
+    q, k, v, pool_k, pool_v = map(jnp.asarray, (q, k, v, pool_k, pool_v))
+    meta = jax.tree.map(jnp.asarray, meta)
     big, small = key_tiles
     if big % small:
         raise ValueError(f"key tiles {key_tiles}: the big tile must be a multiple of the small")
-    nb = t // block
+    nt, per = t // tile, tile // block
     scale = d**-0.5 if scale is None else scale
     # Head-major like the pool, so one tile read serves both; tiles past the end of the stream
     # read zeros, not a clamped (shifted) window.
     k_pad = jnp.pad(_head_major(k), [(0, 0), (0, big), (0, 0)])
     v_pad = jnp.pad(_head_major(v), [(0, 0), (0, big), (0, 0)])
 
-    _check_window(meta, window)
+    def read_stream(i, size: int):
+        return tuple(jax.lax.dynamic_slice_in_dim(x, i, size, axis=1) for x in (k_pad, v_pad))
 
-    def one_block(args):
-        qq, kk, vv, local_start, rng, b, *pp = args
-        pp = pp[0] if pp else None  # [R] the rows' positions (sliding window)
-        pool_start, pool_len, stream_start, stream_len = (rng[i] for i in range(4))
-        own = b * block + local_start  # [R] first local key of each row
-        # Stream keys past this block are never visible: not read at all. Cut at the block's
-        # end, not at its rows' own keys: the range's length sets its tiling, hence the order
-        # of a row's sums, and must not depend on which other rows share the block (a query's
-        # last block tiled its keys differently with and without an item after the query).
-        stream_len = jnp.clip((b + 1) * block - stream_start, 0, stream_len)
+    def read_prefix(source):
+        def read(i, size: int):
+            # One body for pool and stream tiles: the same arithmetic whichever holds them.
+            return jax.lax.cond(
+                source == POOL,
+                lambda: tuple(
+                    jax.lax.dynamic_slice_in_dim(x, i, size, axis=1) for x in (pool_k, pool_v)
+                ),
+                lambda: read_stream(i, size),
+            )
 
-        def walk(carry, tile: int, pool_from, n_pool, stream_from, n_stream):
-            """n_pool tiles of the pool range from offset pool_from, then n_stream tiles of the
-            stream range from offset stream_from, `tile` keys each."""
-            offsets = jnp.arange(tile, dtype=jnp.int32)
+        return read
 
-            def step(i, carry):
-                # One body for pool and stream tiles: the same arithmetic whichever holds them.
-                from_pool = i < n_pool
-                j = jnp.where(from_pool, pool_from + i * tile, stream_from + (i - n_pool) * tile)
-                start = j + jnp.where(from_pool, pool_start, stream_start)
-                length = jnp.where(from_pool, pool_len, stream_len)
+    # Loop bounds the compiler cannot see: XLA inlines a loop it knows runs once (a stream of
+    # one tile, a tile of one block) and then fuses its body with what is around it, which
+    # rounds differently from the same body in a loop (a causal run's scores changed in the
+    # last bits between a 256- and a 512-token forward). local_start >> 30 is 0 (< block).
+    opaque = lambda n: jnp.maximum(n, meta.local_start[0] >> 30)  # noqa: E731
+    pos = meta.pos if window is not None else jnp.zeros((t,), jnp.int32)
 
-                kt, vt = jax.lax.cond(
-                    from_pool,
-                    lambda: _tile(pool_k, pool_v, start, tile),
-                    lambda: _tile(k_pad, v_pad, start, tile),
-                )
-                s = jnp.einsum("rkgd,kpd->krgp", qq, kt, preferred_element_type=jnp.float32)
-                key = start + offsets
-                live = (j + offsets < length)[None, :] & (
-                    from_pool | (key[None, :] < own[:, None])
-                )  # [R, tile]
-                if window is not None:  # a range key's position is its offset in the range
-                    live &= (j + offsets)[None, :] > (pp - window)[:, None]
-                return _online_step(carry, logits(s, scale, softcap), vt, live[None, :, None, :])
+    # [T, K, G, D] -> [K, T*G, D] once: a kv head's query heads stacked, rows token-major, so
+    # every product below reads a plain slice of it.
+    # Scaled here, once: a scale applied to each tile's scores is a multiply XLA may move into
+    # one product's operand and not another's (a row's bits then depended on its tile).
+    q_heads = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    q_heads = q_heads.transpose(1, 0, 2, 3).reshape(nk, t * g, d)
 
-            return jax.lax.fori_loop(0, n_pool + n_stream, step, carry)
-
+    def one_tile(j, out):
+        rows = lambda x: jax.lax.dynamic_slice_in_dim(x, j * tile, tile, 0)  # noqa: E731
+        kk, vv, local_start, tile_pos = (rows(x) for x in (k, v, meta.local_start, pos))
+        prefix = jax.lax.dynamic_slice_in_dim(meta.prefix, j * per, per, 0)  # [per, 3]
+        own = jax.lax.dynamic_slice_in_dim(meta.own, j * per, per, 0)  # [per, 4]
+        qh = jax.lax.dynamic_slice_in_dim(q_heads, j * tile * g, tile * g, 1)  # [K, R*G, D]
+        per_row = lambda x: jnp.repeat(x, block * g, total_repeat_length=tile * g)  # noqa: E731
+        takes = takes_prefix(per_row(own[:, 0]), jnp.repeat(local_start, g))  # [R*G]
+        lowest = None if window is None else jnp.repeat(tile_pos - window + 1, g)
         init = (
-            jnp.full((nk, block, g), NEG, jnp.float32),
-            jnp.zeros((nk, block, g), jnp.float32),
-            jnp.zeros((nk, block, g, d), jnp.float32),
+            jnp.full((nk, tile * g), NEG, jnp.float32),
+            jnp.zeros((nk, tile * g), jnp.float32),
+            jnp.zeros((nk, tile * g, d), jnp.float32),
         )
-        # Whole big tiles, one more when more than half of one is left; small tiles for the
-        # rest. Any rule works that depends on a range's length alone.
-        pool_big, stream_big = _big_tiles(pool_len, big), _big_tiles(stream_len, big)
-        carry = walk(init, big, 0, pool_big, 0, stream_big)
-        pool_from, stream_from = pool_big * big, stream_big * big
-        carry = walk(
-            carry,
-            small,
-            pool_from,
-            -(-jnp.maximum(pool_len - pool_from, 0) // small),
-            stream_from,
-            -(-jnp.maximum(stream_len - stream_from, 0) // small),
-        )
-        _, l_sum, o = _local_step(carry, qq, kk, vv, local_start, scale, softcap, window)
-        return (o / l_sum[..., None]).transpose(1, 0, 2, 3)  # [R, K, G, D]
 
-    out = jax.lax.map(
-        one_block,
-        (
-            q.reshape(nb, block, nk, g, d),
-            k.reshape(nb, block, nk, d),
-            v.reshape(nb, block, nk, d),
-            meta.local_start.reshape(nb, block),
-            meta.ranges,
-            jnp.arange(nb, dtype=jnp.int32),
-            *(() if window is None else (meta.pos.reshape(nb, block),)),
-        ),
-    )
-    return out.reshape(t, nk, g, d).astype(q.dtype)
+        def one_prefix(i, carry):
+            """Block i's prefix, for every row of the tile that takes it, unless an earlier
+            block of the tile has the same one (it was walked then)."""
+            same = (prefix == prefix[i]).all(axis=1)  # [per] blocks with this prefix
+            first = jnp.argmax(same) == i
+
+            def walk(carry):
+                live = takes & per_row(same)
+                read = read_prefix(prefix[i, 0])
+                return _walk(
+                    carry, qh, read, prefix[i, 1], prefix[i, 2], live, softcap,
+                    key_tiles, lowest,
+                )  # fmt: skip
+
+            return jax.lax.cond(first & (prefix[i, 2] > 0), walk, lambda c: c, carry)
+
+        carry = jax.lax.fori_loop(0, opaque(per), one_prefix, init)
+
+        def one_block(i, out):
+            sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * block * g, block * g, 1)  # noqa: E731
+            rb = lambda x: jax.lax.dynamic_slice_in_dim(x, i * block, block, 0)  # noqa: E731
+            c = tuple(sl(x) for x in carry)
+            qb, ls, o_start, o_len, o_pos = sl(qh), rb(local_start), own[i, 1], own[i, 2], own[i, 3]
+            firsts = jnp.repeat(ls == 0, g)  # the rows of the block's first sequence
+            own_lowest = None
+            if window is not None:  # an own key's position: the range's first plus its offset
+                own_lowest = jnp.repeat(rb(tile_pos) - window + 1 - o_pos, g)
+            c = _walk(c, qb, read_stream, o_start, o_len, firsts, softcap, key_tiles, own_lowest)
+            _, l_sum, o = _local_step(c, qb, rb(kk), rb(vv), ls, softcap, window)
+            res = (o / l_sum[..., None]).reshape(nk, block, g, d).transpose(1, 0, 2, 3)
+            at = j * tile + i * block
+            return jax.lax.dynamic_update_slice_in_dim(out, res.astype(out.dtype), at, 0)
+
+        return jax.lax.fori_loop(0, opaque(per), one_block, out)
+
+    out = jax.lax.fori_loop(0, opaque(nt), one_tile, jnp.zeros((t, nk, g, d), jnp.float32))
+    return out.astype(q.dtype)
 
 
-def ranges_array(rows: list[tuple[int, int, int, int]]) -> np.ndarray:
-    """Host helper: per-block ranges as the int32 [nb, 4] array `BlockMeta.ranges` holds."""
-    return np.asarray(rows, np.int32).reshape(-1, len(RANGES))
+def prefix_array(rows: list[tuple[int, int, int]]) -> np.ndarray:
+    """Host helper: per-tile prefixes as the int32 [nt, 3] array `BlockMeta.prefix` holds."""
+    return np.asarray(rows, np.int32).reshape(-1, len(PREFIX))
+
+
+def own_array(rows: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """Host helper: per-block own ranges as the int32 [nb, 4] array `BlockMeta.own` holds."""
+    return np.asarray(rows, np.int32).reshape(-1, len(OWN))

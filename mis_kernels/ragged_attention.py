@@ -1,16 +1,17 @@
 """Block attention (mis_kernels/block_attention.py) as a Pallas kernel: TPU (Mosaic), GPU (Triton).
 
-Same function as `block_attention`: a flat stream of blocks, each block attending to a range of
-the KV pool, a range of the stream (only keys before a token's own) and its own keys causally.
-One program per (kv head, block, group of its query heads): the GQA query heads that share a kv
-head are stacked into one tile of up to `rows` rows (an H100 kernel's usual 128), so each key
-tile is read once for all of them and every product has at least as many rows as the block.
-The rows stay in registers (GPU) or VMEM (TPU) while the pool range and then the stream range
-are walked tile by tile, in loops whose trip counts come from the block's ranges, so a block
-reads exactly the keys it can see: O(T x (query + block)) work, whatever the pool's size. The
-tiles every row sees in full (a cached or earlier query: nearly all of the work) run without a
-mask; only a range's last tile and the stream keys next to a row's own are masked. Then the
-block's own keys, one tile.
+Same function as `block_attention`: a flat stream of blocks, each block attending to its prefix
+(a query's keys in the KV pool or in the stream, for the tokens that take it), its own range of
+the stream (its first sequence's earlier blocks, for that sequence's tokens only) and its own
+keys causally. One program per (kv head, block, group of its query heads): the GQA query
+heads that share a kv head are stacked into one tile of up to `rows` rows (an H100 kernel's
+usual 128), so each key tile is read once for all of them and every product has at least as
+many rows as the block. The rows stay in registers (GPU) or VMEM (TPU) while the prefix and
+then the own range are walked tile by tile, in loops whose trip counts come from the block's
+ranges, so a block reads exactly the keys it can see: O(T x (query + own)) work, whatever the
+pool's size. The tiles every row sees in full (a cached or earlier query: nearly all of the
+work) run without a mask; only a range's last tile, and own-range tiles in a block whose later
+items do not take them, are masked. Then the block's own keys, one tile.
 
 Memory: on GPU a program indexes the pool and the stream of its kv head in global memory; on
 TPU both stay in HBM (`pl.ANY`) and each tile is copied into a VMEM scratch before use, so the
@@ -33,11 +34,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from mis_kernels.block_attention import NEG, BlockMeta, logits
+from mis_kernels.block_attention import NEG, BlockMeta, logits, takes_prefix
+from mis_kernels.layout import OWN, POOL, PREFIX, TAKES_ALL
 
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
 ROWS = 128  # query rows per program, at most: GQA heads are stacked up to this
 GPU_KEY_TILE = 64  # keys per step of a range walk on GPU (TPU: up to 128), at most
+_SCALARS = len(PREFIX) + len(OWN)  # per block: its prefix, then its own range
 
 
 def _step(q, k, v, mask, m_prev, l_prev, acc_prev, scale, softcap=None):
@@ -63,38 +66,38 @@ def _step(q, k, v, mask, m_prev, l_prev, acc_prev, scale, softcap=None):
 
 
 def _body(ranges, local, q, read, win=None, *, block: int, tile: int, scale: float, softcap=None):
-    """The kernel's math, shared by both lowerings. `ranges` = the block's four scalars,
-    `local` [R, 1] int32 and `q` [R, D]: R rows = the block's tokens once per query head of
-    the program, head after head. `read(source, start, size)` -> (k, v) [size, D] with source
-    0 = pool, 1 = stream. `win` [R, 2] int32 (sliding window, else None): each row's position
-    and the lowest key position it sees. Returns the rows' output [R, D] float32."""
+    """The kernel's math, shared by both lowerings. `ranges` = the block's seven scalars (its
+    prefix: source, start, len; its own range: who takes the prefix, start, len, pos),
+    `local` [R, 1] int32 and `q` [R, D]: R rows = the block's tokens once per query head of the
+    program, head after head. `read(source, start, size)` -> (k, v) [size, D] with source 0 =
+    pool, 1 = stream. `win` [R, 2] int32 (sliding window, else None): each row's position and
+    the lowest key position it sees. Returns the rows' output [R, D] float32."""
     b = pl.program_id(1)
     r = q.shape[0]
-    pool_start, pool_len, stream_start, stream_len = ranges
-    own = b * block + local  # [R, 1] first local key of each row
-    # Unlike the XLA walk (block_attention.py), the tiles here sit on one grid from the range's
-    # start, so where the range is cut only adds or drops fully masked tiles; which tiles run
-    # unmasked follows from the ranges and the block's place alone: no bit of a row depends on
-    # the other rows of its block.
-    stream_len = jnp.clip(jnp.max(own) - stream_start, 0, stream_len)
+    source, prefix_start, prefix_len, takes, own_start, own_len, own_pos = ranges
+    takers = takes_prefix(takes, local)  # [R, 1] the rows that take the prefix
+    prefix_len = jnp.where(jnp.max(takers.astype(jnp.int32)) > 0, prefix_len, 0)
+    firsts = local == 0  # [R, 1] the rows of the block's first sequence: they take its own range
+    own_len = jnp.where(jnp.max(firsts.astype(jnp.int32)) > 0, own_len, 0)
+    # The tiles sit on one grid from the range's start, so where a range is cut only adds or
+    # drops fully masked tiles: no bit of a row depends on the other rows of its block.
     cols = jax.lax.broadcasted_iota(jnp.int32, (r, tile), 1)
     if win is not None:
         lowest = win[:, 1:2]  # [R, 1] lowest key position a row sees
         cut = jnp.max(lowest) > 0  # the window cuts some range key of some row
 
-    def walk(source: int, start, length, clean, carry):
-        """The range's tiles: the first `clean` ones seen whole by every row, then the rest."""
+    def walk(src: int, start, length, key_pos, rows_mask, clean, carry):
+        """The range's tiles: the first `clean` ones seen whole by every row, then the rest.
+        `key_pos`: the position of the range's first key (sliding window)."""
 
         def step(masked: bool):
             def body(j, carry):
-                k, v = read(source, start + j * tile, tile)
+                k, v = read(src, start + j * tile, tile)
                 if not masked:
                     return _step(q, k, v, None, *carry, scale, softcap)
-                mask = j * tile + cols < length
-                if source == 1:  # stream keys only before each row's own keys
-                    mask &= start + j * tile + cols < own
-                if win is not None:  # a range key's position is its offset in the range
-                    mask &= j * tile + cols >= lowest
+                mask = (j * tile + cols < length) & rows_mask
+                if win is not None:
+                    mask &= key_pos + j * tile + cols >= lowest
                 return _step(q, k, v, mask, *carry, scale, softcap)
 
             return body
@@ -109,10 +112,15 @@ def _body(ranges, local, q, read, win=None, *, block: int, tile: int, scale: flo
         jnp.zeros((r, 1), jnp.float32),
         jnp.zeros((r, q.shape[-1]), jnp.float32),
     )
-    carry = walk(0, pool_start, pool_len, pool_len // tile, init)
-    # Every row's own keys start at or after the block's first token.
-    seen = jnp.clip(jnp.minimum(stream_len, b * block - stream_start), 0, None)
-    carry = walk(1, stream_start, stream_len, seen // tile, carry)
+    whole = jnp.where(takes == TAKES_ALL, prefix_len // tile, 0)  # tiles every row sees
+    carry = jax.lax.cond(
+        source == POOL,
+        lambda c: walk(0, prefix_start, prefix_len, 0, takers, whole, c),
+        lambda c: walk(1, prefix_start, prefix_len, 0, takers, whole, c),
+        init,
+    )
+    whole = jnp.where(jnp.min(firsts.astype(jnp.int32)) > 0, own_len // tile, 0)
+    carry = walk(1, own_start, own_len, own_pos, firsts, whole, carry)
     k, v = read(1, b * block, block)
     # A row's place in the block (block: a power of two).
     pos = jax.lax.broadcasted_iota(jnp.int32, (r, block), 0) & (block - 1)
@@ -125,7 +133,7 @@ def _body(ranges, local, q, read, win=None, *, block: int, tile: int, scale: flo
 
 
 def _gpu_kernel(
-    ranges_ref,  # [4] int32
+    ranges_ref,  # [7] int32
     local_ref,  # [R, 1] int32
     q_ref,  # [R, D]
     k_ref,  # [T + tile, D]  the stream of this kv head
@@ -142,14 +150,14 @@ def _gpu_kernel(
         rows = pl.ds(start, size)
         return k[rows, :], v[rows, :]
 
-    ranges = tuple(ranges_ref[i] for i in range(4))
+    ranges = tuple(ranges_ref[i] for i in range(_SCALARS))
     win = win_ref[0][...] if win_ref else None
     out = _body(ranges, local_ref[...], q_ref[...], read, win, **kw)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
 def _tpu_kernel(
-    ranges_ref,  # SMEM [nb * 4] int32
+    ranges_ref,  # SMEM [nb * 7] int32
     local_ref,  # [R, 1] int32
     q_ref,  # [R, D]
     k_hbm,  # [K, T + tile, D] (HBM)
@@ -171,7 +179,7 @@ def _tpu_kernel(
         pltpu.sync_copy(v.at[kv, rows, :], v_buf.at[:size, :])
         return k_buf[:size, :], v_buf[:size, :]
 
-    ranges = tuple(ranges_ref[b * 4 + i] for i in range(4))
+    ranges = tuple(ranges_ref[b * _SCALARS + i] for i in range(_SCALARS))
     win = win_ref[0][...] if win_ref else None
     out = _body(ranges, local_ref[...], q_ref[...], read, win, **kw)
     o_ref[...] = out.astype(o_ref.dtype)
@@ -252,6 +260,8 @@ def ragged_block_attention(
     kh = jnp.pad(k.swapaxes(0, 1), [(0, 0), (0, tile), (0, 0)])
     vh = jnp.pad(v.swapaxes(0, 1), [(0, 0), (0, tile), (0, 0)])
     local = jnp.tile(meta.local_start.reshape(nb, 1, block), (1, hp, 1)).reshape(nb, r, 1)
+    # Per block: its prefix, then its own range.
+    ranges = jnp.concatenate([meta.prefix, meta.own], axis=1).astype(jnp.int32)  # [nb, 7]
     win = ()  # sliding window: per row (position, lowest key position it sees)
     if window is not None:
         if meta.pos is None:
@@ -271,7 +281,7 @@ def ragged_block_attention(
             out_shape=out_shape,
             grid=grid,
             in_specs=[
-                pl.BlockSpec((None, 4), lambda i, b: (b, 0)),
+                pl.BlockSpec((None, _SCALARS), lambda i, b: (b, 0)),
                 local_spec,
                 q_spec,
                 per_head(kh.shape[1]),
@@ -286,7 +296,7 @@ def ragged_block_attention(
             ),
             interpret=interpret,
             name="ragged_block_attention",
-        )(meta.ranges, local, qp, kh, vh, pool_k, pool_v, *win)
+        )(ranges, local, qp, kh, vh, pool_k, pool_v, *win)
     elif backend == "tpu":
         hbm = pl.BlockSpec(memory_space=pl.ANY)
         out = pl.pallas_call(
@@ -302,7 +312,7 @@ def ragged_block_attention(
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
             interpret=pltpu.InterpretParams() if interpret else False,
             name="ragged_block_attention",
-        )(meta.ranges.reshape(-1), local, qp, kh, vh, pool_k, pool_v, *win)
+        )(ranges.reshape(-1), local, qp, kh, vh, pool_k, pool_v, *win)
     else:
         raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")
     out = out.reshape(nk, per_kv, nb, hp, block, d).transpose(2, 4, 0, 1, 3, 5)

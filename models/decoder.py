@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mis_kernels.block_attention import BlockMeta, block_attention, dense_attention
+from mis_kernels.block_attention import KEY_TILES, BlockMeta, block_attention, dense_attention
 from mis_kernels.ragged_attention import ragged_block_attention
 from models.config import Head, ModelConfig, RopeScaling
 from models.engine_config import Attention
@@ -32,18 +32,22 @@ from models.parallel import over_heads
 
 @dataclasses.dataclass(frozen=True)
 class StreamShape:
-    """Static shape of one forward's stream: `tokens` tokens in blocks of `block`."""
+    """Static shape of one forward's stream: `tokens` tokens in blocks of `block`, grouped in
+    tiles of `tile` (the rows that score against a query's keys as one product)."""
 
     tokens: int
     block: int
+    tile: int
     attention: Attention
-    key_tiles: tuple[int, int] = (512, 128)  # XLA: big and small key tiles of a range
+    key_tiles: tuple[int, int] = KEY_TILES  # XLA: big and small key tiles of a range
 
     def __post_init__(self) -> None:
         if self.attention is Attention.AUTO:
             raise ValueError("resolve attention 'auto' before building a stream shape")
-        if self.tokens % self.block:
-            raise ValueError(f"{self.tokens=} must be a multiple of {self.block=}")
+        if self.tile % self.block or self.tokens % self.tile:
+            raise ValueError(
+                f"{self.tokens=} must be a multiple of {self.tile=}, itself of {self.block=}"
+            )
 
 
 class RMSNorm(nn.Module):
@@ -151,7 +155,8 @@ class SelfAttention(nn.Module):
             "v": v,
             "pool_k": pool_k,
             "pool_v": pool_v,
-            "ranges": meta.ranges,
+            "prefix": meta.prefix,
+            "own": meta.own,
             "local_start": meta.local_start,
         }
         if window is not None:  # sliding window: this layer's, and the tokens' positions
@@ -173,7 +178,7 @@ def _attend(
     a: dict[str, jax.Array],
 ) -> jax.Array:
     """Block attention of one layer on whatever heads `a` holds (all, or one device's)."""
-    meta = BlockMeta(a["ranges"], a["local_start"], a.get("pos"))
+    meta = BlockMeta(a["prefix"], a["own"], a["local_start"], a.get("pos"))
     q, k, v, pool_k, pool_v = (a[n] for n in ("q", "k", "v", "pool_k", "pool_v"))
     kw = {} if scale is None and softcap is None else {"scale": scale, "softcap": softcap}
     if "window" in a:
@@ -181,14 +186,31 @@ def _attend(
     match shape.attention:
         case Attention.XLA:
             return block_attention(
-                q, k, v, pool_k, pool_v, meta, block=shape.block, key_tiles=shape.key_tiles, **kw
+                q,
+                k,
+                v,
+                pool_k,
+                pool_v,
+                meta,
+                block=shape.block,
+                tile=shape.tile,
+                key_tiles=shape.key_tiles,
+                **kw,
             )
         case Attention.PALLAS:
             # Simulated CPU devices under shard_map: the TPU interpreter's callbacks block
             # XLA:CPU's device threads (4 devices on 2 cores hang), the generic one has none.
             backend = "gpu" if sharded and jax.default_backend() == "cpu" else None
             return ragged_block_attention(
-                q, k, v, pool_k, pool_v, meta, block=shape.block, backend=backend, **kw
+                q,
+                k,
+                v,
+                pool_k,
+                pool_v,
+                meta,
+                block=shape.block,
+                backend=backend,
+                **kw,
             )
         case Attention.DENSE:
             return dense_attention(q, k, v, meta, block=shape.block, **kw)
@@ -380,7 +402,7 @@ def label_logits_and_lse(
 
 def init_shape(block: int = 8) -> StreamShape:
     """The smallest stream shape: what `init` and shape inspection trace."""
-    return StreamShape(tokens=block, block=block, attention=Attention.XLA, key_tiles=(8, 8))
+    return StreamShape(block, block, block, Attention.XLA, key_tiles=(8, 8))
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -388,7 +410,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shape = init_shape()
     model = Decoder(cfg, shape)
     ints = jnp.zeros((shape.tokens,), jnp.int32)
-    meta = BlockMeta(jnp.zeros((1, 4), jnp.int32), ints)
+    meta = BlockMeta(jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 4), jnp.int32), ints)  # 1 block
     pool = jnp.zeros((cfg.num_layers, cfg.num_kv_heads, 16, cfg.head_dim))  # [layers, K, P, D]
     tree = jax.eval_shape(
         lambda: model.init(jax.random.key(0), ints, ints, meta, pool, pool, ints[:1], ints[:2])

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mis_kernels.block_attention import BlockMeta
+from mis_kernels.block_attention import KEY_TILES, BlockMeta
 from models.buckets import pow2_bucket, pow2_upto
 from models.checkpoint import load_checkpoint
 from models.config import ModelConfig
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 HEAD_ROWS = 512  # score positions per LM-head call, at most
 POOL_ALIGN = 128  # pool ranges start at multiples of this (the Pallas TPU tile)
-KEY_TILES = (512, 128)  # XLA attention: big and small key tiles of a range
 STATS = ("items", "forwards", "tokens", "padded_tokens", "prefix_hits", "prefix_misses", "compiles")
 
 
@@ -179,13 +178,15 @@ class ScoringEngine:
             )
         self.attention = resolve_attention(config.attention)
         log.info(
-            "engine: %s mode, %s attention (%s requested), blocks of %d tokens, forwards of up "
-            "to %d tokens",
+            "engine: %s mode, %s attention (%s requested), blocks of %d tokens in tiles of %d, "
+            "forwards of up to %d tokens, items of up to %d",
             config.mode.value,
             self.attention.value,
             config.attention.value,
             config.block,
+            config.tile,
             config.max_batch_tokens,
+            config.max_item_tokens,
         )
         prefix = config.mode is Mode.PREFIX
         self.pool = PrefixPool(config.prefix_pool_tokens, POOL_ALIGN) if prefix else None
@@ -228,6 +229,7 @@ class ScoringEngine:
                 valid,
                 self.config.mode,
                 block=self.config.block,
+                tile=self.config.tile,
                 max_blocks=self.config.max_blocks,
                 max_labels=self.config.max_labels,
                 pool=self.pool,
@@ -277,7 +279,7 @@ class ScoringEngine:
         shapes = [
             *(
                 (4.0, functools.partial(self._body, n * self.config.block))
-                for n in stream_ladder(self.config.max_blocks)
+                for n in stream_ladder(self.config.max_blocks, self.config.per_tile)
             ),
             *((1.0, functools.partial(self._head, r)) for r in pow2_upto(HEAD_ROWS, MIN_ROWS)),
         ]
@@ -323,19 +325,20 @@ class ScoringEngine:
         return program
 
     def _body(self, tokens: int):
-        shape = StreamShape(tokens, self.config.block, self.attention, KEY_TILES)
+        tile = min(self.config.tile, tokens)  # a stream shorter than a tile is one
+        shape = StreamShape(tokens, self.config.block, tile, self.attention, KEY_TILES)
 
         pool_tokens = self.pool.tokens if self.pool is not None else 0
 
         def build():
             model = Decoder(self.run_cfg, shape, self.dtype, self.mesh)
 
-            def body(params, pool_k, pool_v, tokens, pos, ranges, local_start, write_idx):
+            def body(params, pool_k, pool_v, tokens, pos, prefix, own, local_start, write_idx):
                 hidden, (k, v) = model.apply(
                     {"params": params},
                     tokens,
                     pos,
-                    BlockMeta(ranges, local_start),
+                    BlockMeta(prefix, own, local_start),
                     pool_k,
                     pool_v,
                     method=Decoder.body,
@@ -351,7 +354,11 @@ class ScoringEngine:
                 return jnp.pad(hidden, [(0, rows), (0, 0)]), pool_k, pool_v
 
             ints = jax.ShapeDtypeStruct((tokens,), jnp.int32)
-            args = (self.params, *self._pool_kv, ints, ints, self._ranges_struct(tokens))
+            meta = (
+                jax.ShapeDtypeStruct((tokens // self.config.block, 3), jnp.int32),  # prefix
+                jax.ShapeDtypeStruct((tokens // self.config.block, 4), jnp.int32),  # own
+            )
+            args = (self.params, *self._pool_kv, ints, ints, *meta)
             args += (ints, ints)
             return self._compile(body, args, outs=3, pool_args=(1, 2))
 
@@ -379,9 +386,6 @@ class ScoringEngine:
             return self._compile(head, args, outs=2, pool_args=())
 
         return self._program("head", (rows, labels, self.config.max_batch_tokens), build)
-
-    def _ranges_struct(self, tokens: int):
-        return jax.ShapeDtypeStruct((tokens // self.config.block, 4), jnp.int32)
 
     def _compile(self, fn, args, *, outs: int, pool_args: tuple[int, ...]):
         """jit -> lower -> compile, with the mesh's shardings (host inputs replicated, the
@@ -416,7 +420,14 @@ class ScoringEngine:
         pool_in = self._pool_kv
         try:
             hidden, *pool_out = body(
-                self.params, *pool_in, f.tokens, f.pos, f.ranges, f.local_start, f.write_idx
+                self.params,
+                *pool_in,
+                f.tokens,
+                f.pos,
+                f.prefix,
+                f.own,
+                f.local_start,
+                f.write_idx,
             )
         except BaseException as e:
             if any(a.is_deleted() for a in pool_in):  # donated to the program that failed

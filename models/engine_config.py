@@ -5,17 +5,22 @@ ingress process never loads JAX, Flax or the model (models/engine.py builds the 
 from __future__ import annotations
 
 import enum
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.buckets import pow2_bucket
 from models.plan import Mode
 
 # Fewest rows a matmul gets: XLA:CPU keeps matmuls of >= 64 rows on one GEMM kernel whose
 # per-row results do not depend on the row count (its small-M paths reorder the sums), so a
 # block of 64 tokens and 64 score positions per LM-head call keep isolation exact.
 MIN_ROWS = 64
+# Tokens of a tile: the rows whose items share one query prefix and score against its keys as
+# one product per key tile (mis_kernels/block_attention.py). Item tokens of one query fill
+# tiles together, so a longer tile is a bigger product but more padding where a forward holds
+# many queries' items; a forward shorter than a tile is one tile.
+TILE = 256
 
 
 class Attention(enum.Enum):
@@ -50,9 +55,8 @@ class EngineConfig(BaseModel):
     max_item_tokens: int = Field(
         default=128,
         ge=1,
-        description="Longest item. The stream's block is the next power of two >= it (and "
-        f">= {MIN_ROWS}): an item never crosses a block, and a small request pads at most one "
-        "block.",
+        description=f"Longest item. Items of any length up to a forward's: short ones are packed "
+        f"{MIN_ROWS}-token blocks, a longer one spans blocks; what it costs is its own length.",
     )
     max_query_tokens: int = Field(default=4096, ge=1, description="Longest query.")
     max_labels: int = Field(
@@ -66,7 +70,16 @@ class EngineConfig(BaseModel):
 
     @property
     def block(self) -> int:
-        return pow2_bucket(self.max_item_tokens, MIN_ROWS)
+        return MIN_ROWS
+
+    @property
+    def tile(self) -> int:
+        """TILE tokens, or fewer where max_batch_tokens is no multiple of it (whole blocks)."""
+        return math.gcd(TILE, self.max_batch_tokens)
+
+    @property
+    def per_tile(self) -> int:
+        return self.tile // self.block
 
     @property
     def max_blocks(self) -> int:
@@ -85,16 +98,18 @@ class EngineConfig(BaseModel):
     def _check(self) -> EngineConfig:
         if self.max_batch_tokens % self.block:
             raise ValueError(
-                f"max_batch_tokens {self.max_batch_tokens} must be a multiple of the block "
-                f"({self.block}, from max_item_tokens {self.max_item_tokens})"
+                f"max_batch_tokens {self.max_batch_tokens} must be a multiple of {self.block} "
+                "(the stream's blocks)"
             )
-        longest = self.max_query_tokens + (
-            self.max_item_tokens if self.mode is Mode.SERIAL else self.block
-        )
-        if longest > self.max_batch_tokens:
+        # A forward holds a query's run and then one of its items from a block boundary (or one
+        # run of both: serial mode, item_first).
+        q, item = self.max_query_tokens, self.max_item_tokens
+        need = -(-q // self.block) + -(-item // self.block)
+        if need > self.max_blocks:
             raise ValueError(
-                f"max_query_tokens {self.max_query_tokens}: a query and an item must fit one "
-                f"forward of max_batch_tokens {self.max_batch_tokens}"
+                f"max_query_tokens {q} and max_item_tokens {item} must fit one forward of "
+                f"max_batch_tokens {self.max_batch_tokens} ({need} blocks of {self.block} "
+                f"needed, {self.max_blocks} there)"
             )
         if self.mode is Mode.PREFIX and self.max_query_tokens > self.prefix_pool_tokens:
             raise ValueError(

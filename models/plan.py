@@ -1,18 +1,25 @@
 """From chunks of any number of requests to forwards over one flat stream of blocks (host side).
 
-Every block of the stream belongs to one *sequence*, and a sequence's blocks share its key
-ranges (mis_kernels/block_attention.py):
+The stream is cut into blocks of `block` tokens (mis_kernels/block_attention.py: a block's
+prefix, its own range, its tokens' local keys). Sequences:
 
-- a query and some of its items: the query's keys come from the pool (cached) or from a run of
-  the query's own tokens placed first in the sequence (prefilled here; in prefix mode they are
-  also written to the pool for later forwards), then the items back to back, an item never
-  crossing a block boundary;
-- one causal run: serial `query ++ item` (or `item ++ query`), scored at its last token.
+- a causal run (a query prefilled: in prefix mode its K/V are also written to the pool for
+  later forwards; a serial `query ++ item` row): from a block boundary over as many blocks as
+  it needs, each block's own range the run before it;
+- a query's items: their blocks take the query's keys as their prefix (in the pool, or its run
+  earlier in this forward). An item goes where a block of its query has room left (packed back
+  to back, first fit; the last block of the query's run too), or starts a new block and goes on
+  over as many as it needs (its later blocks read its earlier part as their own range; items of
+  its query may follow it in its last block). Items of any length.
 
-Sequences start at block boundaries, so what a token computes depends on its own sequence only,
-never on where the sequence sits or what else shares the forward. A forward holds at most
-`max_blocks` blocks and its chunks' labels together; what does not fit goes to the next one
-(prefix mode: reading the query from the pool by then; packed mode: running it again).
+A sequence that spans blocks starts at a block boundary, so what a token computes depends on
+its own sequence only, never on where the sequence sits or what else shares the forward. A
+forward holds at most `max_blocks` blocks and its chunks' labels together; what does not fit
+goes to the next one (prefix mode: reading the query from the pool by then; packed mode:
+running it again). A forward is padded to the next rung of a short ladder of stream lengths
+(what warm-up compiles): powers of two, then steps of an eighth of the longest. Blocks are
+grouped in tiles of `tile` tokens, whose rows of one query score against its keys together;
+a stream's length is a whole number of tiles (or one, shorter).
 """
 
 from __future__ import annotations
@@ -23,20 +30,27 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.buckets import pow2_bucket, pow2_upto
+from mis_kernels.layout import POOL, STREAM, TAKES_AFTER_RUN, TAKES_ALL, TAKES_NONE
 from models.inputs import Chunk
 from models.pool import PrefixPool
 
 
-def stream_blocks(n: int, max_blocks: int) -> int:
-    """Blocks of the compiled stream holding n blocks: the next power of two, at most
-    `max_blocks` (itself the top rung when it is not a power of two)."""
-    return min(pow2_bucket(n), max_blocks)
+def stream_ladder(max_blocks: int, per_tile: int = 1) -> list[int]:
+    """Every stream length (in blocks) a forward can have: what warm-up compiles. Powers of two,
+    then, from an eighth of `max_blocks` (in whole tiles of `per_tile` blocks) on, steps of an
+    eighth, and `max_blocks` itself: a long forward is padded by at most an eighth of the
+    longest, not up to twice its length. A short `max_blocks` (an eighth under 4 blocks) keeps
+    the powers of two alone."""
+    step = max_blocks // 8 // per_tile * per_tile
+    pow2 = {1 << i for i in range(max_blocks.bit_length()) if 1 << i < max_blocks}
+    if step < max(4, per_tile):
+        return sorted(pow2 | {max_blocks})
+    return sorted({n for n in pow2 if n < step} | set(range(step, max_blocks, step)) | {max_blocks})
 
 
-def stream_ladder(max_blocks: int) -> list[int]:
-    """Every stream length (in blocks) a forward can have: what warm-up compiles."""
-    return sorted({min(n, max_blocks) for n in pow2_upto(max_blocks)})
+def stream_blocks(n: int, max_blocks: int, per_tile: int = 1) -> int:
+    """Blocks of the compiled stream holding n blocks: the smallest rung >= n."""
+    return next(r for r in stream_ladder(max_blocks, per_tile) if r >= n)
 
 
 class Mode(enum.Enum):
@@ -52,13 +66,16 @@ class Forward:
     tokens: np.ndarray  # [T]
     pos: np.ndarray  # [T] RoPE positions
     local_start: np.ndarray  # [T] index inside its block where a token's own keys start
-    ranges: np.ndarray  # [T / block, 4]
+    prefix: np.ndarray  # [T / block, 3] per block: source (POOL | STREAM), start, len
+    own: np.ndarray  # [T / block, 4] per block: who takes the prefix, own start, len, first pos
     write_idx: np.ndarray  # [T] pool slot for the token's K/V; >= pool size: not written
     score_idx: np.ndarray  # [S] stream index of each scored token
     labels: np.ndarray  # [U] label ids of all the forward's chunks (padded with 0)
     dest: list[tuple[int, int]]  # per score: (chunk, item)
     label_cols: dict[int, list[int]]  # per chunk: the column of each of its labels in `labels`
     real_tokens: int  # tokens that are not padding
+    kind: np.ndarray  # [T] int8: PAD, RUN (a causal run: a query prefilled, a serial row), ITEM
+    tile: int = 0  # tokens per tile of this stream (a stream shorter than a tile is one)
     fills: list[tuple[int, ...]] = dataclasses.field(default_factory=list)  # queries it writes
     # into the pool (prefix mode): cached once this forward has returned (PrefixPool.commit)
 
@@ -70,24 +87,25 @@ class Plan:
     prefix_misses: int = 0  # chunks whose query ran
 
 
+Prefix = tuple[int, int, int]  # source, start, len
+PAD, RUN, ITEM = 0, 1, 2  # Forward.kind
+
+
 class _Builder:
     """One forward being filled, block by block."""
 
-    def __init__(self, block: int, max_blocks: int, max_labels: int, drop: int):
-        self.block, self.max_blocks, self.max_labels, self.drop = (
-            block,
-            max_blocks,
-            max_labels,
-            drop,
-        )
+    def __init__(self, block: int, tile: int, max_blocks: int, max_labels: int, drop: int):
+        self.block, self.tile, self.max_blocks = block, tile, max_blocks
+        self.max_labels, self.drop = max_labels, drop
         n = max_blocks * block
         self.tokens = np.zeros(n, np.int32)
         self.pos = np.zeros(n, np.int32)
         self.local = np.zeros(n, np.int32)
         self.write = np.full(n, drop, np.int32)  # drop: past the pool's end
-        self.ranges: list[tuple[int, int, int, int]] = []
-        self.fill = block  # tokens used in the last block (full: the next item opens a block)
-        self.seq = (0, 0, 0, 0)  # ranges of the sequence being placed
+        self.kind = np.zeros(n, np.int8)
+        self.own: list[list[int]] = []  # per block: takes, own start, len, pos
+        self.prefix: list[Prefix] = []  # per block
+        self.room: dict[Prefix, dict[int, int]] = {}  # blocks items of a query may join: used
         self.labels: list[int] = []
         self.label_cols: dict[int, list[int]] = {}
         self.scores: list[int] = []
@@ -97,12 +115,8 @@ class _Builder:
         self.fills: list[tuple[int, ...]] = []
         self.real = 0
 
-    @property
-    def free_blocks(self) -> int:
-        return self.max_blocks - len(self.ranges)
-
     def empty(self) -> bool:
-        return not self.ranges
+        return not self.own
 
     def take_labels(self, chunk: int, labels: Sequence[int]) -> bool:
         """Give the chunk its label columns; False when the union would be too wide."""
@@ -115,50 +129,76 @@ class _Builder:
         self.label_cols[chunk] = [self.labels.index(x) for x in labels]
         return True
 
-    def start_sequence(self, ranges: tuple[int, int, int, int]) -> None:
-        self.seq = ranges
-        self.fill = self.block
+    def _blocks(self, n: int) -> int:
+        return -(-n // self.block)
 
-    def _open_block(self) -> int:
-        self.ranges.append(self.seq)
-        self.fill = 0
-        return (len(self.ranges) - 1) * self.block
+    def _fit(self, prefix: Prefix, n: int) -> int | None:
+        """A block of `prefix`'s items (or its run's last) with room for n more tokens (first
+        fit), or None."""
+        used = self.room.get(prefix, {})
+        return next((b for b, n_used in used.items() if n_used + n <= self.block), None)
 
     def run_fits(self, n: int, then: int = 0) -> bool:
-        """A run of n tokens (at a block boundary), then an item of `then` tokens."""
-        blocks = -(-n // self.block)
+        """A run of n tokens from the next block, then (`then` > 0) a first item of its query
+        of `then` tokens reading it from the stream (in the run's last block if it fits)."""
+        blocks = self._blocks(n)
         tail = n - (blocks - 1) * self.block
-        extra = 1 if then and tail + then > self.block else 0
-        return blocks + extra <= self.free_blocks
+        if then and not (then <= self.block and tail + then <= self.block):
+            blocks += self._blocks(then)
+        return len(self.own) + blocks <= self.max_blocks
+
+    def item_fits(self, n: int, prefix: Prefix) -> bool:
+        if n <= self.block and self._fit(prefix, n) is not None:
+            return True
+        return len(self.own) + self._blocks(n) <= self.max_blocks
+
+    def _open(self, takes: int, own: tuple[int, int, int], prefix: Prefix) -> None:
+        self.own.append([takes, *own])
+        self.prefix.append(prefix)
 
     def add_run(self, tokens: Sequence[int], write: np.ndarray | None) -> int:
-        """A causal run from a block boundary; the sequence's stream range becomes the run.
-        Returns the stream index of its last token."""
-        n = len(tokens)
-        start = len(self.ranges) * self.block
-        self.seq = (self.seq[0], self.seq[1], start, n)
-        for i in range(0, n, self.block):
-            self._open_block()
-            self.fill = min(self.block, n - i)
+        """A causal run from the next block boundary, each block's own range the run before
+        it. Returns the stream index of its first token."""
+        n, start = len(tokens), len(self.own) * self.block
+        for i in range(self._blocks(n)):
+            self._open(TAKES_NONE, (start, i * self.block, 0), (POOL, 0, 0))
         self.tokens[start : start + n] = tokens
         self.pos[start : start + n] = np.arange(n)
+        self.kind[start : start + n] = RUN
         if write is not None:
             self.write[start : start + n] = write
         self.real += n
-        return start + n - 1
+        return start
 
-    def item_fits(self, n: int) -> bool:
-        return self.fill + n <= self.block or self.free_blocks > 0
+    def query_run(self, tokens: Sequence[int], write: np.ndarray | None) -> Prefix:
+        """A query's run, which its items read as their prefix: the first of them may follow it
+        in its last block."""
+        start = self.add_run(tokens, write)
+        prefix = (STREAM, start, len(tokens))
+        last = len(self.own) - 1
+        self.own[last][0] = TAKES_AFTER_RUN
+        self.prefix[last] = prefix
+        self.room.setdefault(prefix, {})[last] = (len(tokens) - 1) % self.block + 1
+        return prefix
 
-    def add_item(self, item: Sequence[int], query_len: int, dest: tuple[int, int]) -> None:
-        n = len(item)
-        if self.fill + n > self.block:
-            self._open_block()
-        start = (len(self.ranges) - 1) * self.block + self.fill
+    def add_item(self, item: Sequence[int], prefix: Prefix, dest: tuple[int, int]) -> None:
+        """An item of the query `prefix` reads (its keys: source, start, length), scored at
+        its last token."""
+        n, query_len = len(item), prefix[2]
+        room = self.room.setdefault(prefix, {})
+        if n <= self.block and (b := self._fit(prefix, n)) is not None:
+            start = b * self.block + room[b]  # after what block b already holds
+            self.local[start : start + n] = room[b]
+            room[b] += n
+        else:
+            start = len(self.own) * self.block
+            for i in range(self._blocks(n)):
+                self._open(TAKES_ALL, (start, i * self.block, query_len), prefix)
+            self.local[start : start + n] = 0
+            room[len(self.own) - 1] = (n - 1) % self.block + 1
         self.tokens[start : start + n] = item
         self.pos[start : start + n] = query_len + np.arange(n)
-        self.local[start : start + n] = self.fill
-        self.fill += n
+        self.kind[start : start + n] = ITEM
         self.real += n
         self.score(start + n - 1, dest)
 
@@ -167,23 +207,28 @@ class _Builder:
         self.dest.append(dest)
 
     def finish(self, max_labels: int) -> Forward:
-        blocks = stream_blocks(len(self.ranges), self.max_blocks)
+        blocks = stream_blocks(len(self.own), self.max_blocks, self.tile // self.block)
         t = blocks * self.block
-        ranges = np.zeros((blocks, 4), np.int32)
-        ranges[: len(self.ranges)] = self.ranges
+        own = np.zeros((blocks, 4), np.int32)
+        own[: len(self.own)] = self.own
+        prefix = np.zeros((blocks, 3), np.int32)  # len 0: no prefix
+        prefix[: len(self.prefix)] = self.prefix
         labels = np.zeros(max_labels, np.int32)
         labels[: len(self.labels)] = self.labels
         return Forward(
             tokens=self.tokens[:t].copy(),
             pos=self.pos[:t].copy(),
             local_start=self.local[:t].copy(),
-            ranges=ranges,
+            prefix=prefix,
+            own=own,
             write_idx=self.write[:t].copy(),
             score_idx=np.asarray(self.scores, np.int32),
             labels=labels,
             dest=self.dest,
             label_cols=self.label_cols,
             real_tokens=self.real,
+            kind=self.kind[:t].copy(),
+            tile=min(self.tile, t),
             fills=self.fills,
         )
 
@@ -204,6 +249,7 @@ def plan(
     mode: Mode,
     *,
     block: int,
+    tile: int,
     max_blocks: int,
     max_labels: int,
     pool: PrefixPool | None = None,
@@ -215,22 +261,25 @@ def plan(
     `pad_id`: a classification head's pad token: each sequence is scored where transformers
     pools it (`pooled`), and an item of pad tokens only is pooled inside its query, so it runs
     as a causal run of the query's pooled part."""
+    if tile % block:
+        raise ValueError(f"{tile=} must be a multiple of {block=}")
     drop = pool.tokens if pool is not None else 0
     out = Plan([])
-    b = _Builder(block, max_blocks, max_labels, drop)
+    b = _Builder(block, tile, max_blocks, max_labels, drop)
 
     def flush() -> _Builder:
         if not b.empty():
             out.forwards.append(b.finish(max_labels))
-        return _Builder(block, max_blocks, max_labels, drop)
+        return _Builder(block, tile, max_blocks, max_labels, drop)
 
     def add_run(ci: int, ii: int, run: Sequence[int], labels: Sequence[int]) -> None:
         nonlocal b
         if not (b.run_fits(len(run)) and b.take_labels(ci, labels)):
             b = flush()
             b.take_labels(ci, labels)
-        b.start_sequence((0, 0, 0, 0))
-        b.score(b.add_run(run, None), (ci, ii))
+            if not b.run_fits(len(run)):
+                raise ValueError(f"a run of {len(run)} tokens does not fit a forward")
+        b.score(b.add_run(run, None) + len(run) - 1, (ci, ii))
 
     for ci, c in enumerate(chunks):
         if c is None or not c.items:
@@ -254,18 +303,21 @@ def plan(
                 b = flush()
                 continue
             key = tuple(query)
+            prefix: Prefix
             if key in b.runs:  # this forward already runs the query
-                start, n = b.runs[key]
-                b.start_sequence((0, 0, start, n))
+                prefix = (STREAM, *b.runs[key])
                 out.prefix_hits += 1
             elif mode is Mode.PREFIX and (at := pool.find(query)) is not None:
                 b.pinned.add(key)
-                b.start_sequence((at, len(query), 0, 0))
+                prefix = (POOL, at, len(query))
                 out.prefix_hits += 1
             else:
                 if not b.run_fits(len(query), then=first):
                     if b.empty():
-                        raise ValueError(f"a query of {len(query)} tokens and an item do not fit")
+                        raise ValueError(
+                            f"a query of {len(query)} tokens and an item of {first} do not fit "
+                            f"a forward of {max_blocks * block} tokens"
+                        )
                     b = flush()
                     continue
                 write = None
@@ -273,14 +325,15 @@ def plan(
                     b.pinned.add(key)
                     b.fills.append(key)
                     write = at + np.arange(len(query), dtype=np.int32)
-                b.start_sequence((0, 0, 0, 0))
-                last = b.add_run(query, write)
-                b.runs[key] = (last + 1 - len(query), len(query))
+                prefix = b.query_run(query, write)
+                b.runs[key] = prefix[1:]
                 out.prefix_misses += 1
-            while todo and b.item_fits(len(items[todo[0]])):
+            while todo and b.item_fits(len(items[todo[0]]), prefix):
                 ii = todo.pop(0)
-                b.add_item(items[ii], len(query), (ci, ii))
+                b.add_item(items[ii], prefix, (ci, ii))
             if todo:
+                if b.empty():
+                    raise ValueError(f"an item of {first} tokens does not fit a forward")
                 b = flush()
     flush()
     return out

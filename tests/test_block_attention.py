@@ -3,6 +3,8 @@ and the dense baseline against the plain reference, and the exactness the engine
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -12,100 +14,175 @@ from mis_kernels.block_attention import (
     block_attention,
     block_attention_reference,
     dense_attention,
-    ranges_array,
+    own_array,
+    prefix_array,
     visible,
+)
+from mis_kernels.layout import POOL, STREAM, TAKES_AFTER_RUN, TAKES_ALL, TAKES_NONE
+from models.inputs import Chunk
+from models.plan import Mode, plan
+from models.pool import PrefixPool
+
+# Pool of 3 keys (a cached query c0..c2); blocks of 2 tokens:
+#   block 0:   a query run q0 q1
+#   blocks 1-2: item A (3 tokens) of that query, a long item: its block 2 reads A0 A1 as its own
+#              range; item B (1 token) of the same query after it in block 2
+#   block 3:   the run r0 of another query, then its item D (1 token) in the same block
+#   block 4:   item C (2 tokens) of the cached query
+#   blocks 5-6: a causal run s0 s1 s2 (a serial row), then padding
+#   block 7:   padding
+HAND = BlockMeta(
+    prefix_array(
+        [(POOL, 0, 0), (STREAM, 0, 2), (STREAM, 0, 2), (STREAM, 6, 1), (POOL, 0, 3)]
+        + [(POOL, 0, 0)] * 3
+    ),
+    own_array(
+        [
+            (TAKES_NONE, 0, 0, 0),  # q0 q1: the run's first block
+            (TAKES_ALL, 2, 0, 2),  # A0 A1: A's first block
+            (TAKES_ALL, 2, 2, 2),  # A2 B0: A's earlier tokens, for A's rows only
+            (TAKES_AFTER_RUN, 6, 0, 0),  # r0 D0: D takes the prefix, the run does not
+            (TAKES_ALL, 8, 0, 3),  # C0 C1
+            (TAKES_NONE, 10, 0, 0),  # s0 s1
+            (TAKES_NONE, 10, 2, 0),  # s2: the run's earlier tokens
+            (TAKES_NONE, 0, 0, 0),
+        ]
+    ),
+    np.array([0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0], np.int32),
+    # q0 q1 | A0 A1 | A2 B0 | r0 D0 | C0 C1 | s0 s1 | s2 pad | pad pad
+    np.array([0, 1, 2, 3, 4, 2, 0, 1, 3, 4, 0, 1, 2, 0, 0, 0], np.int32),
 )
 
 
 def test_mask_by_hand():
-    # Pool of 3 keys (a cached query c0..c2). Blocks of 4 tokens:
-    #   block 0: a query run q0 q1 q2, then item A (1 token) in the same block
-    #   block 1: item B (2 tokens) of the same query, then padding
-    #   block 2: item C (2 tokens) of the cached query, then padding
-    # A sequence's blocks share its ranges: the query run as the stream range, or the pool.
-    meta = BlockMeta(
-        ranges_array([(0, 0, 0, 3), (0, 0, 0, 3), (0, 3, 0, 0)]),
-        np.array([0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0], np.int32),
-    )
-    got = np.asarray(visible(meta, block=4, pool_size=3)).astype(int)
+    got = np.asarray(visible(HAND, block=2, pool_size=3)).astype(int)
     expected = np.array(
         [
-            # c0 c1 c2 | q0 q1 q2 A0 B0 B1 __ __ C0 C1 __ __
-            [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q0: causal over the run
-            [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q1
-            [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q2
-            [0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],  # A0: the query, itself
-            [0, 0, 0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0],  # B0: the query, never item A
-            [0, 0, 0, 1, 1, 1, 0, 1, 1, 0, 0, 0, 0, 0, 0],  # B1
-            [0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0, 0, 0, 0, 0],  # padding: its output is never
-            [0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0],  # read, and no token sees it
-            [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],  # C0: the cached query, itself
-            [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0],  # C1
-            [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0],  # padding
-            [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1],  # padding
+            # c0 c1 c2|q0 q1 A0 A1 A2 B0 r0 D0 C0 C1 s0 s1 s2 __ __ __
+            [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q0: causal
+            [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q1
+            [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # A0: the query, itself
+            [0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # A1
+            [0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # A2: own range A0 A1
+            [0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # B0: the query, never A
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # r0: a run, no prefix
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],  # D0: its query r0, itself
+            [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],  # C0: the cached query
+            [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0],  # C1
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0],  # s0
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0],  # s1
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0],  # s2: own range s0 s1
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0],  # padding: never read
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],  # and no token sees it
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1],
         ]
     )
     np.testing.assert_array_equal(got, expected)
 
 
-def random_case(seed: int, block: int = 16, pool: int = 80, nb: int = 8, k=2, g=2, d=32):
-    """A stream of `nb` blocks of random layouts: a causal run spanning blocks, a query run
-    whose last block goes on with items, items of a query earlier in the stream, items of a
-    cached query in the pool; items back to back inside blocks."""
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One forward's attention inputs: random q/k/v and pool, a real layout (the planner's)."""
+
+    q: np.ndarray  # [T, K, G, D]
+    k: np.ndarray  # [T, K, D]
+    v: np.ndarray
+    pool_k: np.ndarray  # [K, P, D]
+    pool_v: np.ndarray
+    meta: BlockMeta
+    block: int
+    tile: int
+
+    @property
+    def arrays(self) -> tuple:
+        return self.q, self.k, self.v, self.pool_k, self.pool_v, self.meta
+
+
+def random_case(
+    seed: int, block: int = 16, tile: int = 32, max_blocks: int = 12, g: int = 2, d: int = 32,
+    pool: bool = True,
+) -> Case:  # fmt: skip
+    """A forward the planner lays out from random requests: items of a cached query (its keys
+    in the pool, unless `pool` is False: packed mode, no pool), items of a query run in the
+    stream, short items packed in blocks, long ones over several, item_first rows (causal
+    runs), with the tokens' positions."""
     rng = np.random.default_rng(seed)
-    t = nb * block
-    ranges, local = [], np.zeros(t, np.int32)
+    tokens = lambda n: tuple(rng.integers(1, 1000, int(n)).tolist())  # noqa: E731
+    lengths = (1, 2, 3, 5, 9, 13, 17, 23, 40)
+    items = lambda n: tuple(tokens(x) for x in rng.choice(lengths, n))  # noqa: E731
+    cached = tokens(rng.integers(5, 40))
+    prefix_pool = PrefixPool(96, 16) if pool else None
+    if prefix_pool is not None:
+        prefix_pool.allocate(cached, set())
+        prefix_pool.commit([cached])
+    chunks = [
+        Chunk(cached, items(3), (1,)),
+        Chunk(tokens(rng.integers(3, 30)), items(4), (1,)),
+        Chunk(tokens(7), items(2), (1,), item_first=True),
+        Chunk(cached, items(3), (1,)),
+    ]
+    order = rng.permutation(len(chunks))
+    mode = Mode.PREFIX if pool else Mode.PACKED
+    f = plan(
+        [chunks[i] for i in order],
+        mode,
+        block=block,
+        tile=tile,
+        max_blocks=max_blocks,
+        max_labels=4,
+        pool=prefix_pool,
+    ).forwards[0]
+    t, k = len(f.tokens), 2
+    x = jax.random.split(jax.random.key(seed), 5)
+    meta = BlockMeta(f.prefix, f.own, f.local_start, f.pos)
+    return Case(
+        np.asarray(jax.random.normal(x[0], (t, k, g, d))),
+        np.asarray(jax.random.normal(x[1], (t, k, d))),
+        np.asarray(jax.random.normal(x[2], (t, k, d))),
+        np.asarray(jax.random.normal(x[3], (k, 96 + 64, d))),
+        np.asarray(jax.random.normal(x[4], (k, 96 + 64, d))),
+        meta,
+        block,
+        f.tile,
+    )
 
-    def items_from(b: int, pos: int) -> None:
-        while pos < block:
-            n = int(rng.integers(1, 7))
-            local[b * block + pos : b * block + min(pos + n, block)] = pos
-            pos += n
 
-    for b in range(nb):
-        kind = b % 4
-        if kind == 0:  # a causal run from block 0 up to here (e.g. a serial row)
-            ranges.append((0, 0, 0, (b + 1) * block))
-        elif kind == 1:  # a query run's tail (from the previous block), then items
-            tail = int(rng.integers(1, block - 1))
-            ranges.append((0, 0, (b - 1) * block + 3, block - 3 + tail))
-            items_from(b, tail)
-        elif kind == 2:  # items of a query run earlier in the stream
-            ranges.append((0, 0, int(rng.integers(0, block)), int(rng.integers(1, b * block // 2))))
-            items_from(b, 0)
-        else:  # items of a cached query
-            p_len = int(rng.integers(1, pool - 20))
-            ranges.append((int(rng.integers(0, pool - p_len)), p_len, 0, 0))
-            items_from(b, 0)
-    key = jax.random.key(seed)
-    kq, kk, kv, kpk, kpv = jax.random.split(key, 5)
-    q = jax.random.normal(kq, (t, k, g, d))
-    kk_ = jax.random.normal(kk, (t, k, d))
-    vv = jax.random.normal(kv, (t, k, d))
-    pool_k = jax.random.normal(kpk, (k, pool + 64, d))
-    pool_v = jax.random.normal(kpv, (k, pool + 64, d))
-    return q, kk_, vv, pool_k, pool_v, BlockMeta(ranges_array(ranges), local)
+def test_random_cases_cover_every_kind_of_block():
+    """The generator has teeth: its forwards hold pool and stream prefixes, long items (own
+    ranges with the prefix), causal runs (own ranges without), runs whose last block goes on
+    with items, tiles with blocks of several prefixes."""
+    cases = [random_case(seed) for seed in range(6)]
+    prefix = np.concatenate([c.meta.prefix for c in cases])
+    own = np.concatenate([c.meta.own for c in cases])
+    assert {POOL, STREAM} <= {int(s) for s, _, n in prefix if n}
+    assert ((own[:, 0] == TAKES_ALL) & (own[:, 2] > 0)).any()  # a long item's later block
+    assert ((own[:, 0] == TAKES_NONE) & (own[:, 2] > 0)).any()  # a causal run's later block
+    assert (own[:, 0] == TAKES_AFTER_RUN).any()
+    mixed = [
+        len({tuple(p) for p in c.meta.prefix[b : b + c.tile // c.block] if p[2]}) > 1
+        for c in cases
+        for b in range(0, len(c.meta.prefix), c.tile // c.block)
+    ]
+    assert any(mixed)
 
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("key_tiles", [(8, 8), (16, 8), (64, 16)])
 def test_block_attention_matches_reference(seed, key_tiles, record):
-    q, k, v, pk, pv, meta = random_case(seed)
+    c = random_case(seed)
     with jax.default_matmul_precision("highest"):  # GPUs default to TF32
-        want = block_attention_reference(q, k, v, pk, pv, meta, block=16)
-        got = block_attention(q, k, v, pk, pv, meta, block=16, key_tiles=key_tiles)
+        want = block_attention_reference(*c.arrays, block=c.block)
+        got = block_attention(*c.arrays, block=c.block, tile=c.tile, key_tiles=key_tiles)
     diff = float(np.abs(np.asarray(got) - np.asarray(want)).max())
     record("block attention (XLA, tiled) vs reference", diff)
     assert diff <= 1e-5
 
 
 def test_dense_baseline_matches_reference(record):
-    q, k, v, pk, pv, meta = random_case(7)
-    no_pool = BlockMeta(meta.ranges.copy(), meta.local_start)
-    no_pool.ranges[:, 1] = 0  # the dense baseline has no pool (packed mode)
+    c = random_case(7, pool=False)  # packed mode: every prefix in the stream, no pool
     with jax.default_matmul_precision("highest"):
-        want = block_attention_reference(q, k, v, pk, pv, no_pool, block=16)
-        got = dense_attention(q, k, v, no_pool, block=16)
+        want = block_attention_reference(*c.arrays, block=c.block)
+        got = dense_attention(c.q, c.k, c.v, c.meta, block=c.block)
     diff = float(np.abs(np.asarray(got) - np.asarray(want)).max())
     record("dense baseline vs reference", diff)
     assert diff <= 1e-5
@@ -113,9 +190,11 @@ def test_dense_baseline_matches_reference(record):
 
 def test_keys_from_pool_or_stream_give_the_same_bits():
     """An item scores identically whether its query's keys are read from the pool (cached) or
-    from a query run earlier in the stream, at any offset, whatever else is in the stream."""
+    from a query run earlier in the stream, at any offset, whatever else is in its tile and
+    the stream: its tile's other block holds a causal run, or items of another query (the tile
+    then walks two prefixes, each for its own rows)."""
     rng = np.random.default_rng(3)
-    block, d, q_len = 16, 32, 37
+    block, tile, d, q_len = 16, 32, 32, 37
     query_k = rng.standard_normal((q_len, 2, d)).astype(np.float32)
     query_v = rng.standard_normal((q_len, 2, d)).astype(np.float32)
     item_q = rng.standard_normal((block, 2, 2, d)).astype(np.float32)
@@ -123,33 +202,75 @@ def test_keys_from_pool_or_stream_give_the_same_bits():
     item_v = rng.standard_normal((block, 2, d)).astype(np.float32)
     local = np.array([0] * 5 + [5] * 11, np.int32)  # items of 5 and 11 tokens
 
-    def run(pool_at: int | None, stream_at: int, other: np.ndarray) -> np.ndarray:
-        nb = 6  # the items in the last block; the query run (3 blocks) at block stream_at
+    def run(pool_at: int | None, stream_at: int, other: np.ndarray, mixed=False) -> np.ndarray:
+        nb = 8  # the items in block 6 (tile 3); the query run (3 blocks) at block stream_at
         t = nb * block
         q = rng.standard_normal((t, 2, 2, d)).astype(np.float32)
         k = rng.standard_normal((t, 2, d)).astype(np.float32)
         v = rng.standard_normal((t, 2, d)).astype(np.float32)
         pool_k = rng.standard_normal((2, 200, d)).astype(np.float32)
         pool_v = rng.standard_normal((2, 200, d)).astype(np.float32)
-        ranges = [(0, 0, 0, 0)] * nb
+        prefix = [(POOL, 0, 0)] * nb
+        own = [(0, 0, 0, 0)] * nb
         if pool_at is None:  # the query run sits in the stream at block `stream_at`
             k[stream_at * block : stream_at * block + q_len] = query_k
             v[stream_at * block : stream_at * block + q_len] = query_v
-            ranges[-1] = (0, 0, stream_at * block, q_len)
+            prefix[6] = (STREAM, stream_at * block, q_len)
         else:
             pool_k[:, pool_at : pool_at + q_len] = query_k.swapaxes(0, 1)
             pool_v[:, pool_at : pool_at + q_len] = query_v.swapaxes(0, 1)
-            ranges[-1] = (pool_at, q_len, 0, 0)
-        q[-block:], k[-block:], v[-block:] = item_q, item_k, item_v
-        q[(nb - 2) * block : (nb - 1) * block] = other  # another sequence's block
+            prefix[6] = (POOL, pool_at, q_len)
+        own[6] = (TAKES_ALL, 6 * block, 0, q_len)
+        # The tile's other block: a causal run, or items of another query (a second prefix).
+        own[7] = (TAKES_ALL, 7 * block, 0, 9) if mixed else (TAKES_NONE, 7 * block, 0, 0)
+        if mixed:
+            prefix[7] = (POOL, 100, 9)
+        q[-2 * block : -block], k[-2 * block : -block], v[-2 * block : -block] = (
+            item_q,
+            item_k,
+            item_v,
+        )
+        q[-block:] = other
         ls = np.zeros(t, np.int32)
-        ls[-block:] = local
-        meta = BlockMeta(ranges_array(ranges), ls)
-        out = block_attention(q, k, v, pool_k, pool_v, meta, block=block, key_tiles=(32, 8))
-        return np.asarray(out)[-block:]
+        ls[-2 * block : -block] = local
+        meta = BlockMeta(prefix_array(prefix), own_array(own), ls)
+        out = block_attention(
+            q, k, v, pool_k, pool_v, meta, block=block, tile=tile, key_tiles=(32, 8)
+        )
+        return np.asarray(out)[-2 * block : -block]
 
     base = run(None, 0, rng.standard_normal((block, 2, 2, d)).astype(np.float32))
     for pool_at in (0, 3, 150):
         other = rng.standard_normal((block, 2, 2, d)).astype(np.float32)
         np.testing.assert_array_equal(run(pool_at, 0, other), base)
+        np.testing.assert_array_equal(run(pool_at, 0, other, mixed=True), base)
     np.testing.assert_array_equal(run(None, 1, np.zeros_like(base)), base)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_a_row_does_not_depend_on_who_else_takes_its_prefix(softcap):
+    """Items whose tile's other blocks take the same prefix (the prefix's tiles then run without
+    a mask) or another sequence's (a causal run: the tiles run masked) give the same bits,
+    soft-capped or not (Gemma 2: XLA rounded tanh differently in the two steps)."""
+    rng = np.random.default_rng(0)
+    block, t = 16, 64
+    fixed = [
+        rng.standard_normal(s).astype(np.float32) * 3 for s in ((block, 2, 2, 32), (block, 2, 32))
+    ]
+    pool = rng.standard_normal((2, 300, 32)).astype(np.float32) * 3
+    local = np.repeat([0, 3, 7, 12], [3, 4, 5, 4]).astype(np.int32)
+
+    def run(others: int) -> np.ndarray:
+        q, k = rng.standard_normal((t, 2, 2, 32)), rng.standard_normal((t, 2, 32))
+        q, k = q.astype(np.float32), k.astype(np.float32)
+        q[:block], k[:block] = fixed
+        ls = np.zeros(t, np.int32)
+        ls[:block] = local
+        own = own_array([(TAKES_ALL, 0, 0, 171)] + [(others, 0, 0, 171)] * 3)
+        meta = BlockMeta(prefix_array([(POOL, 5, 171)] * 4), own, ls)
+        out = block_attention(
+            q, k, k, pool, pool, meta, block=block, tile=t, key_tiles=(64, 16), softcap=softcap
+        )
+        return np.asarray(out)[:block]
+
+    np.testing.assert_array_equal(run(TAKES_ALL), run(TAKES_NONE))

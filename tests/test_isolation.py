@@ -67,18 +67,28 @@ def test_dense_baseline_isolation_within_float32(engine, record):
 
 def test_a_leaky_mask_is_detected(engine):
     """The isolation and equivalence checks have teeth: letting each item also see the item
-    before it (its local keys start where that one starts) moves scores far beyond 1e-4."""
+    before it in its block (its local keys start where that one starts) moves scores far
+    beyond 1e-4."""
     eng = engine("qwen3", "packed")
     query, items = random_request(seed=32, n_items=8, max_item=8)
     chunk = Chunk(tuple(query), tuple(map(tuple, items)), tuple(LABELS))
     c = eng.config
     (f,) = plan(
-        [chunk], eng.config.mode, block=c.block, max_blocks=c.max_blocks, max_labels=c.max_labels
+        [chunk],
+        c.mode,
+        block=c.block,
+        tile=c.tile,
+        max_blocks=c.max_blocks,
+        max_labels=c.max_labels,
     ).forwards
     leaky = f.local_start.copy()
-    starts = sorted(set(f.local_start[f.pos >= len(query)].tolist()))
-    for prev, cur in zip(starts, starts[1:], strict=False):
-        leaky[(f.pos >= len(query)) & (f.local_start == cur)] = prev
+    items_mask = f.pos >= len(query)
+    for b in range(len(f.tokens) // c.block):
+        rows = slice(b * c.block, (b + 1) * c.block)
+        starts = sorted(set(f.local_start[rows][items_mask[rows]].tolist()))
+        for prev, cur in zip(starts, starts[1:], strict=False):
+            leaky[rows][(f.local_start[rows] == cur) & items_mask[rows]] = prev
+    assert (leaky != f.local_start).any()
     ok, _ = eng._run(f)
     bad, _ = eng._run(dataclasses.replace(f, local_start=leaky))
     assert np.abs(ok - bad)[1:].max() > 1e-2

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 from jax import export
 
-from mis_kernels.block_attention import BlockMeta, block_attention_reference, ranges_array
+from mis_kernels.block_attention import (
+    BlockMeta,
+    block_attention_reference,
+    own_array,
+    prefix_array,
+)
+from mis_kernels.layout import POOL, STREAM, TAKES_ALL, TAKES_NONE
 from mis_kernels.ragged_attention import ROWS, heads_per_program, ragged_block_attention
 from tests.test_block_attention import random_case
 
@@ -21,17 +27,12 @@ NATIVE = jax.default_backend() in ("gpu", "tpu")
 
 
 def _diff(backend: str, seed: int, interpret: bool, tile=None, rows=ROWS, g=2) -> float:
-    q, k, v, pk, pv, meta = random_case(seed, g=g)
+    c = random_case(seed, g=g)
     with jax.default_matmul_precision("highest"):
-        ref = block_attention_reference(q, k, v, pk, pv, meta, block=16)
+        ref = block_attention_reference(*c.arrays, block=c.block)
         out = ragged_block_attention(
-            q,
-            k,
-            v,
-            pk,
-            pv,
-            meta,
-            block=16,
+            *c.arrays,
+            block=c.block,
             tile=tile,
             rows=rows,
             backend=backend,
@@ -63,16 +64,17 @@ def test_heads_per_program():
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_a_row_does_not_depend_on_the_rest_of_its_block(backend):
-    """Isolation inside the kernel: in the block where a query run ends and its items begin,
-    the query's last tokens and the first item give the same bits whatever the next item holds
-    and however long it is (where the block's stream range is cut follows from its rows)."""
+    """Isolation inside the kernel: in the last block of a long item, where other items of its
+    query follow it, the long item's last tokens and the first item after it give the same
+    bits whatever the next item holds and however long it is (the own range is masked for the
+    later items' rows, never cut for the long item's)."""
     rng = np.random.default_rng(5)
-    block, nb, q_len = 16, 4, 37  # the query run: blocks 0-1 and 5 tokens of block 2
-    first = slice(2 * block, 2 * block + 9)  # its last 5 tokens, then a 4-token item
+    block, nb, q_len = 16, 4, 37  # a query run in blocks 0-2, a 21-token item in blocks 3-4
+    first = slice(4 * block, 4 * block + 9)  # the item's last 5 tokens, then a 4-token item
 
     def run(other_len: int, seed: int) -> np.ndarray:
         data = np.random.default_rng(seed)
-        t = nb * block
+        t = (nb + 2) * block
         q = data.standard_normal((t, 2, 2, 32)).astype(np.float32)
         k = data.standard_normal((t, 2, 32)).astype(np.float32)
         v = data.standard_normal((t, 2, 32)).astype(np.float32)
@@ -81,9 +83,14 @@ def test_a_row_does_not_depend_on_the_rest_of_its_block(backend):
         local = np.zeros(t, np.int32)
         local[first.start + 5 : first.stop] = 5
         local[first.stop : first.stop + other_len] = 9
-        local[first.stop + other_len : 3 * block] = 9 + other_len  # padding
-        run_range = (0, 0, 0, q_len)
-        ranges = ranges_array([run_range] * 3 + [(0, 0, 0, 0)])
+        local[first.stop + other_len : 5 * block] = 9 + other_len  # padding
+        # the query run (each block sees the run's earlier blocks), the item's two blocks (the
+        # second sees the item's first 16 tokens: its own range), padding
+        own = [(TAKES_NONE, 0, i * block, 0) for i in range(3)]
+        own += [(TAKES_ALL, 3 * block, 0, q_len), (TAKES_ALL, 3 * block, block, q_len)]
+        own += [(TAKES_NONE, 0, 0, 0)]
+        prefix = [(POOL, 0, 0)] * 3 + [(STREAM, 0, q_len)] * 2 + [(POOL, 0, 0)]
+        meta = BlockMeta(prefix_array(prefix), own_array(own), local)
         pool = np.zeros((2, 64, 32), np.float32)
         out = ragged_block_attention(
             q,
@@ -91,7 +98,7 @@ def test_a_row_does_not_depend_on_the_rest_of_its_block(backend):
             v,
             pool,
             pool,
-            BlockMeta(ranges, local),
+            meta,
             block=block,
             tile=8,
             backend=backend,
@@ -123,7 +130,8 @@ def test_kernels_lower_for_tpu_and_cuda(block):
     q = jnp.zeros((t, 2, 2, 128), jnp.bfloat16)
     k = jnp.zeros((t, 2, 128), jnp.bfloat16)
     pool = jnp.zeros((2, 1024, 128), jnp.bfloat16)
-    meta = random_case(0, block=block, nb=t // block).__getitem__(-1)
+    zeros = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+    meta = BlockMeta(zeros(t // block, 3), zeros(t // block, 4), zeros(t))
     for platform, backend, target in [("tpu", "tpu", "tpu_custom_call"), ("cuda", "gpu", "triton")]:
         fn = jax.jit(
             lambda q, k, v, pk, pv, m, backend=backend: ragged_block_attention(

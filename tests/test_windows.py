@@ -13,11 +13,9 @@ import pytest
 import torch
 
 from mis_kernels.block_attention import (
-    BlockMeta,
     block_attention,
     block_attention_reference,
     dense_attention,
-    ranges_array,
     visible,
 )
 from mis_kernels.ragged_attention import ragged_block_attention
@@ -25,7 +23,7 @@ from models.config import PRESETS
 from models.engine import EngineConfig, ScoringEngine, score_ids
 from tests.conftest import LABELS, MODES, TEST_ENGINE, hf_reference, mode_name, random_request
 from tests.hf_families import write_with_transformers
-from tests.test_block_attention import random_case
+from tests.test_block_attention import HAND, random_case
 
 WINDOW = 24
 # Mistral: every layer windowed; Gemma 2: every other layer, soft-caps; Gemma 3: 3 of 4
@@ -41,64 +39,53 @@ WINDOWED = {
 
 
 def test_mask_by_hand():
-    """The layout of test_block_attention.test_mask_by_hand (a query run q0..q2 with item A,
-    item B, item C of a cached query c0..c2), window 2: a token sees itself and the token
-    before it in its own sequence (`query ++ item`), nothing older."""
-    meta = BlockMeta(
-        ranges_array([(0, 0, 0, 3), (0, 0, 0, 3), (0, 3, 0, 0)]),
-        np.array([0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0], np.int32),
-        # q0 q1 q2 A0 | B0 B1 pad pad | C0 C1 pad pad (padding: position 0, as the plan has it)
-        np.array([0, 1, 2, 3, 3, 4, 0, 0, 3, 4, 0, 0], np.int32),
-    )
-    got = np.asarray(visible(meta, block=4, pool_size=3, window=2)).astype(int)
+    """The layout of test_block_attention.test_mask_by_hand (a query run q0 q1 with a long item
+    A and an item B after it, item C of a cached query c0..c2, a causal run r0..r2), window 2: a
+    token sees itself and the token before it in its own sequence (`query ++ item`, or the
+    run), nothing older."""
+    got = np.asarray(visible(HAND, block=2, pool_size=3, window=2)).astype(int)
     expected = np.array(
         [
-            # c0 c1 c2 | q0 q1 q2 A0 B0 B1 __ __ C0 C1 __ __
-            [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q0
-            [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q1
-            [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q2: q0 is 2 back, out
-            [0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],  # A0 (position 3): q2, itself
-            [0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0],  # B0 (position 3): q2, itself
-            [0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0],  # B1 (position 4): B0, itself
-            [0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0],  # padding (never read)
-            [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0],  # padding
-            [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],  # C0 (position 3): c2, itself
-            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0],  # C1 (position 4): C0, itself
-            [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0],  # padding
-            [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1],  # padding
+            # c0 c1 c2|q0 q1 A0 A1 A2 B0 r0 D0 C0 C1 s0 s1 s2 __ __ __
+            [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q0 (position 0)
+            [0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # q1
+            [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # A0 (2): q1, itself
+            [0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # A1 (3): A0, itself
+            [0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # A2 (4): A1 (own range)
+            [0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # B0 (2): q1, itself
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # r0 (0)
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],  # D0 (1): r0, itself
+            [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],  # C0 (3): c2, itself
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0],  # C1 (4): C0, itself
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0],  # s0 (0)
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0],  # s1 (1)
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0],  # s2 (2): s1 (own range)
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0],  # padding (position 0)
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],  # padding
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1],  # padding: 2 stream steps
         ]
     )
     np.testing.assert_array_equal(got, expected)
-
-
-def _with_positions(meta: BlockMeta, block: int) -> BlockMeta:
-    """Each token's position in its sequence: a token inside its stream range (a causal run)
-    is at its offset there; an item token follows its query (the pool or stream range)."""
-    t = len(meta.local_start)
-    pos = np.zeros(t, np.int32)
-    for i in range(t):
-        ps, pl, ss, sl = (int(x) for x in meta.ranges[i // block])
-        if ss <= i < ss + sl:
-            pos[i] = i - ss
-        else:
-            pos[i] = (pl or sl) + i - (i // block * block + int(meta.local_start[i]))
-    return dataclasses.replace(meta, pos=pos)
 
 
 @pytest.mark.parametrize(("seed", "window"), [(0, 1), (1, 5), (2, 16), (3, 50)])
 def test_kernels_match_reference(seed, window, record):
     """The XLA block attention, the Pallas kernel (TPU and GPU lowerings in interpret mode)
     and the dense baseline against the reference, windowed."""
-    q, k, v, pk, pv, meta = random_case(seed)
-    meta = _with_positions(meta, 16)
+    c = random_case(seed)  # the planner's layout, with the tokens' positions
     w = np.int32(window)
+    shape = {"block": c.block, "window": w}
     with jax.default_matmul_precision("highest"):
-        want = np.asarray(block_attention_reference(q, k, v, pk, pv, meta, block=16, window=w))
+        want = np.asarray(block_attention_reference(*c.arrays, **shape))
         got = {
-            "xla": block_attention(q, k, v, pk, pv, meta, block=16, key_tiles=(16, 8), window=w),
+            "xla": block_attention(*c.arrays, tile=c.tile, key_tiles=(16, 8), **shape),
             **{
                 f"pallas-{b}": ragged_block_attention(
-                    q, k, v, pk, pv, meta, block=16, backend=b, interpret=True, window=w
+                    *c.arrays,
+                    block=c.block,
+                    backend=b,
+                    interpret=True,
+                    window=w,
                 )
                 for b in ("tpu", "gpu")
             },
@@ -107,16 +94,15 @@ def test_kernels_match_reference(seed, window, record):
         # finish before anything else runs on the CPU devices (else the next eager op can
         # deadlock with them).
         jax.effects_barrier()
-        no_pool = dataclasses.replace(meta, ranges=meta.ranges.copy())
-        no_pool.ranges[:, 1] = 0
-        dense_want = block_attention_reference(q, k, v, pk, pv, no_pool, block=16, window=w)
-        dense = dense_attention(q, k, v, no_pool, block=16, window=w)
+        packed = random_case(seed, pool=False)  # the dense baseline has no pool
+        dense_want = block_attention_reference(*packed.arrays, **shape)
+        dense = dense_attention(packed.q, packed.k, packed.v, packed.meta, **shape)
     for name, out in got.items():
         diff = float(np.abs(np.asarray(out) - want).max())
         record(f"windows: {name} attention vs reference", diff)
         assert diff <= 1e-5, name
     assert float(np.abs(np.asarray(dense) - np.asarray(dense_want)).max()) <= 1e-5
-    unwindowed = block_attention_reference(q, k, v, pk, pv, meta, block=16)
+    unwindowed = block_attention_reference(*c.arrays, block=c.block)
     if window < 50:  # the window changes the answer: the test has teeth
         assert np.abs(np.asarray(unwindowed) - want).max() > 1e-2
 
