@@ -137,6 +137,7 @@ class BatchSummary:
     errors: int
     seconds: float  # the whole job: start, warm-up, scoring, writing
     scoring_seconds: float  # from the first engine ready to the last row written
+    scan_seconds: float  # the input read once before scoring (InputScan)
     engines: list[dict[str, Any]]  # per engine process that scored: node, warm-up, counters
 
     @property
@@ -793,7 +794,9 @@ def run_batch(
         ds = ray.data.read_parquet(input, num_cpus=_READ_CPUS)
         columns = ds.schema().base_schema  # the files' footers (Ray unifies them)
     # The layout (a mixed input refused) and the output's schema before any row is scored.
+    scanned = time.perf_counter()
     scan = InputScan.read(input, in_fmt, columns)
+    scanned = time.perf_counter() - scanned
     schema = output_schema(scan, columns) if out_fmt == "parquet" else None
     n = pool_size(settings.pool)
     pool = settings.pool
@@ -827,6 +830,7 @@ def run_batch(
             errors=writer.errors,
             seconds=time.perf_counter() - start,
             scoring_seconds=max(now - first_ready, 1e-9),
+            scan_seconds=scanned,
             engines=engines,
         )
 
