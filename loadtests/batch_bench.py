@@ -138,9 +138,10 @@ def run_one(side: str, config: str, src: Path, rows: int, tmp: Path) -> dict[str
         _command(side, config, src, out, rows, info), cwd=REPO, env=env, capture_output=True
     )
     seconds = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(f"{side} B={rows}: exit {done.returncode}\n{done.stderr[-3000:]}")
     run = {"side": side, "batch_rows": rows, "seconds": seconds, "load_before": load}
+    if done.returncode:  # kept, counted and left out of the figures (e.g. Ray did not start)
+        lines = done.stderr.decode(errors="replace").strip().splitlines() or [""]
+        return run | {"failed": f"exit {done.returncode}: {lines[-1][:300]}"}
     if side == "local":
         run |= json.loads(info.read_text())
     elif side == "batch":
@@ -195,38 +196,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.cli and 1 in sizes:
         pairs.append(("cli", 1))
     runs, reference = [], None
+    result: dict[str, Any] = {
+        "input": {"requests": args.requests, "items": n_items},
+        "host": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "runs": runs,
+    }
     for r in range(args.rounds):
         order = pairs if r % 2 == 0 else pairs[::-1]  # alternated: each side first in turn
         for side, rows in order:
             run = run_one(side, args.config, src, rows, tmp) | {"round": r}
-            scores = run.pop("scores")
-            reference = reference if reference is not None else scores
-            run["bit_identical"] = scores == reference
-            run["items_per_s"] = n_items / run["seconds"]
+            if "failed" not in run:
+                scores = run.pop("scores")
+                reference = reference if reference is not None else scores
+                run["bit_identical"] = scores == reference
+                run["items_per_s"] = n_items / run["seconds"]
             runs.append(run)
             print(json.dumps(run), file=sys.stderr, flush=True)
+            if args.out:  # so far: a bench stopped part-way keeps its runs
+                Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
-    def of(side: str, rows: int) -> list[dict[str, Any]]:
-        return [x for x in runs if x["side"] == side and x["batch_rows"] == rows]
+    def of(side: str, rows: int) -> dict[int, dict[str, Any]]:
+        """The runs that completed, by round."""
+        got = (x for x in runs if x["side"] == side and x["batch_rows"] == rows)
+        return {x["round"]: x for x in got if "failed" not in x}
 
-    ratios = {
-        f"batch/local B={b}": [
-            a["seconds"] / z["seconds"] for a, z in zip(of("local", b), of("batch", b), strict=True)
-        ]
-        for b in sizes
-    }
+    def per_round(a: dict[int, dict], z: dict[int, dict]) -> list[float]:
+        """z's rate over a's in each round where both completed."""
+        return [a[r]["seconds"] / z[r]["seconds"] for r in sorted(a.keys() & z.keys())]
+
+    ratios = {f"batch/local B={b}": per_round(of("local", b), of("batch", b)) for b in sizes}
     if len(sizes) > 1:
         lo, hi = min(sizes), max(sizes)
-        ratios[f"local B={hi}/B={lo}"] = [
-            a["seconds"] / z["seconds"]
-            for a, z in zip(of("local", lo), of("local", hi), strict=True)
-        ]
-    result = {
-        "input": {"requests": args.requests, "items": n_items},
-        "host": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
-        "runs": runs,
+        ratios[f"local B={hi}/B={lo}"] = per_round(of("local", lo), of("local", hi))
+    result |= {
         "ratios_per_round": ratios,
-        "bit_identical": all(x["bit_identical"] for x in runs),
+        "failed_runs": sum("failed" in x for x in runs),
+        "bit_identical": all(x.get("bit_identical", True) for x in runs),
     }
     print(json.dumps(result, indent=1))
     print()
@@ -235,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|")
     for side, rows in pairs:
-        got = of(side, rows)
+        got = list(of(side, rows).values())
+        if not got:
+            print(f"| {side} | {rows} | no run completed | | | | |")
+            continue
         secs = [x["seconds"] for x in got]
         rates = [x["items_per_s"] for x in got]
         scoring = [n_items / x["scoring_s"] for x in got if "scoring_s" in x]
@@ -248,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     for name, values in ratios.items():
         print(f"{name} (items/s, per round): " + ", ".join(f"{v:.2f}" for v in values))
-    print(f"bit-identical: {result['bit_identical']}")
+    print(f"bit-identical: {result['bit_identical']}; runs failed: {result['failed_runs']}")
+    for x in runs:
+        if "failed" in x:
+            print(f"failed: round {x['round']} {x['side']} B={x['batch_rows']}: {x['failed']}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0 if result["bit_identical"] else 1
