@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-Items = Sequence[str] | Sequence[Sequence[int]]
+Items = str | Sequence[str] | Sequence[Sequence[int]]  # a string: one item
 
 
 class MisServeError(Exception):
@@ -101,6 +101,8 @@ def _score_body(
     item_first: bool,
     model: str | None,
 ) -> dict[str, Any]:
+    if isinstance(items, str):  # one item, as the server reads a string (not its characters)
+        items = [items]
     body: dict[str, Any] = {
         "query": query if isinstance(query, str) else list(query),
         "items": [it if isinstance(it, str) else list(it) for it in items],

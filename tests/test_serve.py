@@ -510,11 +510,14 @@ def test_a_chunk_meant_for_other_settings_is_refused(service, engine):
     assert np.abs(got - want).max() <= 1e-6
 
 
+ONE_ITEM = ("Is it light?", "a 1.1 kg ultrabook")  # a query and one item given as a string
+
+
 def test_python_client_splits_long_item_lists_bit_identically(service):
     """mis_score.client against the live service: 5,000 items against its 2,048-item limit are
     sent as 3 requests, and the merged scores are bit-identical to the server's own answers to
     those requests (blocking and async clients alike); a 4xx is raised with the server's
-    message and not retried."""
+    message and not retried; a string `items` is one item, as the server reads it."""
     import asyncio
 
     from mis_score.client import AsyncClient, BadRequestError, Client
@@ -528,6 +531,10 @@ def test_python_client_splits_long_item_lists_bit_identically(service):
     ]
     assert all(r.ok for r in direct)
     want = np.asarray([row for r in direct for row in r.json()["scores"]])
+    query_text, item_text = ONE_ITEM
+    single = _post(service, {"query": query_text, "items": item_text, "label_token_ids": LABELS})
+    one_item = np.asarray(single.json()["scores"])
+    assert one_item.shape == (1, len(LABELS))
     with Client(service, deployment=deployment_of(APP)) as client:
         assert client.limits().max_items_per_request == 2048
         got = client.score(query, items, LABELS)
@@ -538,12 +545,16 @@ def test_python_client_splits_long_item_lists_bit_identically(service):
             e.value
         )
         assert client.retries == 0
+        # A string `items` is one item, as the server reads it (not one item per character).
+        one = client.score(*ONE_ITEM, LABELS)
+        assert one.shape == (1, len(LABELS)) and np.array_equal(one, one_item)
 
     async def run_async():
         async with AsyncClient(service) as client:
-            return await client.score(query, items, LABELS)
+            return await client.score(query, items, LABELS), await client.score(*ONE_ITEM, LABELS)
 
-    assert np.array_equal(asyncio.run(run_async()), want)
+    got, one = asyncio.run(run_async())
+    assert np.array_equal(got, want) and np.array_equal(one, one_item)
 
 
 QUERY = "Which laptop is good for long flights?"
