@@ -262,7 +262,9 @@ class Client(_Base):
     def score_batch(self, requests: Sequence[dict[str, Any]]) -> list[np.ndarray | MisServeError]:
         """Several Score API requests (the /v1/score body, e.g. one per query) in one call
         (`/v1/score/batch`): per entry its scores, or the error the server gave that entry
-        alone (returned, not raised: the other entries are still answered)."""
+        alone (returned, not raised: the other entries are still answered). What the server
+        answers for the batch as a whole is handled as for `score`: a 503 (no scorer ready,
+        overloaded) retried after its Retry-After, any other error raised."""
         return _batch_results(self._call("POST", "/v1/score/batch", {"requests": list(requests)}))
 
     def rerank(

@@ -18,13 +18,17 @@ import numpy as np
 import pytest
 import requests
 
+from mis_score.client import Client
 from models.engine import score_ids
 from tests.conftest import LABELS, serve_cluster
 
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
 ENGINE = {"max_batch_tokens": 1024, "max_item_tokens": 32, "max_query_tokens": 128, "max_labels": 4}
-POISON, HANG, REFUSE = 150_001, 150_002, 150_003  # a query starting with one of these
+# A query starting with one of these: its chunk fails alone, hangs the forward (once), is
+# refused as not this replica's (once), or makes the scorer raise something unexpected; a
+# TRACED query's chunks are counted (items) as they are scored.
+POISON, HANG, REFUSE, BUG, TRACED = 150_001, 150_002, 150_003, 150_004, 150_005
 FORWARD_TIMEOUT_S = 4.0
 APP, GATED = "containment", "gated"
 
@@ -47,11 +51,13 @@ def _faulty_scorer(events: Path):
             return False
 
     class FaultyScorer(Scorer.func_or_class):  # type: ignore[name-defined,misc]
-        async def score(self, chunk, part=(0, 1), key=None, avoid=()):
+        async def score(self, chunk, *args, **kwargs):
             if chunk.query[0] == REFUSE and first("refused"):
                 note(self.replica, "refused")
                 raise Misdelivered(f"replica {self.replica}: chunk for key x, not {self.key}")
-            return await super().score(chunk, part, key, avoid)
+            if chunk.query[0] == BUG:
+                raise TypeError("a bug in the scorer")
+            return await super().score(chunk, *args, **kwargs)
 
         def _forward(self, chunks):
             firsts = {c.query[0] for c in chunks}
@@ -61,7 +67,10 @@ def _faulty_scorer(events: Path):
             if HANG in firsts and first("hung"):
                 note(self.replica, "hang")
                 time.sleep(3600)
-            return super()._forward(chunks)
+            out = super()._forward(chunks)
+            if traced := sum(len(c.items) for c in chunks if c.query[0] == TRACED):
+                note(self.replica, f"traced {traced}")
+            return out
 
     return FaultyScorer
 
@@ -169,6 +178,39 @@ def test_a_chunk_that_fails_alone_fails_only_its_request(service, engine, events
     assert _post(service, good[0]).status_code == 200
 
 
+def _traced(events: Path) -> int:
+    """Items of TRACED queries scored so far, over all replicas."""
+    lines = [e for v in _events(events).values() for e in v if e.startswith("traced ")]
+    return sum(int(e.split()[1]) for e in lines)
+
+
+def test_a_batch_fails_as_a_whole_only_for_what_no_entry_can_get_past(service, engine, events):
+    """/v1/score/batch: an entry whose chunk fails alone gets its own 500 beside the others'
+    exact scores; an unexpected failure in one entry's chunk call is the answer to the whole
+    request (500), and every other entry's outstanding chunk calls are cancelled: of a
+    2,000-item entry beside it, only what was in a running forward is scored."""
+    good, poisoned = _body(7, 11), _body(POISON, 12, n_items=4)
+    r = requests.post(f"{service}/v1/score/batch", json={"requests": [poisoned, good]}, timeout=120)
+    assert r.status_code == 200, r.text
+    bad, ok = r.json()["responses"]
+    assert bad["code"] == 500 and "poisoned chunk" in bad["message"], bad
+    want = score_ids(engine("qwen3", "prefix", **ENGINE), good["query"], good["items"], LABELS)
+    assert np.abs(np.asarray(ok["scores"]) - want).max() <= 1e-6
+
+    # The faulty entry first: its chunk call is the oldest, so the router sends it first.
+    entries = [_body(BUG, 13, n_items=1), _body(TRACED, 14, n_items=2000)]
+    r = requests.post(f"{service}/v1/score/batch", json={"requests": entries}, timeout=120)
+    assert r.status_code == 500, r.text
+    scored, settled = _traced(events), 0
+    while settled < 3:  # until the forwards running at the time have finished
+        time.sleep(1)
+        now = _traced(events)
+        settled = settled + 1 if now == scored else 0
+        scored = now
+    assert scored < 2000 / 2, scored
+    assert _post(service, good).status_code == 200
+
+
 def test_a_misdelivered_chunk_is_retried_on_another_replica(service, engine, events):
     """A replica that refuses a chunk as not its own (Misdelivered): the ingress retries it on
     the other replica, and the request gets its exact scores."""
@@ -204,9 +246,10 @@ def test_a_hung_forward_is_replaced_within_the_deadline(service, engine, events)
 
 
 def test_health_is_readiness_and_requests_get_a_fast_503_until_a_scorer_is_ready(ckpts, tmp_path):
-    """/health answers 503 (and requests a fast 503 with Retry-After) while no scorer replica
-    can take a chunk: before the first finishes starting, and after the only one died until
-    its replacement is ready; /livez is 200 throughout; 200 once one is ready."""
+    """/health answers 503 (and requests, a batch as a whole, a fast 503 with Retry-After)
+    while no scorer replica can take a chunk: before the first finishes starting, and after
+    the only one died until its replacement is ready; /livez is 200 throughout; 200 once one
+    is ready. The Python client's batch is retried through it."""
     import ray
     from ray import serve
 
@@ -239,11 +282,21 @@ def test_health_is_readiness_and_requests_get_a_fast_503_until_a_scorer_is_ready
             assert time.monotonic() < deadline, h.text
             time.sleep(0.2)
         _assert_not_ready(url, h)
-        gate.touch()
-        while requests.get(f"{url}/health", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        assert _post(url, _body(7, 3)).status_code == 200
+        # The Python client's batch waits out the 503s (Retry-After) and gets its scores.
+        client = Client(url, max_retries=300)
+        bodies = [_body(7, 3), _body(7, 5)]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            batch = pool.submit(client.score_batch, bodies)
+            while client.retries == 0:  # turned away at least once before the gate opens
+                assert not batch.done(), batch.result()
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            gate.touch()
+            results = batch.result(timeout=180)
+        for body, got in zip(bodies, results, strict=True):
+            alone = _post(url, body)
+            assert alone.status_code == 200, alone.text
+            assert np.array_equal(got, np.asarray(alone.json()["scores"]))
     finally:
         gate.touch()
         serve.delete(GATED)
@@ -265,6 +318,11 @@ def _assert_not_ready(url: str, health: requests.Response) -> None:
     start = time.monotonic()
     r = _post(url, _body(7, 4), timeout=10)
     assert time.monotonic() - start < 1.0
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+    assert r.json()["message"].startswith("no scorer replica is ready yet"), r.text
+    # A batch is refused as a whole, not entry by entry inside a 200.
+    batch = {"requests": [_body(7, 4), {"query": [1]}]}
+    r = requests.post(f"{url}/v1/score/batch", json=batch, timeout=10)
     assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
     assert r.json()["message"].startswith("no scorer replica is ready yet"), r.text
 

@@ -253,22 +253,39 @@ def test_python_client_honours_retry_after_and_api_keys(service):
     assert e.value.status == 401 and anonymous.retries == 0
 
 
-def test_deadline_gives_504_and_cancels_the_rest(service):
-    """/strict has a 1 s deadline; 6000 items take far longer on one replica. The request
-    gets a 504, and chunks that had not started are dropped, not scored."""
-    before = _strict_scorer_stats()["items"]
-    r = requests.post(f"{service}/strict/v1/score", json=_big_body(6000), headers=AUTH, timeout=60)
-    assert r.status_code == 504, r.text
-    assert "request_timeout_s" in r.json()["message"]
+def _strict_items_scored_after(before: int) -> int:
+    """Items /strict's one scorer has scored since `before`, once the forward that was running
+    has finished (the count still for 3 reads in a row)."""
     scored, settled = 0, 0
-    while settled < 3:  # until the batch that was running has finished
+    while settled < 3:
         time.sleep(0.5)
         now = _strict_scorer_stats()["items"] - before
         settled = settled + 1 if now == scored else 0
         scored = now
+    return scored
+
+
+def test_deadline_gives_504_and_cancels_the_rest(service):
+    """/strict has a 1 s deadline; 6000 items take far longer on one replica. The request
+    gets a 504, and chunks that had not started are dropped, not scored. A batch has one
+    deadline too: past it the batch itself is the 504 (not a 200 of entries' 504s), and all
+    its entries' chunk calls are dropped."""
+    before = _strict_scorer_stats()["items"]
+    r = requests.post(f"{service}/strict/v1/score", json=_big_body(6000), headers=AUTH, timeout=60)
+    assert r.status_code == 504, r.text
+    assert "request_timeout_s" in r.json()["message"]
+    scored = _strict_items_scored_after(before)
     assert scored < 6000 / 2, scored
     quick = requests.post(f"{service}/strict/v1/score", json=OK_BODY, headers=AUTH, timeout=60)
     assert quick.status_code == 200
+
+    before = _strict_scorer_stats()["items"]
+    batch = {"requests": [_big_body(3000, seed) for seed in (1, 2)]}
+    r = requests.post(f"{service}/strict/v1/score/batch", json=batch, headers=AUTH, timeout=60)
+    assert r.status_code == 504, r.text
+    assert "request_timeout_s" in r.json()["message"]
+    scored = _strict_items_scored_after(before)
+    assert scored < 6000 / 2, scored
 
 
 def test_replica_killed_mid_run_never_gives_wrong_or_partial_scores(service, engine, record):
