@@ -23,7 +23,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from models.inputs import Chunk, ScoringInputError
-from serve_app import metrics
+from serve_app import metrics, routing
 from serve_app.chunk_call import ChunkFailure, ChunkResult, EngineFailure
 
 log = logging.getLogger("ray.serve")
@@ -78,7 +78,10 @@ class ChunkCaller:
         start, tries = time.perf_counter(), self.retries + 1
         avoid: list[str] = []
         for attempt in range(tries):
-            response = self.scorer.score.remote(chunk, part=part, key=self.key, avoid=tuple(avoid))
+            ticket = routing.new_ticket()
+            response = self.scorer.score.remote(
+                chunk, part=part, key=self.key, avoid=tuple(avoid), ticket=ticket
+            )
             pending.append(response)
             try:
                 result = await response
@@ -90,16 +93,22 @@ class ChunkCaller:
                 i, k = part
                 raise ChunkFailure(f"chunk {i + 1} of {k}: {cause(e)}") from e
             except (RayActorError, ActorUnavailableError, EngineFailure) as e:
-                replica = failed_replica(e) if isinstance(e, EngineFailure) else None
-                avoid += [replica] if replica else []
+                # The replica the router sent the call to: what answered at its address may
+                # be no replica of ours (Misdelivered), and a dead one names nobody.
+                replica = routing.picked(ticket)
+                answered = failed_replica(e) if isinstance(e, EngineFailure) else None
+                avoid += [r for r in (replica or answered,) if r]
                 log.warning(
-                    "chunk of %d items: scorer replica %s failed (try %d of %d): %s",
+                    "chunk of %d items: scorer replica %s failed (try %d of %d): %s%s",
                     len(chunk.items),
                     replica or "?",
                     attempt + 1,
                     tries,
                     type(e).__name__,
+                    "" if answered in (None, replica) else f" (answered by {answered})",
                 )
+            finally:
+                routing.picked(ticket)  # forgotten: read above where it was needed
                 # Give the router a moment to learn the replica is gone, or the retry may
                 # be routed to it again.
                 await asyncio.sleep(0.2 * 2**attempt)

@@ -2,16 +2,21 @@
 
 The scorers here are the product's Scorer with one fault each, triggered by the first token of
 a query and recorded in a directory the test reads: a chunk that raises whenever it is scored
-(a bad chunk), a forward that hangs (once), a chunk refused as not this replica's (once), and a
-scorer that cannot start until the test lets it. Each fault is a subclass defined in a fixture,
-so Ray ships it by value to the replicas.
+(a bad chunk), a forward that hangs (once), a scorer that raises something unexpected, and a
+scorer that cannot start until the test lets it; they also record the chunks of other
+deployments they refuse. Each fault is a subclass defined in a fixture, so Ray ships it by
+value to the replicas.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +30,16 @@ from tests.conftest import LABELS, serve_cluster
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
 ENGINE = {"max_batch_tokens": 1024, "max_item_tokens": 32, "max_query_tokens": 128, "max_labels": 4}
-# A query starting with one of these: its chunk fails alone, hangs the forward (once), is
-# refused as not this replica's (once), or makes the scorer raise something unexpected; a
-# TRACED query's chunks are counted (items) as they are scored.
-POISON, HANG, REFUSE, BUG, TRACED = 150_001, 150_002, 150_003, 150_004, 150_005
+# A query starting with one of these: its chunk fails alone, hangs the forward (once), or
+# makes the scorer raise something unexpected; a TRACED query's chunks are counted (items) as
+# they are scored.
+POISON, HANG, BUG, TRACED = 150_001, 150_002, 150_004, 150_005
 FORWARD_TIMEOUT_S = 4.0
-APP, GATED = "containment", "gated"
+APP, GATED, OURS = "containment", "gated", "ours"
 
 
 def _faulty_scorer(events: Path):
     """The Scorer class with the faults above, writing one line per event to `events`."""
-    from serve_app.chunk_call import Misdelivered
     from serve_app.scorer import Scorer
 
     def note(replica: str, what: str) -> None:
@@ -52,9 +56,8 @@ def _faulty_scorer(events: Path):
 
     class FaultyScorer(Scorer.func_or_class):  # type: ignore[name-defined,misc]
         async def score(self, chunk, *args, **kwargs):
-            if chunk.query[0] == REFUSE and first("refused"):
-                note(self.replica, "refused")
-                raise Misdelivered(f"replica {self.replica}: chunk for key x, not {self.key}")
+            if kwargs.get("key") not in (None, self.key):  # Scorer.score refuses it
+                note(self.replica, "refused a foreign chunk")
             if chunk.query[0] == BUG:
                 raise TypeError("a bug in the scorer")
             return await super().score(chunk, *args, **kwargs)
@@ -211,17 +214,112 @@ def test_a_batch_fails_as_a_whole_only_for_what_no_entry_can_get_past(service, e
     assert _post(service, good).status_code == 200
 
 
-def test_a_misdelivered_chunk_is_retried_on_another_replica(service, engine, events):
-    """A replica that refuses a chunk as not its own (Misdelivered): the ingress retries it on
-    the other replica, and the request gets its exact scores."""
-    body = _body(REFUSE, 5, n_items=4)
-    r = _post(service, body)
-    assert r.status_code == 200, r.text
-    want = score_ids(engine("qwen3", "prefix", **ENGINE), body["query"], body["items"], LABELS)
-    assert np.abs(np.asarray(r.json()["scores"]) - want).max() <= 1e-6
-    refused = [k for k, v in _events(events).items() if "refused" in v]
-    assert len(refused) == 1, _events(events)
-    assert r.headers["X-MIS-Replicas"] not in refused  # answered by the other one
+def _replica_addresses(app: str) -> dict[str, tuple[str, int]]:
+    """Where the app's scorer replicas take chunk calls (node IP, gRPC port), by replica id,
+    as the controller tells every router."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    running = ray.get(controller._all_running_replicas.remote())
+    return {
+        info.replica_id.unique_id: (info.node_ip, info.port)
+        for deployment, infos in running.items()
+        if (deployment.app_name, deployment.name) == (app, "Scorer")
+        for info in infos
+    }
+
+
+@contextlib.contextmanager
+def _listening_on(address: tuple[str, int], target: tuple[str, int]) -> Iterator[None]:
+    """A second listener on `address`, a replica's gRPC address, that hands every connection
+    to `target`: a process of another deployment bound where one of ours listens. Both set
+    SO_REUSEPORT (gRPC does by default), and a socket bound to the address itself takes the
+    new connections over one bound to all addresses ([::]), as the kernel ranks them."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    server.bind(address)
+    server.listen(16)
+    opened: list[socket.socket] = []
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for end in (src, dst):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:  # closed: the test is over
+                return
+            upstream = socket.create_connection(target)
+            opened.extend((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pump, args=(src, dst), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        for conn in opened:
+            conn.close()
+
+
+def _preferring(replica: str, replicas: list[str]) -> dict:
+    """A one-chunk request whose query prefers `replica` of `replicas` (rendezvous order)."""
+    from serve_app.routing import affinity_order, query_key
+
+    for seed in range(1000):
+        body = _body(7, seed, n_items=4)
+        if affinity_order(query_key(tuple(body["query"])), replicas)[0] == replica:
+            return body
+    raise AssertionError(f"no query of 1000 prefers {replica}")
+
+
+def test_a_chunk_delivered_to_another_deployment_is_retried_on_another_replica(
+    ckpts, service, engine, events
+):
+    """A chunk call that reaches a scorer of another deployment listening on the address of
+    one of ours: that scorer refuses it (Misdelivered, naming itself: no replica of ours),
+    and the ingress retries it on the other replica (the one its router did not pick), once:
+    the request gets its exact scores. Ours: a plain app of 2 scorers; the foreign receiver:
+    a replica of the module's app (other application, so another scoring key)."""
+    from ray import serve
+
+    from serve_app.app import build_graph
+
+    app = build_graph(
+        {"model": {"path": ckpts["qwen3"], "name": "tiny"}, "engine": ENGINE},
+        {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}},
+        {"ray_actor_options": {"num_cpus": 0.1}},
+    )
+    url, _ = serve_cluster()
+    serve.run(app, name=OURS, route_prefix="/ours")
+    try:
+        ours = _replica_addresses(OURS)
+        shadowed = sorted(ours)[0]
+        foreign = next(iter(_replica_addresses(APP).values()))
+        body = _preferring(shadowed, list(ours))
+        with _listening_on(ours[shadowed], foreign):
+            r = _post(f"{url}/ours", body)
+        assert r.status_code == 200, r.text
+        want = score_ids(engine("qwen3", "prefix", **ENGINE), body["query"], body["items"], LABELS)
+        assert np.abs(np.asarray(r.json()["scores"]) - want).max() <= 1e-6
+        (other,) = set(ours) - {shadowed}
+        assert r.headers["X-MIS-Replicas"] == other
+        refusals = [
+            e for v in _events(events).values() for e in v if e == "refused a foreign chunk"
+        ]
+        assert len(refusals) == 1, _events(events)  # retried elsewhere, not at the same address
+    finally:
+        serve.delete(OURS)
 
 
 def test_a_hung_forward_is_replaced_within_the_deadline(service, engine, events):
