@@ -25,12 +25,18 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from models.inputs import Chunk, ScoringInputError
 from serve_app import metrics, routing
 from serve_app.chunk_call import ChunkFailure, ChunkResult, EngineFailure
+from serve_app.errors import ErrorKind
 
 log = logging.getLogger("ray.serve")
 
 
 class ReplicaFailure(Exception):
-    """No scorer replica could take a chunk: overloaded, or its replicas failed on every try."""
+    """No scorer replica could take a chunk: its replicas failed on every try (`kind`
+    UNAVAILABLE), or they are all full (OVERLOADED)."""
+
+    def __init__(self, message: str, kind: ErrorKind = ErrorKind.UNAVAILABLE):
+        super().__init__(message)
+        self.kind = kind
 
 
 class DeadlineExceeded(Exception):
@@ -88,7 +94,7 @@ class ChunkCaller:
                 metrics.ingress().chunk_latency.observe(time.perf_counter() - start)
                 return result
             except BackPressureError as e:
-                raise ReplicaFailure(f"scorers overloaded ({e})") from e
+                raise ReplicaFailure(f"scorers overloaded ({e})", ErrorKind.OVERLOADED) from e
             except ChunkFailure as e:
                 i, k = part
                 raise ChunkFailure(f"chunk {i + 1} of {k}: {cause(e)}") from e

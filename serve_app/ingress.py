@@ -7,9 +7,11 @@ at import time to build the request models and the OpenAPI schema.
 
 import asyncio
 import dataclasses
+import functools
 import importlib.util
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +29,14 @@ from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_h
 from models.config import from_hf_config
 from models.inputs import Chunk, ScoringInputError
 from models.tokenizer import TextTokenizer
-from serve_app import guard, metrics, shapes
+from serve_app import errors, guard, metrics, shapes
 from serve_app.chunk_call import ChunkFailure, ChunkResult
 from serve_app.config import IngressArgs, deployment_identity, scoring_key
+from serve_app.errors import ErrorKind, Protocol
 from serve_app.fanout import ChunkCaller, DeadlineExceeded, FanOut, ReplicaFailure, cause
 from serve_app.rerank import RerankRequest, RerankResponse, label_ids, rerank_response
 from serve_app.routing import running_replicas
 from serve_app.schema import (
-    ErrorBody,
     ScoreRequest,
     ScoreResponse,
     Usage,
@@ -102,75 +104,76 @@ async def _redoc(request: Request) -> HTMLResponse:
     )
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {
-        "model": ErrorBody,
-        "description": text,
-        "content": {"application/json": {"example": error_body(text, code)}},
-    }
-    for code, text in [
-        (400, "items[3]: must not be empty"),
-        (401, "authorization: missing or invalid API key"),
-        (404, "model: unknown model"),
-        (413, "body: larger than max_body_bytes"),
-        (421, "x-mis-deployment: this is deployment 0123456789abcdef, not fedcba9876543210"),
-        (500, "chunk 2 of 5: replica abc: scoring failed: ..."),
-        (503, "server busy, no scorer replica ready yet, or scorer replicas failed (Retry-After)"),
-        (504, "request timed out after request_timeout_s"),
-    ]
-}
+def _error(protocol: Protocol, kind: ErrorKind, message: str, headers=None) -> JSONResponse:
+    status, body = errors.render(protocol, kind, message)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _path_protocol(request: Request) -> Protocol:
+    """The protocol of a route's errors answered before the route read its body."""
+    return errors.protocol_of_path(guard.route_path(request))
 
 
 @api.exception_handler(RequestValidationError)
-async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(error_body(format_errors(exc.errors()), 400), status_code=400)
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message = format_errors(exc.errors())
+    return _error(_path_protocol(request), errors.input_kind(message), message)
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kind = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
-    return JSONResponse(
-        error_body(str(exc.detail), exc.status_code, kind), status_code=exc.status_code
-    )
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # A body FastAPI cannot read (400), a path that does not exist (404), in the protocol of
+    # the path; 405 and the like in ours, with their own status.
+    kinds = {400: ErrorKind.INVALID, 404: ErrorKind.NOT_FOUND, 413: ErrorKind.TOO_LARGE}
+    if (kind := kinds.get(exc.status_code)) is not None:
+        return _error(_path_protocol(request), kind, str(exc.detail))
+    return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code)
 
 
 @api.exception_handler(Exception)
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     # Not the client's fault (bad input never gets here): a JSON body, the details in the log.
     log.exception("internal error: %s", type(exc).__name__)
-    return JSONResponse(error_body("internal error; see the server log", 500, "InternalError"), 500)
-
-
-_ERROR_KINDS = {
-    404: "NotFoundError",
-    500: "InternalError",
-    503: "ServiceUnavailable",
-    504: "GatewayTimeout",
-}
-
-
-def _error(message: str, code: int = 400, headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = _ERROR_KINDS.get(code, "BadRequestError")
-    return JSONResponse(error_body(message, code, kind), status_code=code, headers=headers)
+    message = "internal error; see the server log"
+    return _error(_path_protocol(request), ErrorKind.INTERNAL, message)
 
 
 class _Refused(Exception):
-    """A request answered with an error body (message naming the field, status, headers)."""
+    """A request answered with an error (message naming the field, what went wrong, headers),
+    in the protocol of its route (serve_app/errors.py)."""
 
-    def __init__(self, message: str, code: int = 400, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        kind: ErrorKind | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.code, self.headers = code, headers
+        self.kind = kind or errors.input_kind(message)
+        self.headers = headers
 
-    def response(self, field_names: dict[str, str] | None = None) -> JSONResponse:
-        message = str(self)
-        for ours, theirs in (field_names or {}).items():  # the route's own field names
-            if message.startswith(ours):
-                message = theirs + message[len(ours) :]
-        return _error(message, self.code, self.headers)
+    def renamed(self, rename: Callable[[str], str]) -> "_Refused":
+        """The same refusal, its fields named as the route's request names them."""
+        return _Refused(rename(str(self)), self.kind, self.headers)
+
+    def response(self, protocol: Protocol = Protocol.OURS) -> JSONResponse:
+        return _error(protocol, self.kind, str(self), self.headers)
 
     def body(self) -> dict[str, Any]:
-        """The error body alone (a batch entry's)."""
-        return error_body(str(self), self.code, _ERROR_KINDS.get(self.code, "BadRequestError"))
+        """Our error body alone (a batch entry's)."""
+        return errors.render(Protocol.OURS, self.kind, str(self))[1]
+
+
+def _named(names: dict[str, str]) -> Callable[[str], str]:
+    """A message's leading field renamed (`items[3]: ...` -> `documents[3]: ...`)."""
+
+    def rename(message: str) -> str:
+        for ours, theirs in names.items():
+            if message.startswith(ours):
+                return theirs + message[len(ours) :]
+        return message
+
+    return rename
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +291,7 @@ class ScoreIngress:
     @api.post(
         "/v1/score",
         response_model=ScoreResponse | shapes.VllmScoreResponse,
-        responses=_ERRORS,
+        responses=errors.openapi_responses(Protocol.OURS, Protocol.VLLM),
         # Documented as SGLang's body; vLLM's is documented at /score.
         openapi_extra=_one_of(ScoreRequest),
     )
@@ -304,7 +307,11 @@ class ScoreIngress:
             return e.response()
         return JSONResponse(scored.response, headers=scored.headers)
 
-    @api.post("/v1/score/batch", response_model=shapes.BatchScoreResponse, responses=_ERRORS)
+    @api.post(
+        "/v1/score/batch",
+        response_model=shapes.BatchScoreResponse,
+        responses=errors.openapi_responses(Protocol.OURS),
+    )
     async def score_batch(self, body: shapes.BatchScoreRequest) -> Any:
         """Several Score API requests in one body, answered in the same order: each entry its
         /v1/score response or its own error body (one bad entry, or one whose chunk fails,
@@ -321,7 +328,8 @@ class ScoreIngress:
         n_items = sum(len(e.items) for e in entries if isinstance(e, ScoreRequest))
         cap = self.args.limits.max_items_per_batch
         if n_items > cap:
-            return _error(f"requests: {n_items} items in all exceed max_items_per_batch={cap}")
+            message = f"requests: {n_items} items in all exceed max_items_per_batch={cap}"
+            return _Refused(message, ErrorKind.LIMIT).response()
         prepared = [e if isinstance(e, _Refused) else self._try_prepare(e) for e in entries]
         jobs = [p for p in prepared if isinstance(p, _Prepared)]
         try:
@@ -335,7 +343,7 @@ class ScoreIngress:
     @api.post(
         "/score",
         response_model=shapes.VllmScoreResponse,
-        responses=_ERRORS,
+        responses=errors.openapi_responses(Protocol.VLLM),
         openapi_extra=_one_of(shapes.VllmScoreRequest),
     )
     async def vllm_score(self, body: Any = _ANY_BODY) -> Any:
@@ -346,17 +354,29 @@ class ScoreIngress:
         try:
             request = _parse(shapes.VllmScoreRequest, body)
             reranks, where = _internal(request.reranks)
-            jobs = [self._prepare(self._rerank_request(r)) for r in reranks]
+            jobs = []
+            for group, rerank in enumerate(reranks):
+                try:
+                    jobs.append(self._prepare(self._rerank_request(rerank)))
+                except _Refused as e:
+                    raise e.renamed(functools.partial(request.name_fields, group=group)) from e
             answers = await self._run(jobs, "rerank", start)
-            relevance = [self._relevance(_answered(a)) for a in answers]
+            for group, answer in enumerate(answers):
+                if isinstance(answer, _Refused):
+                    raise answer.renamed(functools.partial(request.name_fields, group=group))
         except _Refused as e:
-            return e.response({"items": "text_2", "query": "text_1", "documents": "text_2"})
+            return e.response(Protocol.VLLM)
+        relevance = [self._relevance(a) for a in answers]  # type: ignore[arg-type]
         scores = [relevance[r][0][d][0] for r, d in where]
         tokens = sum(t for _, t in relevance)
         model = request.model or self.model_name
         return JSONResponse(shapes.vllm_response(scores, model, tokens).model_dump())
 
-    @api.post("/v2/rerank", response_model=shapes.CohereV2RerankResponse, responses=_ERRORS)
+    @api.post(
+        "/v2/rerank",
+        response_model=shapes.CohereV2RerankResponse,
+        responses=errors.openapi_responses(Protocol.COHERE),
+    )
     async def rerank_v2(self, body: shapes.CohereV2RerankRequest) -> Any:
         """Cohere's v2 rerank (`cohere.ClientV2(base_url=...).rerank(...)`); scores as
         /v1/rerank's."""
@@ -364,14 +384,14 @@ class ScoreIngress:
         try:
             scores, tokens, _ = await self._rerank_scores(_internal(body.rerank), start)
         except _Refused as e:
-            return e.response({"items": "documents"})
+            return e.renamed(_named({"items": "documents"})).response(Protocol.COHERE)
         usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
         return JSONResponse(shapes.cohere_v2_response(body, scores, usage).model_dump())
 
     @api.post(
         "/rerank",
         response_model=RerankResponse | list[shapes.TeiRank],
-        responses=_ERRORS,
+        responses=errors.openapi_responses(Protocol.TEI, Protocol.VLLM),
         openapi_extra=_one_of(RerankRequest, shapes.TeiRerankRequest),
     )
     async def rerank_any(self, body: Any = _ANY_BODY) -> Any:
@@ -379,27 +399,36 @@ class ScoreIngress:
         `[{index, score, text?}]` best first, `raw_scores` the logit of P(yes))."""
         if not (isinstance(body, dict) and "texts" in body):
             try:
-                return await self.rerank(_parse(RerankRequest, body))
+                return await self._rerank(_parse(RerankRequest, body), Protocol.VLLM)
             except _Refused as e:
-                return e.response()
+                return e.response(Protocol.VLLM)
         start = time.perf_counter()
         try:
             request = _parse(shapes.TeiRerankRequest, body)
             scores, _, _ = await self._rerank_scores(_internal(request.rerank), start)
         except _Refused as e:
-            return e.response({"items": "texts", "documents": "texts"})
+            return e.renamed(_named({"items": "texts", "documents": "texts"})).response(
+                Protocol.TEI
+            )
         ranks = shapes.tei_response(request, scores)
         return JSONResponse([r.model_dump(exclude_none=True) for r in ranks])
 
-    @api.post("/v1/rerank", response_model=RerankResponse, responses=_ERRORS)
+    @api.post(
+        "/v1/rerank",
+        response_model=RerankResponse,
+        responses=errors.openapi_responses(Protocol.OURS),
+    )
     async def rerank(self, body: RerankRequest) -> Any:
         """Documents sorted by relevance to the query (Cohere / Jina compatible): P(yes) of
         each document in the rerank prompt, all documents in one multi-item fan-out."""
+        return await self._rerank(body, Protocol.OURS)
+
+    async def _rerank(self, body: RerankRequest, protocol: Protocol) -> Any:
         start = time.perf_counter()
         try:
             scores, tokens, headers = await self._rerank_scores(body, start)
         except _Refused as e:
-            return e.response({"items": "documents"})
+            return e.renamed(_named({"items": "documents"})).response(protocol)
         usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
         out = rerank_response(body, scores, self.model_name, usage)
         return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
@@ -438,7 +467,8 @@ class ScoreIngress:
         field), and its items cut into chunks."""
         if body.model is not None and body.model not in self.served_names:
             raise _Refused(
-                f"model: unknown model {body.model!r}; serving {list(self.served_names)}", 404
+                f"model: unknown model {body.model!r}; serving {list(self.served_names)}",
+                ErrorKind.NOT_FOUND,
             )
         try:
             query, items = prepare_request(
@@ -470,7 +500,10 @@ class ScoreIngress:
         if not jobs:
             return []
         if not running_replicas(self._scorers):
-            raise self._busy("no scorer replica is ready yet (warming up, or being replaced)")
+            raise self._busy(
+                "no scorer replica is ready yet (warming up, or being replaced)",
+                ErrorKind.UNAVAILABLE,
+            )
         timeout_s = self.args.limits.request_timeout_s
         fan_out = FanOut(self._call, [job.chunks for job in jobs])
         try:
@@ -487,9 +520,10 @@ class ScoreIngress:
                 timeout_s,
                 fan_out.calls,
             )
-            raise _Refused(f"request timed out after request_timeout_s={timeout_s}", 504) from None
+            message = f"request timed out after request_timeout_s={timeout_s}"
+            raise _Refused(message, ErrorKind.TIMEOUT) from None
         except ReplicaFailure as e:
-            raise self._busy(str(e)) from e
+            raise self._busy(str(e), e.kind) from e
         return [self._merge(job, r, route, start) for job, r in zip(jobs, results, strict=True)]
 
     def _merge(
@@ -502,7 +536,7 @@ class ScoreIngress:
                 return _Refused(str(cause(result)))
             case ChunkFailure():
                 log.error("%s: a chunk failed on its own: %s", route, result)
-                return _Refused(f"items: {result}", 500)
+                return _Refused(f"items: {result}", ErrorKind.FAILED)
             case Exception():
                 raise result  # not a job's own failure: FanOut raises those
         columns = len(job.body.label_token_ids) or len(self.head[1])
@@ -527,9 +561,9 @@ class ScoreIngress:
         headers = {"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(job.chunks))}
         return _Scored(response_body(scores, job.body.model or self.model_name, n_tokens), headers)
 
-    def _busy(self, message: str) -> _Refused:
+    def _busy(self, message: str, kind: ErrorKind) -> _Refused:
         retry = str(self.args.limits.retry_after_s)
-        return _Refused(f"{message}; retry later", 503, {"Retry-After": retry})
+        return _Refused(f"{message}; retry later", kind, {"Retry-After": retry})
 
     @api.get(
         "/health",

@@ -200,6 +200,16 @@ def test_api_keys(service, reference):
             assert r.json()["message"].startswith("authorization:")
             assert r.headers["WWW-Authenticate"] == "Bearer"
     assert _strict_scorer_stats() == before  # rejected requests touched no model
+    # Each route's refusal in its protocol, decided by the path (the body is not read).
+    protocols = {
+        "/v2/rerank": lambda b: set(b) == {"message"} and b["message"],  # Cohere
+        "/score": lambda b: set(b) == {"error"} and b["error"]["message"],  # vLLM
+        "/rerank": lambda b: set(b) == {"error", "error_type"} and b["error"],  # TEI
+    }
+    for path, message in protocols.items():
+        r = requests.post(f"{service}{path}", json={}, timeout=60)
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", r.text
+        assert str(message(r.json())).startswith("authorization:"), (path, r.text)
     assert requests.get(f"{service}/v1/models", timeout=10).status_code == 401
     assert requests.get(f"{service}/health", timeout=10).status_code == 200
     lower = {"Authorization": f"bearer {KEY}"}

@@ -572,7 +572,7 @@ def _relevance(url: str, query: str, docs: list[str]) -> list[float]:
 def test_cohere_sdk_v1_and_v2_clients_rerank_as_v1_rerank(service):
     """The Cohere SDK's own clients: v1 (`Client.rerank` -> /v1/rerank) and v2
     (`ClientV2.rerank` -> /v2/rerank, `model` required: a served name) give /v1/rerank's
-    scores bit for bit, sorted and cut to top_n; an unknown model is the SDK's NotFoundError."""
+    scores bit for bit, sorted and cut to top_n."""
     import cohere
 
     want = _relevance(service, QUERY, DOCS)
@@ -583,8 +583,6 @@ def test_cohere_sdk_v1_and_v2_clients_rerank_as_v1_rerank(service):
     v1 = cohere.Client(api_key="unused", base_url=service)
     got1 = v1.rerank(model="tiny", query=QUERY, documents=DOCS)
     assert [(r.index, r.relevance_score) for r in got1.results] == [(i, want[i]) for i in order]
-    with pytest.raises(cohere.errors.NotFoundError):
-        v2.rerank(model="not-served", query=QUERY, documents=DOCS)
 
 
 def test_vllm_score_api_scores_pairs_as_rerank(service):
@@ -607,9 +605,6 @@ def test_vllm_score_api_scores_pairs_as_rerank(service):
             assert [d["index"] for d in out["data"]] == list(range(len(scores)))
             assert [d["score"] for d in out["data"]] == scores
             assert out["usage"]["prompt_tokens"] > 0
-    bad = {"text_1": [QUERY, QUERY, QUERY], "text_2": DOCS[:2]}
-    r = requests.post(f"{service}/score", json=bad, timeout=60)
-    assert r.status_code == 400 and r.json()["message"].startswith("text_1:"), r.text
 
 
 def test_tei_and_jina_rerank_shapes(service, tokenizer):
@@ -632,8 +627,86 @@ def test_tei_and_jina_rerank_shapes(service, tokenizer):
     assert [(x["index"], x["relevance_score"]) for x in jina.json()["results"]] == [
         (i, want[i]) for i in order
     ]
+
+
+LONG = "word " * 80  # one document over the test engine's max_item_tokens (64)
+
+
+def _over_the_limit(message: str, field: str) -> bool:
+    return message.startswith(f"{field}: ") and "exceed max_item_tokens=64" in message
+
+
+def test_cohere_sdk_gets_errors_as_cohere_answers_them(service):
+    """/v2/rerank answers errors as Cohere does, a body of `message` alone with Cohere's
+    status: the SDK raises its own classes (BadRequestError, NotFoundError) with that body.
+    /v1/rerank (the v1 client's) answers ours, whose `message` the v1 SDK reads as well."""
+    import cohere
+
+    v2 = cohere.ClientV2(api_key="unused", base_url=service)
+    with pytest.raises(cohere.errors.BadRequestError) as e:
+        v2.rerank(model="tiny", query=QUERY, documents=[DOCS[0], LONG])
+    assert set(e.value.body) == {"message"}, e.value.body
+    assert _over_the_limit(e.value.body["message"], "documents[1]"), e.value.body
+    with pytest.raises(cohere.errors.NotFoundError) as e:
+        v2.rerank(model="not-served", query=QUERY, documents=DOCS)
+    assert set(e.value.body) == {"message"}, e.value.body
+    assert e.value.body["message"].startswith("model: unknown model 'not-served'")
+    v1 = cohere.Client(api_key="unused", base_url=service)
+    with pytest.raises(cohere.errors.BadRequestError) as e:
+        v1.rerank(model="tiny", query=QUERY, documents=[DOCS[0], LONG])
+    assert _over_the_limit(e.value.body["message"], "documents[1]"), e.value.body
+
+
+def _vllm_error(r: requests.Response, status: int, param: str) -> str:
+    """The message of a vLLM error answer (its ErrorResponse), checked whole."""
+    assert r.status_code == status, r.text
+    (info,) = r.json().values()
+    assert r.json() == {"error": info}, r.text
+    assert info["type"] == "BadRequestError" and info["code"] == status, r.text
+    assert info["param"] == param and info["message"].startswith(f"{param}: "), r.text
+    return info["message"]
+
+
+def test_vllm_score_errors_name_the_request_fields(service):
+    """vLLM's score API answers vLLM's ErrorResponse; a document is named by its index in
+    text_2 / documents (pairs with one query are scored together, but an error names the
+    pair, not the document's place in its query's group), and a queries/documents request
+    is told about its own fields."""
+    # Pairs 1 and 2 share a query: LONG is the second document of that query's group.
+    queries = [QUERY, "A gift for a reader?", "A gift for a reader?", QUERY]
+    docs = [DOCS[0], DOCS[1], LONG, DOCS[2]]
+    for path in ("/score", "/v1/score"):
+        r = requests.post(f"{service}{path}", json={"text_1": queries, "text_2": docs}, timeout=60)
+        assert _over_the_limit(_vllm_error(r, 400, "text_2[2]"), "text_2[2]"), r.text
+        body = {"queries": queries, "documents": docs}
+        r = requests.post(f"{service}{path}", json=body, timeout=60)
+        assert _over_the_limit(_vllm_error(r, 400, "documents[2]"), "documents[2]"), r.text
+    body = {"queries": [QUERY] * 3, "documents": DOCS[:2]}
+    r = requests.post(f"{service}/score", json=body, timeout=60)
+    message = _vllm_error(r, 400, "queries")
+    assert (
+        message == "queries: 3 texts for 2 in documents; give one, or as many as documents (pairs)"
+    )
+    r = requests.post(f"{service}/score", json={"queries": QUERY}, timeout=60)
+    assert _vllm_error(r, 400, "documents") == "documents: missing (give it with queries)"
+    # vLLM's and Jina's /rerank (documents) answers as vLLM too.
+    r = requests.post(f"{service}/rerank", json={"query": QUERY, "documents": [LONG]}, timeout=60)
+    assert _over_the_limit(_vllm_error(r, 400, "documents[0]"), "documents[0]"), r.text
+
+
+def test_tei_rerank_errors_as_tei_answers_them(service):
+    """TEI's /rerank (texts) answers TEI's ErrorResponse {error, error_type} with TEI's status
+    per type: an input over the limit 413 Validation, a body it cannot read 422."""
+    body = {"query": QUERY, "texts": [DOCS[0], LONG]}
+    r = requests.post(f"{service}/rerank", json=body, timeout=60)
+    assert r.status_code == 413 and set(r.json()) == {"error", "error_type"}, r.text
+    assert r.json()["error_type"] == "Validation" and _over_the_limit(r.json()["error"], "texts[1]")
     r = requests.post(f"{service}/rerank", json={"query": QUERY, "texts": "x"}, timeout=60)
-    assert r.status_code == 400 and r.json()["message"].startswith("texts"), r.text
+    assert r.status_code == 422 and r.json()["error_type"] == "Validation", r.text
+    assert r.json()["error"].startswith("texts: ") and set(r.json()) == {"error", "error_type"}
+    headers = {"content-type": "application/json"}
+    r = requests.post(f"{service}/rerank", data="{oops", headers=headers, timeout=60)
+    assert r.status_code == 422 and r.json()["error"].startswith("body: invalid JSON"), r.text
 
 
 def _rerank_as_score(tok, query: str, docs: list[str]) -> dict:
