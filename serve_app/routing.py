@@ -152,6 +152,9 @@ class QueryAffinityRouter(FIFOMixin, RequestRouter):
             pending_request.routing_context.should_backoff = True
         chunk = pending_request.args[0] if pending_request and pending_request.args else None
         if not isinstance(chunk, Chunk):  # stats(), health: no affinity
+            wanted = pending_request.kwargs.get("replica") if pending_request else None
+            if wanted is not None:  # a call for one replica (stats(replica=...))
+                return [[r for r in candidate_replicas if r.replica_id.unique_id == wanted]]
             return [sorted(candidate_replicas, key=self._load)]
         # A retried chunk avoids the replicas its earlier calls were sent to and failed (or
         # were refused there as not theirs), unless no other is left.

@@ -285,9 +285,9 @@ class Scorer:
     def _exit(self) -> None:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=False)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self, replica: str | None = None) -> dict[str, int]:
         """This replica's engine counters: items, forwards, tokens, prefix hits/misses,
-        compiles."""
+        compiles. `replica`: the replica (id) to ask, read by the router (routing.py)."""
         return self.engine.stats()
 
     def check_health(self) -> None:

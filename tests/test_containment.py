@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import itertools
 import os
 import socket
 import threading
@@ -30,10 +31,10 @@ from tests.conftest import LABELS, serve_cluster
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
 ENGINE = {"max_batch_tokens": 1024, "max_item_tokens": 32, "max_query_tokens": 128, "max_labels": 4}
-# A query starting with one of these: its chunk fails alone, hangs the forward (once), or
-# makes the scorer raise something unexpected; a TRACED query's chunks are counted (items) as
-# they are scored.
-POISON, HANG, BUG, TRACED = 150_001, 150_002, 150_004, 150_005
+# A query starting with one of these: its chunk fails alone, hangs the forward (once), makes
+# the scorer raise something unexpected, or holds its forward until 4 more chunks are queued;
+# a TRACED query's chunks are counted (items) as they are scored.
+POISON, HANG, BUG, TRACED, SLOW = 150_001, 150_002, 150_004, 150_005, 150_006
 FORWARD_TIMEOUT_S = 4.0
 APP, GATED, OURS = "containment", "gated", "ours"
 
@@ -67,6 +68,11 @@ def _faulty_scorer(events: Path):
             if POISON in firsts:
                 note(self.replica, f"poison in a call of {len(chunks)} chunks")
                 raise RuntimeError("poisoned chunk")
+            if SLOW in firsts:  # until 4 more chunks have queued behind it (at most 3 s)
+                note(self.replica, "slow")
+                until = time.monotonic() + 3
+                while len(self._queue) < 4 and time.monotonic() < until:
+                    time.sleep(0.01)
             if HANG in firsts and first("hung"):
                 note(self.replica, "hang")
                 time.sleep(3600)
@@ -152,18 +158,41 @@ def _post(url: str, body: dict, timeout: float = 120) -> requests.Response:
     return requests.post(f"{url}/v1/score", json=body, timeout=timeout)
 
 
-def test_a_chunk_that_fails_alone_fails_only_its_request(service, engine, events):
-    """A chunk that makes the engine raise, in flight with other requests' chunks on both
-    replicas: its request gets a 500 naming the failure, every other request its exact scores,
-    and both replicas stay in service (nothing retried, nothing replaced)."""
+def _preferring(replica: str, replicas: list[str], first: int = 7) -> Iterator[dict]:
+    """One-chunk requests whose queries (starting with `first`) prefer `replica` of
+    `replicas` (rendezvous order)."""
+    from serve_app.routing import affinity_order, query_key
+
+    for seed in itertools.count():
+        body = _body(first, seed, n_items=4)
+        if affinity_order(query_key(tuple(body["query"])), replicas)[0] == replica:
+            yield body
+
+
+def test_a_chunk_that_fails_alone_fails_only_its_request(service, engine, events, record):
+    """A chunk that makes the engine raise, in one engine call with other requests' chunks
+    (they queued on the same replica behind a slow forward) while more requests run on the
+    other replica: its request gets a 500 naming the failure, every other request its exact
+    scores (the failed call's chunks scored again one by one), and both replicas stay in
+    service (nothing retried, nothing replaced)."""
     before = _replica_ids(APP)
     assert len(before) == 2
-    good = [_body(7, seed) for seed in range(10)]
-    bad = _body(POISON, 99, n_items=4)  # one chunk
-    with concurrent.futures.ThreadPoolExecutor(11) as pool:
-        futures = [pool.submit(_post, service, b) for b in good]
-        poisoned = pool.submit(_post, service, bad).result()
+    one, other = sorted(before)
+    slow = next(_preferring(one, [one, other], first=SLOW))
+    bad = next(_preferring(one, [one, other], first=POISON))
+    beside = list(itertools.islice(_preferring(one, [one, other]), 3))  # queued with `bad`
+    elsewhere = list(itertools.islice(_preferring(other, [one, other]), 5))
+    deadline = time.monotonic() + 60
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        slowed = pool.submit(_post, service, slow)
+        while "slow" not in _events(events).get(one, []):  # its forward has begun
+            assert time.monotonic() < deadline and not slowed.done(), slowed
+            time.sleep(0.02)
+        poisoned = pool.submit(_post, service, bad)
+        good = [slow, *beside, *elsewhere]
+        futures = [slowed, *(pool.submit(_post, service, b) for b in good[1:])]
         answers = [f.result() for f in futures]
+        poisoned = poisoned.result()
     assert poisoned.status_code == 500, poisoned.text
     message = poisoned.json()["message"]
     assert message.startswith("items: chunk 1 of 1: replica ") and "poisoned chunk" in message
@@ -172,13 +201,15 @@ def test_a_chunk_that_fails_alone_fails_only_its_request(service, engine, events
         assert r.status_code == 200, r.text
         want = score_ids(prefix, b["query"], b["items"], LABELS)
         assert np.abs(np.asarray(r.json()["scores"]) - want).max() <= 1e-6
-    # Tried in its engine call and once more alone, on one replica: not retried elsewhere.
+    # The poisoned call held other requests' chunks; then the bad chunk alone, once, on that
+    # replica: not retried elsewhere.
     seen = {k: v for k, v in _events(events).items() if any("poison" in e for e in v)}
-    assert len(seen) == 1, seen
-    (calls,) = seen.values()
-    assert len(calls) == 2 and calls[1] == "poison in a call of 1 chunks", calls
+    assert list(seen) == [one], seen
+    calls = [int(e.split()[5]) for e in seen[one] if e.startswith("poison")]
+    assert len(calls) == 2 and calls[0] >= 2 and calls[1] == 1, seen
+    record("containment: chunks in the poisoned engine call (count)", calls[0])
     assert _replica_ids(APP) == before
-    assert _post(service, good[0]).status_code == 200
+    assert _post(service, beside[0]).status_code == 200
 
 
 def _traced(events: Path) -> int:
@@ -272,17 +303,6 @@ def _listening_on(address: tuple[str, int], target: tuple[str, int]) -> Iterator
             conn.close()
 
 
-def _preferring(replica: str, replicas: list[str]) -> dict:
-    """A one-chunk request whose query prefers `replica` of `replicas` (rendezvous order)."""
-    from serve_app.routing import affinity_order, query_key
-
-    for seed in range(1000):
-        body = _body(7, seed, n_items=4)
-        if affinity_order(query_key(tuple(body["query"])), replicas)[0] == replica:
-            return body
-    raise AssertionError(f"no query of 1000 prefers {replica}")
-
-
 def test_a_chunk_delivered_to_another_deployment_is_retried_on_another_replica(
     ckpts, service, engine, events
 ):
@@ -306,7 +326,7 @@ def test_a_chunk_delivered_to_another_deployment_is_retried_on_another_replica(
         ours = _replica_addresses(OURS)
         shadowed = sorted(ours)[0]
         foreign = next(iter(_replica_addresses(APP).values()))
-        body = _preferring(shadowed, list(ours))
+        body = next(_preferring(shadowed, list(ours)))
         with _listening_on(ours[shadowed], foreign):
             r = _post(f"{url}/ours", body)
         assert r.status_code == 200, r.text
