@@ -91,8 +91,6 @@ class ChunkCaller:
             pending.append(response)
             try:
                 result = await response
-                metrics.ingress().chunk_latency.observe(time.perf_counter() - start)
-                return result
             except BackPressureError as e:
                 raise ReplicaFailure(f"scorers overloaded ({e})", ErrorKind.OVERLOADED) from e
             except ChunkFailure as e:
@@ -101,9 +99,9 @@ class ChunkCaller:
             except (RayActorError, ActorUnavailableError, EngineFailure) as e:
                 # The replica the router sent the call to: what answered at its address may
                 # be no replica of ours (Misdelivered), and a dead one names nobody.
-                replica = routing.picked(ticket)
                 answered = failed_replica(e) if isinstance(e, EngineFailure) else None
-                avoid += [r for r in (replica or answered,) if r]
+                replica = routing.picked(ticket) or answered
+                avoid += [replica] if replica else []
                 log.warning(
                     "chunk of %d items: scorer replica %s failed (try %d of %d): %s%s",
                     len(chunk.items),
@@ -113,11 +111,14 @@ class ChunkCaller:
                     type(e).__name__,
                     "" if answered in (None, replica) else f" (answered by {answered})",
                 )
-            finally:
-                routing.picked(ticket)  # forgotten: read above where it was needed
                 # Give the router a moment to learn the replica is gone, or the retry may
                 # be routed to it again.
                 await asyncio.sleep(0.2 * 2**attempt)
+                continue
+            finally:
+                routing.picked(ticket)  # the pick is not needed once the call is over
+            metrics.ingress().chunk_latency.observe(time.perf_counter() - start)
+            return result
         raise ReplicaFailure(f"scorer replicas failed {tries} times for one chunk")
 
 
