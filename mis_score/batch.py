@@ -45,11 +45,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from mis_api.schema import ScoreRequest
 from mis_score.offline import OfflineScorer, Prepared, add_engine_flags, engine_config
 from models.checkpoint import cache_root, demo_checkpoint_dir, ensure_demo_checkpoint
-from models.engine_config import EngineConfig
-from serve_app.config import AppArgs, LimitsArgs, ModelArgs
-from serve_app.schema import ScoreRequest
+from serve_app.config import AppArgs, LimitsArgs, ModelArgs, ModelEngine
 
 log = logging.getLogger("mis-score")
 
@@ -97,11 +96,10 @@ class RowDefaults(_Group):
     item_first: bool | None = None
 
 
-class BatchSettings(_Group):
-    """What a batch job runs with: the service's settings groups plus the pool's."""
+class BatchSettings(ModelEngine):
+    """What a batch job runs with: the service's `model` and `engine` (their home:
+    serve_app.config.ModelEngine), its request limit, and the pool's settings."""
 
-    model: ModelArgs = ModelArgs()
-    engine: EngineConfig = EngineConfig()
     max_items_per_request: int = LimitsArgs.model_fields["max_items_per_request"].default
     pool: PoolArgs = PoolArgs()
     defaults: RowDefaults = RowDefaults()

@@ -23,7 +23,7 @@ import re
 from http import HTTPStatus
 from typing import Any
 
-from serve_app.schema import ErrorBody, error_body
+from mis_api.schema import ErrorBody, error_body
 from serve_app.shapes import CohereError, TeiError, VllmError
 
 

@@ -25,6 +25,21 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mis_api.schema import (
+    ScoreRequest,
+    ScoreResponse,
+    Usage,
+    error_body,
+    format_errors,
+    validation_message,
+)
+from mis_api.scoring import (
+    make_chunks,
+    merge_scores,
+    prepare_request,
+    prompt_tokens,
+    response_body,
+)
 from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_hf_config
 from models.config import from_hf_config
 from models.inputs import Chunk, ScoringInputError
@@ -36,21 +51,6 @@ from serve_app.errors import ErrorKind, Protocol
 from serve_app.fanout import ChunkCaller, DeadlineExceeded, FanOut, ReplicaFailure, cause
 from serve_app.rerank import RerankRequest, RerankResponse, label_ids, rerank_response
 from serve_app.routing import running_replicas
-from serve_app.schema import (
-    ScoreRequest,
-    ScoreResponse,
-    Usage,
-    error_body,
-    format_errors,
-    validation_message,
-)
-from serve_app.scoring import (
-    make_chunks,
-    merge_scores,
-    prepare_request,
-    prompt_tokens,
-    response_body,
-)
 
 log = logging.getLogger("ray.serve")
 

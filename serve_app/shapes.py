@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
+from mis_api.schema import Usage
 from serve_app.rerank import RerankRequest, best_first
-from serve_app.schema import Usage
 
 
 class _Shape(BaseModel):

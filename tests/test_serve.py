@@ -17,9 +17,9 @@ import pytest
 import requests
 
 from loadtests.summary import summarize
+from mis_api.chunking import split_items
+from mis_api.scoring import tokenize_request
 from models.engine import score_ids
-from serve_app.chunking import split_items
-from serve_app.scoring import tokenize_request
 from tests.conftest import LABELS, TEST_ENGINE, deployment_of, running_serve, serve_cluster
 
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
@@ -401,7 +401,8 @@ def _rerank(url, body):
 def test_rerank_equals_scoring_each_prompt(service, engine, tokenizer, record):
     """P(yes) of every document in its Qwen3-Reranker prompt, from one multi-item fan-out,
     equals scoring each full prompt on its own offline; sorted, cut to top_n, with texts."""
-    from serve_app.rerank import RerankPrompt, RerankRequest
+    from serve_app.config import RerankArgs
+    from serve_app.rerank import RerankRequest
 
     rng = np.random.default_rng(11)
     docs = [_words(rng, int(rng.integers(1, 15))) for _ in range(40)]
@@ -418,7 +419,8 @@ def test_rerank_equals_scoring_each_prompt(service, engine, tokenizer, record):
 
     tok = tokenizer("qwen3")
     yes_no = [tok.encode("yes")[0], tok.encode("no")[0]]
-    score_req = RerankPrompt().score_request(RerankRequest.model_validate(body), tuple(yes_no))
+    prompt = RerankArgs().prompt()
+    score_req = prompt.score_request(RerankRequest.model_validate(body), tuple(yes_no))
     q, items = tokenize_request(score_req, tok)
     # One fan-out of all documents, cut as the ingress cuts any request.
     assert int(resp.headers["X-MIS-Chunks"]) == len(split_items(items, CHUNK, CHUNK_TOKENS))
@@ -570,11 +572,13 @@ def _offline_relevance(engine, tokenizer, query: str, docs: list[str]) -> np.nda
     """(P(yes), P(no)) of each document in the rerank prompt, built as the app builds it and
     scored by the offline engine in serial mode (each prompt on its own; the service runs
     prefix mode)."""
-    from serve_app.rerank import RerankPrompt, RerankRequest
+    from serve_app.config import RerankArgs
+    from serve_app.rerank import RerankRequest
 
     tok = tokenizer("qwen3")
     labels = (tok.encode("yes")[0], tok.encode("no")[0])
-    request = RerankPrompt().score_request(RerankRequest(query=query, documents=docs), labels)
+    prompt = RerankArgs().prompt()
+    request = prompt.score_request(RerankRequest(query=query, documents=docs), labels)
     q, items = tokenize_request(request, tok)
     return score_ids(engine("qwen3", "serial"), q, items, list(labels), apply_softmax=True)
 
