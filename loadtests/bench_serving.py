@@ -38,12 +38,12 @@ import numpy as np
 import psutil
 import yaml
 
+from mis_api.schema import ScoreRequest
+from mis_api.scoring import make_chunks, merge_scores
 from mis_score.workload import NO, YES
 from models.checkpoint import ensure_demo_checkpoint
 from models.engine import ScoringEngine
 from serve_app.config import AppArgs
-from serve_app.schema import ScoreRequest
-from serve_app.scoring import make_chunks, merge_scores
 
 LABELS = [YES, NO]
 

@@ -4,26 +4,37 @@ request checks and scoring core (mis_score.offline.OfflineScorer) in an actor po
     read (JSONL lines / Parquet rows)  ->  map_batches(_EngineActor, actor pool)  ->  the driver
     writes one output file, in input order, to `<output>.partial-<id>`, renamed when complete
 
-Two row layouts, told apart per row: a Score API request (`query`, `items`, `label_token_ids`,
-...) or one pair (`query`, `item`, ...), the pairs of a batch with the same query scored as one
-request (one prefill per engine: its K/V stay in the engine's prefix pool). Every other column
-is kept. Each output row is its input row plus `scores` (the response's scores; a pair's own
-score list) or `error` (the error body's message, naming the field).
+Two row layouts, one per input: Score API requests (`query`, `items`, `label_token_ids`, ...)
+or pairs (`query`, `item`, ...), the pairs of a batch with the same query scored as one request
+(one prefill per engine: its K/V stay in the engine's prefix pool). Every other column is kept.
+Each output row is its input row plus `scores` (the response's scores; a pair's own score list)
+or `error` (the error body's message, naming the field); a bad row never stops the job.
+
+Before anything is scored the driver reads the input once more (InputScan): a JSONL input's
+rows, or a Parquet input's `item`/`items` columns where it has both. An input mixing the two
+layouts is refused there, naming the row. The output's schema is fixed before the first row is
+written (output_schema): `scores` and `error` typed, the input columns from the Parquet input's
+schema, or from the JSONL input's keys and value types (a key whose values differ in type is
+written as JSON text).
 
 Idempotent, not resumable: a job that dies leaves no output file (only its `.partial-*`, removed
-by the next run), and a rerun writes a complete new output. A dead engine actor is restarted by
-Ray and its batches retried (Ray Data's actor pool: max_restarts and max_task_retries -1); the
-driver writes each batch it receives once, so no row is lost and none is written twice.
+by a later run once its writer is provably gone: _Lease), and a rerun writes a complete new
+output. A dead engine actor is restarted by Ray and its batches retried (Ray Data's actor pool:
+max_restarts and max_task_retries -1); the driver writes each batch it receives once, so no row
+is lost and none is written twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import logging
 import os
 import re
+import socket
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -34,11 +45,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from mis_api.schema import ScoreRequest
 from mis_score.offline import OfflineScorer, Prepared, add_engine_flags, engine_config
 from models.checkpoint import cache_root, demo_checkpoint_dir, ensure_demo_checkpoint
-from models.engine_config import EngineConfig
-from serve_app.config import AppArgs, LimitsArgs, ModelArgs
-from serve_app.schema import ScoreRequest
+from serve_app.config import AppArgs, LimitsArgs, ModelArgs, ModelEngine
 
 log = logging.getLogger("mis-score")
 
@@ -86,11 +96,10 @@ class RowDefaults(_Group):
     item_first: bool | None = None
 
 
-class BatchSettings(_Group):
-    """What a batch job runs with: the service's settings groups plus the pool's."""
+class BatchSettings(ModelEngine):
+    """What a batch job runs with: the service's `model` and `engine` (their home:
+    serve_app.config.ModelEngine), its request limit, and the pool's settings."""
 
-    model: ModelArgs = ModelArgs()
-    engine: EngineConfig = EngineConfig()
     max_items_per_request: int = LimitsArgs.model_fields["max_items_per_request"].default
     pool: PoolArgs = PoolArgs()
     defaults: RowDefaults = RowDefaults()
@@ -126,6 +135,7 @@ class BatchSummary:
     errors: int
     seconds: float  # the whole job: start, warm-up, scoring, writing
     scoring_seconds: float  # from the first engine ready to the last row written
+    scan_seconds: float  # the input read once before scoring (InputScan)
     engines: list[dict[str, Any]]  # per engine process that scored: node, warm-up, counters
 
     @property
@@ -157,13 +167,20 @@ def _pair_message(message: str) -> str:
     return re.sub(r"\bitems(?:\.0|\[0\])?(?=[:.\[ ])", "item", message)
 
 
+class Layout(enum.Enum):
+    """An input's rows: Score API requests, or one (query, item) pair each."""
+
+    REQUESTS = "requests"
+    PAIRS = "pairs"
+
+
 class RowScorer:
     """A batch of rows (dicts) -> per row its scores or its error, by the offline scorer's
     checks and one engine call for the whole batch. Pair rows of one query (and labels and
     flags) are scored as one request."""
 
-    def __init__(self, scorer: OfflineScorer, defaults: RowDefaults):
-        self.scorer = scorer
+    def __init__(self, scorer: OfflineScorer, defaults: RowDefaults, layout: Layout):
+        self.scorer, self.pair = scorer, layout is Layout.PAIRS
         self.defaults = {k: v for k, v in defaults.model_dump().items() if v is not None}
 
     def score_rows(self, rows: list[Any]) -> list[tuple[Any, str | None]]:
@@ -171,9 +188,9 @@ class RowScorer:
         out: list[tuple[Any, str | None] | None] = [None] * len(rows)
         requests: list[tuple[int, Prepared]] = []
         pairs: dict[tuple, list[tuple[int, Prepared]]] = defaultdict(list)
+        pair = self.pair
         for i, row in enumerate(rows):
-            pair = _is_pair(row)
-            prepared = self.scorer.prepare(self._body(row, pair))
+            prepared = self.scorer.prepare(self._body(row))
             if isinstance(prepared, dict):
                 msg = prepared["message"]
                 out[i] = (None, _pair_message(msg) if pair else msg)
@@ -212,12 +229,12 @@ class RowScorer:
                     )
         return out  # type: ignore[return-value]
 
-    def _body(self, row: Any, pair: bool) -> Any:
+    def _body(self, row: Any) -> Any:
         if not isinstance(row, dict):
             return row  # not an object: the request check says so
         # A columnar file holds null where a row lacks a field.
         body = {k: row[k] for k in REQUEST_FIELDS if row.get(k) is not None}
-        if pair:
+        if self.pair:
             body.pop("items", None)
             if row.get("item") is not None:
                 body["items"] = [row["item"]]
@@ -229,7 +246,7 @@ class _EngineActor:
     settings, warmed up (every shape compiled, or loaded from the compilation cache) before
     its first batch."""
 
-    def __init__(self, settings: BatchSettings, lines: bool):
+    def __init__(self, settings: BatchSettings, lines: bool, layout: Layout):
         import ray
 
         from models.engine import ScoringEngine, use_compilation_cache  # JAX: engines only
@@ -242,7 +259,8 @@ class _EngineActor:
         self.engine = ScoringEngine(path, settings.engine)
         self.engine.warmup()
         scorer = OfflineScorer(self.engine, settings.model_name(), settings.max_items_per_request)
-        self.rows = RowScorer(scorer, settings.defaults)
+        self.rows = RowScorer(scorer, settings.defaults, layout)
+        self.scores_type = _scores_type(layout)
         self.lines, self.batches = lines, 0
         ctx = ray.get_runtime_context()
         self.info = {
@@ -265,21 +283,14 @@ class _EngineActor:
         import pyarrow as pa
 
         if self.lines:
-            rows: list[Any] = []
-            for line in batch.column("text").to_pylist():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    rows.append(_BadJSON(line, f"body: invalid JSON ({e.msg} at column {e.colno})"))
+            rows = [_parse_line(line) for line in batch.column("text").to_pylist()]
         else:
             rows = batch.to_pylist()
         good = [i for i, r in enumerate(rows) if not isinstance(r, _BadJSON)]
         results: list[tuple[Any, str | None]] = [(None, getattr(r, "error", "")) for r in rows]
         for i, res in zip(good, self.rows.score_rows([rows[i] for i in good]), strict=True):
             results[i] = res
-        items = [
-            0 if err is not None else _n_items(rows[i], s) for i, (s, err) in enumerate(results)
-        ]
+        items = [0 if err is not None else self._n_items(s) for s, err in results]
         failed = [err is not None for _, err in results]
         if self.lines:
             out = pa.table(
@@ -287,15 +298,17 @@ class _EngineActor:
             )
         else:
             out = batch.drop_columns([c for c in OUTPUT_COLUMNS if c in batch.column_names])
-            pair = "item" in batch.column_names and "items" not in batch.column_names
-            kind = pa.list_(pa.float64()) if pair else pa.list_(pa.list_(pa.float64()))
-            out = out.append_column("scores", pa.array([s for s, _ in results], kind))
+            scores = pa.array([s for s, _ in results], self.scores_type)
+            out = out.append_column("scores", scores)
             out = out.append_column("error", pa.array([e for _, e in results], pa.string()))
         out = out.append_column(_ITEMS, pa.array(items, pa.int64()))
         out = out.append_column(_FAILED, pa.array(failed, pa.bool_()))
         self.batches += 1
         report = [self._report()] + [None] * (len(rows) - 1)
         return out.append_column(_ENGINE, pa.array(report, pa.string()))
+
+    def _n_items(self, scores: Any) -> int:
+        return 1 if self.rows.pair else len(scores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,24 +317,43 @@ class _BadJSON:
     error: str
 
 
-def _is_pair(row: Any) -> bool:
-    """A pair row: an `item` and no `items` (a columnar file holds null for a missing field)."""
-    return isinstance(row, dict) and row.get("item") is not None and row.get("items") is None
+def _parse_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return _BadJSON(line, f"body: invalid JSON ({e.msg} at column {e.colno})")
 
 
-def _n_items(row: Any, scores: Any) -> int:
-    return 1 if _is_pair(row) else len(scores)
+def _row_layout(row: Any) -> Layout | None:
+    """A row's layout: `items` a request, an `item` and no `items` a pair (a columnar file
+    holds null for a missing field); neither: none (a bad row of either layout)."""
+    if not isinstance(row, dict):
+        return None
+    if row.get("items") is not None:
+        return Layout.REQUESTS
+    return Layout.PAIRS if row.get("item") is not None else None
+
+
+def _scores_type(layout: Layout):
+    import pyarrow as pa
+
+    pair = pa.list_(pa.float64())  # a pair's scores: one per label (or class)
+    return pair if layout is Layout.PAIRS else pa.list_(pair)
+
+
+def _row_object(row: Any) -> dict[str, Any]:
+    """A JSONL row's output object without `scores` and `error`: the row's keys (an earlier
+    output's `scores`/`error` are replaced), else the line under `line`."""
+    if isinstance(row, _BadJSON):
+        return {"line": row.line}
+    if isinstance(row, dict):
+        return {k: v for k, v in row.items() if k not in OUTPUT_COLUMNS}
+    return {"line": row}
 
 
 def _out_line(row: Any, result: tuple[Any, str | None]) -> str:
     scores, error = result
-    if isinstance(row, _BadJSON):
-        obj: dict[str, Any] = {"line": row.line}
-    elif isinstance(row, dict):
-        obj = {k: v for k, v in row.items() if k not in OUTPUT_COLUMNS}
-    else:
-        obj = {"line": row}
-    obj |= {"error": error} if error is not None else {"scores": scores}
+    obj = _row_object(row) | ({"error": error} if error is not None else {"scores": scores})
     return json.dumps(obj)
 
 
@@ -358,29 +390,276 @@ def _format(path: str, given: str | None = None) -> str:
     raise ValueError(f"{path}: no .jsonl or .parquet file (name the format with --input-format)")
 
 
+_READ_CPUS = 0.25  # reading is I/O: it leaves the engines their cores
+
+
+class InputScan:
+    """What the driver reads of the input before anything is scored: its layout (an input
+    mixing requests and pairs is refused, naming the row) and, for a JSONL input, each key's
+    value type. A row is named `<file> row <n>`, n counting from 1 in its file (a JSONL file's
+    blank lines, which the job skips, not counted)."""
+
+    def __init__(self, layout: Layout | None = None) -> None:
+        self.first: dict[Layout, str] = {layout: "the input's columns"} if layout else {}
+        self.types: dict[str, Any] = {}  # JSONL key -> its Arrow type (None: JSON text)
+        self._big_ints: dict[str, bool] = {}  # JSONL key -> holds an integer beyond 2**53
+        self._path, self._row = "", 0
+
+    @classmethod
+    def read(cls, input: str, fmt: str, schema=None) -> InputScan:
+        """A JSONL input's rows (through Ray Data, as the job reads them); a Parquet input's
+        `item` and `items` columns where its schema has both, read here (the footers say
+        where each file's rows are); else its columns say its layout, and no row is read."""
+        names = schema.names if schema is not None else []
+        if fmt == "parquet" and not {"item", "items"} <= set(names):
+            return cls(Layout.PAIRS if "item" in names else Layout.REQUESTS)
+        scan = cls()
+        if fmt == "parquet":
+            import pyarrow.dataset as pads
+
+            fs, where = _filesystem(input)
+            files = pads.dataset(where, schema=schema, filesystem=fs, format="parquet")
+            for part in files.get_fragments():
+                for b in part.to_batches(columns=["item", "items"]):
+                    scan.add_rows(b.to_pylist(), [part.path] * b.num_rows)
+            return scan
+        import ray.data
+
+        ds = ray.data.read_text(input, include_paths=True, num_cpus=_READ_CPUS)
+        for b in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
+            rows = [_parse_line(line) for line in b.column("text").to_pylist()]
+            scan.add_rows(rows, b.column("path").to_pylist())
+            scan.add_types([_row_object(r) for r in rows])
+        return scan
+
+    @property
+    def layout(self) -> Layout:
+        return Layout.PAIRS if Layout.PAIRS in self.first else Layout.REQUESTS
+
+    def add_rows(self, rows: list[Any], paths: list[str]) -> None:
+        """The next rows of the input, in order, and the file each came from."""
+        for row, path in zip(rows, paths, strict=True):
+            self._row = self._row + 1 if path == self._path else 1
+            self._path = path
+            layout = _row_layout(row)
+            if layout is None or layout in self.first:
+                continue
+            self.first[layout] = f"{path} row {self._row}"
+            if len(self.first) == 2:
+                (other,) = set(self.first) - {layout}
+                raise ValueError(
+                    f"{self.first[layout]}: a {_LAYOUT_ROW[layout]} where {self.first[other]} "
+                    f"is a {_LAYOUT_ROW[other]}: one layout per input (score requests and "
+                    "pairs as two jobs)"
+                )
+
+    def add_types(self, objs: list[dict[str, Any]]) -> None:
+        """The next rows' output objects (JSONL): each key's type, unified with the earlier
+        rows' as Arrow infers one list of values (a value null or missing fits any type, a
+        struct gains the fields it lacked, integers and floats make floats), or None where
+        no type holds every value exactly (strings and numbers; an integer a float would round,
+        beyond 2**53)."""
+        import pyarrow as pa
+
+        for key in dict.fromkeys(k for o in objs for k in o):
+            if key in self.types and self.types[key] is None:
+                continue  # JSON text already
+            try:
+                values = pa.array([o.get(key) for o in objs])  # raises on mixed or inexact
+                self._big_ints[key] = self._big_ints.get(key, False) or _big_ints(values)
+                typ = values.type
+                if key in self.types:
+                    typ = _unify(self.types[key], typ, self._big_ints[key])
+            except (pa.ArrowException, OverflowError, TypeError, ValueError):
+                typ = None
+            self.types[key] = typ
+
+
+def _unify(old, new, big_ints: bool):
+    """The type of two batches' values of a key (raises where there is none): as Arrow infers
+    it for one batch, so a JSONL key's type does not depend on where batches split."""
+    import pyarrow as pa
+
+    two = [pa.schema([("k", old)]), pa.schema([("k", new)])]
+    try:
+        return pa.unify_schemas(two).field("k").type  # nulls and struct fields only
+    except pa.ArrowException:
+        if big_ints:
+            raise
+        return pa.unify_schemas(two, promote_options="permissive").field("k").type
+
+
+def _big_ints(values) -> bool:
+    """Whether an array holds an integer beyond 2**53 (a float64 would round it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = values.type
+    if pa.types.is_integer(t):
+        lo, hi = pc.min_max(values).values()
+        return hi.is_valid and max(abs(lo.as_py()), abs(hi.as_py())) > 2**53
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _big_ints(values.flatten())
+    if pa.types.is_struct(t):
+        return any(_big_ints(values.field(i)) for i in range(t.num_fields))
+    return False
+
+
+_LAYOUT_ROW = {
+    Layout.REQUESTS: "request row (`items`)",
+    Layout.PAIRS: "pair row (`item`, no `items`)",
+}
+
+
+def output_schema(scan: InputScan, parquet_input=None):
+    """A Parquet output's schema, fixed before its first row: the input's columns (a Parquet
+    input's schema; a JSONL input's keys in order of first appearance, each typed by its
+    values, or JSON text where they differ in type, or Parquet cannot hold the type: such a
+    field's metadata says {"encoding": "json"}), then `scores` (the layout's) and `error`."""
+    import pyarrow as pa
+
+    if parquet_input is not None:
+        fields = [f for f in parquet_input if f.name not in OUTPUT_COLUMNS]
+    else:
+        fields = [_jsonl_field(key, typ) for key, typ in scan.types.items()]
+    scores = pa.field("scores", _scores_type(scan.layout))
+    return pa.schema([*fields, scores, pa.field("error", pa.string())])
+
+
+def _jsonl_field(name: str, typ: Any):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if typ is not None:
+        try:  # e.g. an empty object's struct<> is an Arrow type Parquet cannot write
+            pq.write_table(pa.table({name: pa.array([], typ)}), pa.BufferOutputStream())
+            return pa.field(name, typ)
+        except (pa.ArrowException, NotImplementedError):
+            pass
+    return pa.field(name, pa.string(), metadata={"encoding": "json"})
+
+
+def _is_json_text(field) -> bool:
+    return bool(field.metadata) and field.metadata.get(b"encoding") == b"json"
+
+
+_LEASE = ".lease"
+_BEAT_S = 30.0  # a running job rewrites its lease this often
+_STALE_S = 600.0  # a lease (or a partial file without one) unchanged this long: its job is gone
+
+
+def _host_id() -> str:
+    """This host's kernel and pid namespace: a pid names the same process to every process
+    with the same id (containers can share a hostname, each with its own pids)."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        pass
+    return "/".join(parts)
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class _Lease:
+    """`<partial file>.lease`: who writes a partial file (host, pid), rewritten every _BEAT_S
+    while the job runs and removed when it ends. A partial file is a dead job's, and a later
+    job removes it, when its lease names this host and a pid that is not running, or the lease
+    (for a partial file without one: the file) has not changed for _STALE_S: another host's
+    job, whose pid cannot be checked from here, or a pid reused since. Plain files, so it holds
+    on any filesystem pyarrow writes (a bucket has no locks; NFS locks are not reliable)."""
+
+    def __init__(self, fs, partial: str):
+        self.fs, self.path = fs, partial + _LEASE
+        self.body = json.dumps({"host": _host_id(), "pid": os.getpid()}).encode()
+        self._beat()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mis-batch-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(self.body)
+
+    def _run(self) -> None:
+        while not self._stop.wait(_BEAT_S):
+            try:
+                self._beat()
+            except Exception as e:  # a failed beat: the next may pass; _STALE_S is 20 beats
+                log.warning("lease %s: %s", self.path, e)
+
+    def release(self) -> None:
+        import contextlib
+
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(Exception):
+            self.fs.delete_file(self.path)
+
+    @staticmethod
+    def writer_gone(fs, partial, lease) -> bool:
+        """Whether the job of a partial file (FileInfo; None: only its lease is left) and its
+        lease (FileInfo or None) is gone."""
+        info = lease or partial
+        if info.mtime_ns is not None and time.time_ns() - info.mtime_ns > _STALE_S * 1e9:
+            return True
+        if lease is None:
+            return False  # a job from before leases, or a fresh one: the age rule only
+        try:
+            with fs.open_input_stream(lease.path) as f:
+                owner = json.loads(f.read())
+        except (OSError, ValueError):
+            return False  # half written, or removed just now: the age rule only
+        return owner.get("host") == _host_id() and not _pid_running(int(owner["pid"]))
+
+
 class _Writer:
     """One output file, written in input order as batches arrive, at `<output>.partial-<id>`
-    until complete, then renamed to `output` (a rerun replaces it)."""
+    until complete, then renamed to `output` (a rerun replaces it). A Parquet output has its
+    schema (output_schema) from the start."""
 
-    def __init__(self, output: str, fmt: str):
+    def __init__(self, output: str, fmt: str, schema=None):
         self.fs, self.path = _filesystem(output)
         self.fmt, self.tmp = fmt, f"{self.path}.partial-{uuid.uuid4().hex[:12]}"
         parent = str(Path(self.path).parent)
         self.fs.create_dir(parent, recursive=True)
         self._remove_stale(parent)
+        self.lease = _Lease(self.fs, self.tmp)
         self.stream = self.fs.open_output_stream(self.tmp)
         self.parquet: Any = None
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            self.parquet = pq.ParquetWriter(self.stream, schema)
         self.rows = self.items = self.errors = 0
         self.engines: dict[str, dict[str, Any]] = {}  # the latest report of each engine
 
     def _remove_stale(self, parent: str) -> None:
+        """Other jobs' partial files of this output whose writer is gone (_Lease)."""
         import pyarrow.fs as pafs
 
         prefix = f"{Path(self.path).name}.partial-"
+        jobs: dict[str, dict[bool, Any]] = defaultdict(dict)  # partial -> {is lease: info}
         for info in self.fs.get_file_info(pafs.FileSelector(parent)):
             if info.base_name.startswith(prefix):
-                log.info("removing %s (left by a job that did not finish)", info.path)
-                self.fs.delete_file(info.path)
+                lease = info.path.endswith(_LEASE)
+                jobs[info.path.removesuffix(_LEASE) if lease else info.path][lease] = info
+        for partial, files in jobs.items():
+            if _Lease.writer_gone(self.fs, files.get(False), files.get(True)):
+                log.info("removing %s (left by a job that did not finish)", partial)
+                for info in files.values():
+                    self.fs.delete_file(info.path)
+            else:
+                log.info("leaving %s: another job is writing it", partial)
 
     def write(self, table) -> None:
         import pyarrow.compute as pc
@@ -390,7 +669,11 @@ class _Writer:
         self.errors += pc.sum(table.column(_FAILED).cast("int64")).as_py() or 0
         for report in table.column(_ENGINE).drop_null().to_pylist():
             info = json.loads(report)
-            self.engines[info["engine"]] = info
+            # Its latest by the engine's own count: batches can reach the driver (in input
+            # order) in another order than an engine scored them.
+            seen = self.engines.get(info["engine"])
+            if seen is None or info["batches"] > seen["batches"]:
+                self.engines[info["engine"]] = info
         table = table.drop_columns([_ITEMS, _FAILED, _ENGINE])
         if self.fmt == "jsonl":
             if _LINE in table.column_names:
@@ -400,45 +683,49 @@ class _Writer:
             self.stream.write("".join(f"{line}\n" for line in lines).encode())
             self.stream.flush()
         else:
-            self._write_parquet(table)
-
-    def _write_parquet(self, table) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if _LINE in table.column_names:  # JSONL in, Parquet out: the objects' keys as columns
-            objs = [json.loads(s) for s in table.column(_LINE).to_pylist()]
-            objs = [{"scores": None, "error": None} | o for o in objs]
-            keys = list(dict.fromkeys(k for o in objs for k in o))
-            if self.parquet is not None and not set(keys) <= set(self.parquet.schema.names):
-                new = sorted(set(keys) - set(self.parquet.schema.names))
-                raise ValueError(
-                    f"JSONL rows with new keys {new} after the first batch: write .jsonl"
-                )
-            schema = self.parquet.schema if self.parquet is not None else None
-            table = pa.Table.from_pylist(objs, schema=schema)
-        if self.parquet is None:
-            self.parquet = pq.ParquetWriter(self.stream, table.schema)
-        self.parquet.write_table(table.cast(self.parquet.schema))
+            self.parquet.write_table(_conform(table, self.parquet.schema))
 
     def close(self) -> None:
         if self.parquet is not None:
             self.parquet.close()
-        elif self.fmt == "parquet":  # no rows at all: an empty file with no columns
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.table({}), self.stream)
         self.stream.close()
         self.fs.move(self.tmp, self.path)
+        self.lease.release()
 
     def abort(self) -> None:
         import contextlib
 
         with contextlib.suppress(Exception):
+            if self.parquet is not None:
+                self.parquet.close()
+        with contextlib.suppress(Exception):
             self.stream.close()
         with contextlib.suppress(Exception):
             self.fs.delete_file(self.tmp)
+        self.lease.release()
+
+
+def _conform(table, schema):
+    """A batch in the output's schema: a JSONL input's objects (`_LINE`) by key, JSON text
+    where the schema says so; a Parquet input's columns cast, a missing one null."""
+    import pyarrow as pa
+
+    if _LINE in table.column_names:
+        objs = [json.loads(s) for s in table.column(_LINE).to_pylist()]
+        cols = []
+        for f in schema:
+            values = [o.get(f.name) for o in objs]
+            if _is_json_text(f):
+                values = [None if v is None else json.dumps(v) for v in values]
+            cols.append(pa.array(values, f.type))
+    else:
+        n = table.num_rows
+        cols = [
+            table.column(f.name).cast(f.type) if f.name in table.column_names
+            else pa.nulls(n, f.type)
+            for f in schema
+        ]  # fmt: skip
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _json_rows(table) -> list[dict[str, Any]]:
@@ -498,17 +785,27 @@ def run_batch(
         ray.init(address=address, **extra)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the output file in input order
-    read_cpus = 0.25  # reading is I/O: it leaves the engines their cores
+    columns = None
     if in_fmt == "jsonl":
-        ds = ray.data.read_text(input, num_cpus=read_cpus)
+        ds = ray.data.read_text(input, num_cpus=_READ_CPUS)
     else:
-        ds = ray.data.read_parquet(input, num_cpus=read_cpus)
+        ds = ray.data.read_parquet(input, num_cpus=_READ_CPUS)
+        columns = ds.schema().base_schema  # the files' footers (Ray unifies them)
+    # The layout (a mixed input refused) and the output's schema before any row is scored.
+    scanned = time.perf_counter()
+    scan = InputScan.read(input, in_fmt, columns)
+    scanned = time.perf_counter() - scanned
+    schema = output_schema(scan, columns) if out_fmt == "parquet" else None
     n = pool_size(settings.pool)
     pool = settings.pool
     log.info("batch: %s -> %s, %d engines (%s)", input, output, n, settings.engine)
     scored = ds.map_batches(
         _EngineActor,
-        fn_constructor_kwargs={"settings": settings, "lines": in_fmt == "jsonl"},
+        fn_constructor_kwargs={
+            "settings": settings,
+            "lines": in_fmt == "jsonl",
+            "layout": scan.layout,
+        },
         batch_size=pool.batch_rows,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=n),
@@ -519,7 +816,7 @@ def run_batch(
         # (SPREAD; `ray_remote_args_fn`, the way to ask, goes in Ray 2.64); tests/test_multinode.py
         # checks the placement.
     )
-    writer = _Writer(output, out_fmt)
+    writer = _Writer(output, out_fmt, schema)
 
     def summary() -> BatchSummary:
         now, engines = time.time(), list(writer.engines.values())
@@ -531,6 +828,7 @@ def run_batch(
             errors=writer.errors,
             seconds=time.perf_counter() - start,
             scoring_seconds=max(now - first_ready, 1e-9),
+            scan_seconds=scanned,
             engines=engines,
         )
 

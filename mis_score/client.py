@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-Items = Sequence[str] | Sequence[Sequence[int]]
+Items = str | Sequence[str] | Sequence[Sequence[int]]  # a string: one item
 
 
 class MisServeError(Exception):
@@ -101,6 +101,8 @@ def _score_body(
     item_first: bool,
     model: str | None,
 ) -> dict[str, Any]:
+    if isinstance(items, str):  # one item, as the server reads a string (not its characters)
+        items = [items]
     body: dict[str, Any] = {
         "query": query if isinstance(query, str) else list(query),
         "items": [it if isinstance(it, str) else list(it) for it in items],
@@ -260,7 +262,9 @@ class Client(_Base):
     def score_batch(self, requests: Sequence[dict[str, Any]]) -> list[np.ndarray | MisServeError]:
         """Several Score API requests (the /v1/score body, e.g. one per query) in one call
         (`/v1/score/batch`): per entry its scores, or the error the server gave that entry
-        alone (returned, not raised: the other entries are still answered)."""
+        alone (returned, not raised: the other entries are still answered). What the server
+        answers for the batch as a whole is handled as for `score`: a 503 (no scorer ready,
+        overloaded) retried after its Retry-After, any other error raised."""
         return _batch_results(self._call("POST", "/v1/score/batch", {"requests": list(requests)}))
 
     def rerank(

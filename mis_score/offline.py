@@ -1,5 +1,5 @@
 """Score API request bodies scored by one engine in this process, as the service scores them:
-the request checks and the scoring core of serve_app.scoring, shared by `mis-score score` and
+the request checks and the scoring core of mis_api.scoring, shared by `mis-score score` and
 `mis-score batch` (one actor each). No Ray."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import ValidationError
 
+from mis_api.schema import ScoreRequest, error_body, validation_message
+from mis_api.scoring import make_chunks, prepare_request, prompt_tokens, response_body
 from models.engine_config import EngineConfig
 from models.inputs import ScoringInputError
 from models.tokenizer import TextTokenizer
-from serve_app.schema import ScoreRequest, error_body, validation_message
-from serve_app.scoring import make_chunks, prepare_request, prompt_tokens, response_body
 
 if TYPE_CHECKING:  # the engine (JAX) is loaded by whoever builds one, not by the CLI's parser
     from models.engine import ScoringEngine

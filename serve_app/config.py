@@ -204,44 +204,51 @@ def scoring_key(model: ModelArgs, engine: EngineConfig, deployment: str) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-class ScorerArgs(_Group):
-    """What a scorer replica gets."""
+class ModelEngine(_Group):
+    """The checkpoint and the engine's settings: the home of `model` and `engine`, read by the
+    app, each of its deployments and the batch job (mis_score/batch.py)."""
 
     model: ModelArgs = ModelArgs()
     engine: EngineConfig = EngineConfig()
+
+
+class ScorerArgs(ModelEngine):
+    """What a scorer replica gets: AppArgs.scorer_args(), every value from the app's settings
+    (each default lives there)."""
+
+    placement: PlacementArgs
+    warmup: bool
+    call_timeout_s: float = Field(
+        gt=0,
+        description="limits.request_timeout_s: a slice's hosts must answer a scoring call "
+        "within it.",
+    )
+    forward_timeout_s: float = Field(gt=0, description="limits.forward_timeout_s")
+
+
+class IngressArgs(ModelEngine):
+    """What an ingress replica gets: AppArgs.ingress_args() (`engine` for its limits, checked
+    before any fan-out)."""
+
+    fanout: FanoutArgs
+    limits: LimitsArgs
+    auth: AuthArgs
+    rerank: RerankArgs
+
+
+class AppArgs(ModelEngine):
+    """Everything `build_app` takes; unknown keys are rejected."""
+
+    fanout: FanoutArgs = FanoutArgs()
+    limits: LimitsArgs = LimitsArgs()
+    auth: AuthArgs = AuthArgs()
+    rerank: RerankArgs = RerankArgs()
     placement: PlacementArgs = PlacementArgs()
     warmup: bool = Field(
         default=True,
-        description="Compile every shape the engine can run before the replica is ready.",
+        description="Compile every shape the engine can run before a scorer replica is ready "
+        "(false: compile on first use; single-host replicas only).",
     )
-    call_timeout_s: float = Field(
-        default=300.0, gt=0, description="A slice's hosts must answer a scoring call within it."
-    )
-    forward_timeout_s: float = LimitsArgs.model_fields["forward_timeout_s"].default
-
-
-class IngressArgs(_Group):
-    """What an ingress replica gets."""
-
-    model: ModelArgs = ModelArgs()
-    engine: EngineConfig = EngineConfig()  # its limits, checked before any fan-out
-    fanout: FanoutArgs = FanoutArgs()
-    limits: LimitsArgs = LimitsArgs()
-    auth: AuthArgs = AuthArgs()
-    rerank: RerankArgs = RerankArgs()
-
-
-class AppArgs(_Group):
-    """Everything `build_app` takes; unknown keys are rejected."""
-
-    model: ModelArgs = ModelArgs()
-    engine: EngineConfig = EngineConfig()
-    fanout: FanoutArgs = FanoutArgs()
-    limits: LimitsArgs = LimitsArgs()
-    auth: AuthArgs = AuthArgs()
-    rerank: RerankArgs = RerankArgs()
-    placement: PlacementArgs = PlacementArgs()
-    warmup: bool = ScorerArgs.model_fields["warmup"].default
 
     @classmethod
     def parse(cls, args: AppArgs | dict[str, Any]) -> AppArgs:

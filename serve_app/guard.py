@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app import metrics
-from serve_app.schema import error_body
+from serve_app import errors, metrics
+from serve_app.errors import ErrorKind
 
 # Paths that need no key and are not counted as work: readiness, liveness and the API docs.
 OPEN_PATHS = frozenset(
@@ -34,13 +34,17 @@ def is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(DOCS_ASSETS + "/")
 
 
-def _route_path(request: Request) -> str:
+def route_path(request: Request) -> str:
     """The path inside the app, without the Serve route prefix (ASGI root_path)."""
     return request.url.path.removeprefix(request.scope.get("root_path", "")) or "/"
 
 
-def _reply(message: str, code: int, kind: str, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse(error_body(message, code, kind), status_code=code, headers=headers)
+def _reply(
+    request: Request, kind: ErrorKind, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    """An error in the protocol of the request's path (its body is not read yet)."""
+    status, body = errors.render(errors.protocol_of_path(route_path(request)), kind, message)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 @dataclasses.dataclass
@@ -66,7 +70,7 @@ class Guard:
         return cls(keys, max_body_bytes, max_inflight, retry_after_s, deployment)
 
     def authorized(self, request: Request) -> bool:
-        if not self.api_keys or is_open(_route_path(request)):
+        if not self.api_keys or is_open(route_path(request)):
             return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -95,33 +99,33 @@ class Guard:
         wanted = request.headers.get(DEPLOYMENT_HEADER)
         if wanted is not None and wanted != self.deployment:
             reply = _reply(
+                request,
+                ErrorKind.MISDIRECTED,
                 f"{DEPLOYMENT_HEADER}: this is deployment {self.deployment}, not {wanted} (the "
                 "request reached another deployment on the same host)",
-                421,
-                "MisdirectedRequest",
             )
             return await reply(scope, receive, send)
         if not self.authorized(request):
             reply = _reply(
+                request,
+                ErrorKind.UNAUTHORIZED,
                 "authorization: missing or invalid API key (send 'Authorization: Bearer <key>')",
-                401,
-                "AuthenticationError",
                 {"WWW-Authenticate": "Bearer"},
             )
             return await reply(scope, receive, send)
-        if is_open(_route_path(request)):
+        if is_open(route_path(request)):
             return await app(scope, receive, send)
         too_large = _reply(
-            f"body: larger than max_body_bytes={self.max_body_bytes}", 413, "PayloadTooLarge"
+            request, ErrorKind.TOO_LARGE, f"body: larger than max_body_bytes={self.max_body_bytes}"
         )
         if self.declared_too_large(request):
             return await too_large(scope, receive, send)
         if self.inflight >= self.max_inflight:
             reply = _reply(
+                request,
+                ErrorKind.OVERLOADED,
                 f"server busy: {self.inflight} requests in flight on this ingress replica "
                 f"(max_inflight_requests={self.max_inflight}); retry later",
-                503,
-                "ServiceUnavailable",
                 {"Retry-After": str(self.retry_after_s)},
             )
             return await reply(scope, receive, send)

@@ -6,10 +6,12 @@ at import time to build the request models and the OpenAPI schema.
 """
 
 import asyncio
+import dataclasses
+import functools
 import importlib.util
 import logging
-import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +22,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_hf_config
-from models.config import from_hf_config
-from models.inputs import Chunk, ScoringInputError
-from models.tokenizer import TextTokenizer
-from serve_app import guard, metrics, shapes
-from serve_app.chunk_call import ChunkFailure, EngineFailure
-from serve_app.config import IngressArgs, deployment_identity, scoring_key
-from serve_app.rerank import RerankRequest, RerankResponse, label_ids, rerank_response
-from serve_app.routing import running_replicas
-from serve_app.schema import (
-    ErrorBody,
+from mis_api.schema import (
     ScoreRequest,
     ScoreResponse,
     Usage,
@@ -43,13 +33,24 @@ from serve_app.schema import (
     format_errors,
     validation_message,
 )
-from serve_app.scoring import (
+from mis_api.scoring import (
     make_chunks,
     merge_scores,
     prepare_request,
     prompt_tokens,
     response_body,
 )
+from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_hf_config
+from models.config import from_hf_config
+from models.inputs import Chunk, ScoringInputError
+from models.tokenizer import TextTokenizer
+from serve_app import errors, guard, metrics, shapes
+from serve_app.chunk_call import ChunkFailure, ChunkResult
+from serve_app.config import IngressArgs, deployment_identity, scoring_key
+from serve_app.errors import ErrorKind, Protocol
+from serve_app.fanout import ChunkCaller, DeadlineExceeded, FanOut, ReplicaFailure, cause
+from serve_app.rerank import RerankRequest, RerankResponse, label_ids, rerank_response
+from serve_app.routing import running_replicas
 
 log = logging.getLogger("ray.serve")
 
@@ -103,96 +104,94 @@ async def _redoc(request: Request) -> HTMLResponse:
     )
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {
-        "model": ErrorBody,
-        "description": text,
-        "content": {"application/json": {"example": error_body(text, code)}},
-    }
-    for code, text in [
-        (400, "items[3]: must not be empty"),
-        (401, "authorization: missing or invalid API key"),
-        (404, "model: unknown model"),
-        (413, "body: larger than max_body_bytes"),
-        (421, "x-mis-deployment: this is deployment 0123456789abcdef, not fedcba9876543210"),
-        (500, "chunk 2 of 5: replica abc: scoring failed: ..."),
-        (503, "server busy, no scorer replica ready yet, or scorer replicas failed (Retry-After)"),
-        (504, "request timed out after request_timeout_s"),
-    ]
-}
+def _error(protocol: Protocol, kind: ErrorKind, message: str, headers=None) -> JSONResponse:
+    status, body = errors.render(protocol, kind, message)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _path_protocol(request: Request) -> Protocol:
+    """The protocol of a route's errors answered before the route read its body."""
+    return errors.protocol_of_path(guard.route_path(request))
 
 
 @api.exception_handler(RequestValidationError)
-async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(error_body(format_errors(exc.errors()), 400), status_code=400)
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message = format_errors(exc.errors())
+    return _error(_path_protocol(request), errors.input_kind(message), message)
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kind = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
-    return JSONResponse(
-        error_body(str(exc.detail), exc.status_code, kind), status_code=exc.status_code
-    )
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # A body FastAPI cannot read (400), a path that does not exist (404), in the protocol of
+    # the path; 405 and the like in ours, with their own status.
+    kinds = {400: ErrorKind.INVALID, 404: ErrorKind.NOT_FOUND, 413: ErrorKind.TOO_LARGE}
+    if (kind := kinds.get(exc.status_code)) is not None:
+        return _error(_path_protocol(request), kind, str(exc.detail))
+    return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code)
 
 
 @api.exception_handler(Exception)
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     # Not the client's fault (bad input never gets here): a JSON body, the details in the log.
     log.exception("internal error: %s", type(exc).__name__)
-    return JSONResponse(error_body("internal error; see the server log", 500, "InternalError"), 500)
-
-
-_ERROR_KINDS = {
-    404: "NotFoundError",
-    500: "InternalError",
-    503: "ServiceUnavailable",
-    504: "GatewayTimeout",
-}
-
-
-def _error(message: str, code: int = 400, headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = _ERROR_KINDS.get(code, "BadRequestError")
-    return JSONResponse(error_body(message, code, kind), status_code=code, headers=headers)
-
-
-class ReplicaFailure(Exception):
-    """A chunk's scorer replica died on every try."""
-
-
-_REPLICA = re.compile(r"replica (\w+): ")
-
-
-def _failed_replica(e: Exception) -> str | None:
-    """The replica an EngineFailure / Misdelivered / ChunkFailure names (they start so)."""
-    m = _REPLICA.search(str(e))
-    return m[1] if m else None
-
-
-def _cause(e: BaseException) -> BaseException:
-    """The exception a scorer raised, without Ray's wrapper (whose text holds a traceback)."""
-    return getattr(e, "cause", None) or e
-
-
-def _retrieve(task: asyncio.Future) -> None:
-    """A fan-out task's outcome, read so that one abandoned by a cancelled request (its client
-    went away) logs no 'exception was never retrieved'."""
-    if not task.cancelled():
-        task.exception()
+    message = "internal error; see the server log"
+    return _error(_path_protocol(request), ErrorKind.INTERNAL, message)
 
 
 class _Refused(Exception):
-    """A request answered with an error body (message naming the field, status, headers)."""
+    """A request answered with an error (message naming the field, what went wrong, headers),
+    in the protocol of its route (serve_app/errors.py)."""
 
-    def __init__(self, message: str, code: int = 400, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        kind: ErrorKind | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.code, self.headers = code, headers
+        self.kind = kind or errors.input_kind(message)
+        self.headers = headers
 
-    def response(self, field_names: dict[str, str] | None = None) -> JSONResponse:
-        message = str(self)
-        for ours, theirs in (field_names or {}).items():  # the route's own field names
+    def renamed(self, rename: Callable[[str], str]) -> "_Refused":
+        """The same refusal, its fields named as the route's request names them."""
+        return _Refused(rename(str(self)), self.kind, self.headers)
+
+    def response(self, protocol: Protocol = Protocol.OURS) -> JSONResponse:
+        return _error(protocol, self.kind, str(self), self.headers)
+
+    def body(self) -> dict[str, Any]:
+        """Our error body alone (a batch entry's)."""
+        return errors.render(Protocol.OURS, self.kind, str(self))[1]
+
+
+def _named(names: dict[str, str]) -> Callable[[str], str]:
+    """A message's leading field renamed (`items[3]: ...` -> `documents[3]: ...`)."""
+
+    def rename(message: str) -> str:
+        for ours, theirs in names.items():
             if message.startswith(ours):
-                message = theirs + message[len(ours) :]
-        return _error(message, self.code, self.headers)
+                return theirs + message[len(ours) :]
+        return message
+
+    return rename
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A score request checked, tokenized and cut into chunks: ready to fan out."""
+
+    body: ScoreRequest
+    query: list[int]
+    items: list[list[int]]
+    chunks: list[Chunk]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scored:
+    """A score request's answer: the /v1/score body and the X-MIS headers."""
+
+    response: dict[str, Any]
+    headers: dict[str, str]
 
 
 def _parse(model: type[BaseModel], body: Any) -> Any:
@@ -220,6 +219,13 @@ def _internal(convert: Any) -> Any:
         return convert()
     except ValidationError as e:
         raise _Refused(validation_message(e)) from e
+
+
+def _answered(answer: Any) -> Any:
+    """A job's answer, or its refusal raised (a route that answers one job, or all or none)."""
+    if isinstance(answer, _Refused):
+        raise answer
+    return answer
 
 
 _ANY_BODY = Body(default=None)  # parsed by the route (_parse): its shape depends on its fields
@@ -254,6 +260,7 @@ class ScoreIngress:
         self._scorers = f"{scorer.app_name}#{scorer.deployment_name}"
         self.deployment = deployment_identity(serve.get_replica_context().app_name)
         self.scoring_key = scoring_key(self.args.model, self.args.engine, self.deployment)
+        self._call = ChunkCaller(scorer, self.scoring_key, self.args.fanout.retries)
         self.rerank_prompt = self.args.rerank.prompt()
         self.rerank_labels = (  # a label that is not one token fails the start, loudly
             None
@@ -284,7 +291,7 @@ class ScoreIngress:
     @api.post(
         "/v1/score",
         response_model=ScoreResponse | shapes.VllmScoreResponse,
-        responses=_ERRORS,
+        responses=errors.openapi_responses(Protocol.OURS, Protocol.VLLM),
         # Documented as SGLang's body; vLLM's is documented at /score.
         openapi_extra=_one_of(ScoreRequest),
     )
@@ -293,17 +300,25 @@ class ScoreIngress:
         (`text_1`/`text_2` or `queries`/`documents`) is vLLM's score API (as at /score)."""
         if shapes.is_vllm_score(body):
             return await self.vllm_score(body)
+        start = time.perf_counter()
         try:
-            response, headers = await self._score(_parse(ScoreRequest, body), "score")
+            scored = await self._score_one(_parse(ScoreRequest, body), "score", start)
         except _Refused as e:
             return e.response()
-        return JSONResponse(response, headers=headers)
+        return JSONResponse(scored.response, headers=scored.headers)
 
-    @api.post("/v1/score/batch", response_model=shapes.BatchScoreResponse, responses=_ERRORS)
+    @api.post(
+        "/v1/score/batch",
+        response_model=shapes.BatchScoreResponse,
+        responses=errors.openapi_responses(Protocol.OURS),
+    )
     async def score_batch(self, body: shapes.BatchScoreRequest) -> Any:
         """Several Score API requests in one body, answered in the same order: each entry its
-        /v1/score response or its own error body (one bad entry fails only itself). All
-        entries' chunks are fanned out together."""
+        /v1/score response or its own error body (one bad entry, or one whose chunk fails,
+        fails only itself). All entries' chunks are fanned out together, under one deadline:
+        what no entry can be answered through (no scorer ready, overloaded: 503 with
+        Retry-After; the deadline: 504) is the answer to the request itself."""
+        start = time.perf_counter()
         entries: list[ScoreRequest | _Refused] = []
         for raw in body.requests:
             try:
@@ -313,55 +328,70 @@ class ScoreIngress:
         n_items = sum(len(e.items) for e in entries if isinstance(e, ScoreRequest))
         cap = self.args.limits.max_items_per_batch
         if n_items > cap:
-            return _error(f"requests: {n_items} items in all exceed max_items_per_batch={cap}")
-
-        async def answer(entry: ScoreRequest | _Refused) -> dict[str, Any]:
-            try:
-                if isinstance(entry, _Refused):
-                    raise entry
-                return (await self._score(entry, "batch"))[0]
-            except _Refused as e:
-                kind = _ERROR_KINDS.get(e.code, "BadRequestError")
-                return error_body(str(e), e.code, kind)
-
-        responses = await asyncio.gather(*(answer(e) for e in entries))
-        return JSONResponse({"object": "batch", "responses": list(responses)})
+            message = f"requests: {n_items} items in all exceed max_items_per_batch={cap}"
+            return _Refused(message, ErrorKind.LIMIT).response()
+        prepared = [e if isinstance(e, _Refused) else self._try_prepare(e) for e in entries]
+        jobs = [p for p in prepared if isinstance(p, _Prepared)]
+        try:
+            answers = iter(await self._run(jobs, "batch", start))
+        except _Refused as e:
+            return e.response()
+        responses = [next(answers) if isinstance(p, _Prepared) else p for p in prepared]
+        out = [r.response if isinstance(r, _Scored) else r.body() for r in responses]
+        return JSONResponse({"object": "batch", "responses": out})
 
     @api.post(
         "/score",
         response_model=shapes.VllmScoreResponse,
-        responses=_ERRORS,
+        responses=errors.openapi_responses(Protocol.VLLM),
         openapi_extra=_one_of(shapes.VllmScoreRequest),
     )
     async def vllm_score(self, body: Any = _ANY_BODY) -> Any:
         """vLLM's score API: `text_1`/`text_2` (1:1, 1:N, N:N) or `queries`/`documents`; each
-        pair's score is what /v1/rerank gives it (P(yes) in the rerank prompt)."""
+        pair's score is what /v1/rerank gives it (P(yes) in the rerank prompt). One rerank per
+        distinct query, all in one fan-out."""
+        start = time.perf_counter()
         try:
             request = _parse(shapes.VllmScoreRequest, body)
             reranks, where = _internal(request.reranks)
-            answers = await asyncio.gather(*(self._rerank_scores(r) for r in reranks))
+            jobs = []
+            for group, rerank in enumerate(reranks):
+                try:
+                    jobs.append(self._prepare(self._rerank_request(rerank)))
+                except _Refused as e:
+                    raise e.renamed(functools.partial(request.name_fields, group=group)) from e
+            answers = await self._run(jobs, "rerank", start)
+            for group, answer in enumerate(answers):
+                if isinstance(answer, _Refused):
+                    raise answer.renamed(functools.partial(request.name_fields, group=group))
         except _Refused as e:
-            return e.response({"items": "text_2", "query": "text_1", "documents": "text_2"})
-        scores = [answers[r][0][d][0] for r, d in where]
-        tokens = sum(a[1] for a in answers)
+            return e.response(Protocol.VLLM)
+        relevance = [self._relevance(a) for a in answers]  # type: ignore[arg-type]
+        scores = [relevance[r][0][d][0] for r, d in where]
+        tokens = sum(t for _, t in relevance)
         model = request.model or self.model_name
         return JSONResponse(shapes.vllm_response(scores, model, tokens).model_dump())
 
-    @api.post("/v2/rerank", response_model=shapes.CohereV2RerankResponse, responses=_ERRORS)
+    @api.post(
+        "/v2/rerank",
+        response_model=shapes.CohereV2RerankResponse,
+        responses=errors.openapi_responses(Protocol.COHERE),
+    )
     async def rerank_v2(self, body: shapes.CohereV2RerankRequest) -> Any:
         """Cohere's v2 rerank (`cohere.ClientV2(base_url=...).rerank(...)`); scores as
         /v1/rerank's."""
+        start = time.perf_counter()
         try:
-            scores, tokens, _ = await self._rerank_scores(_internal(body.rerank))
+            scores, tokens, _ = await self._rerank_scores(_internal(body.rerank), start)
         except _Refused as e:
-            return e.response({"items": "documents"})
+            return e.renamed(_named({"items": "documents"})).response(Protocol.COHERE)
         usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
         return JSONResponse(shapes.cohere_v2_response(body, scores, usage).model_dump())
 
     @api.post(
         "/rerank",
         response_model=RerankResponse | list[shapes.TeiRank],
-        responses=_ERRORS,
+        responses=errors.openapi_responses(Protocol.TEI, Protocol.VLLM),
         openapi_extra=_one_of(RerankRequest, shapes.TeiRerankRequest),
     )
     async def rerank_any(self, body: Any = _ANY_BODY) -> Any:
@@ -369,50 +399,76 @@ class ScoreIngress:
         `[{index, score, text?}]` best first, `raw_scores` the logit of P(yes))."""
         if not (isinstance(body, dict) and "texts" in body):
             try:
-                return await self.rerank(_parse(RerankRequest, body))
+                return await self._rerank(_parse(RerankRequest, body), Protocol.VLLM)
             except _Refused as e:
-                return e.response()
+                return e.response(Protocol.VLLM)
+        start = time.perf_counter()
         try:
             request = _parse(shapes.TeiRerankRequest, body)
-            scores, _, _ = await self._rerank_scores(_internal(request.rerank))
+            scores, _, _ = await self._rerank_scores(_internal(request.rerank), start)
         except _Refused as e:
-            return e.response({"items": "texts", "documents": "texts"})
+            return e.renamed(_named({"items": "texts", "documents": "texts"})).response(
+                Protocol.TEI
+            )
         ranks = shapes.tei_response(request, scores)
         return JSONResponse([r.model_dump(exclude_none=True) for r in ranks])
 
-    async def _rerank_scores(
-        self, request: RerankRequest
-    ) -> tuple[list[list[float]], int, dict[str, str]]:
-        """(P(yes), P(no)) of each document in the rerank prompt, the prompt tokens and the
-        X-MIS headers (chunks, replicas)."""
-        if self.rerank_labels is None:
-            raise _Refused("query: reranking needs the model's tokenizer.json")
-        score_request = self.rerank_prompt.score_request(request, self.rerank_labels)
-        response, headers = await self._score(score_request, "rerank")
-        scores, tokens = response["scores"], response["usage"]["prompt_tokens"]
-        if self.head[0] == "classification":  # the relevant class's probability, and the rest
-            k = self.args.rerank.class_index
-            scores = [[row[k], 1.0 - row[k]] for row in scores]
-        return scores, tokens, headers
-
-    @api.post("/v1/rerank", response_model=RerankResponse, responses=_ERRORS)
+    @api.post(
+        "/v1/rerank",
+        response_model=RerankResponse,
+        responses=errors.openapi_responses(Protocol.OURS),
+    )
     async def rerank(self, body: RerankRequest) -> Any:
         """Documents sorted by relevance to the query (Cohere / Jina compatible): P(yes) of
         each document in the rerank prompt, all documents in one multi-item fan-out."""
+        return await self._rerank(body, Protocol.OURS)
+
+    async def _rerank(self, body: RerankRequest, protocol: Protocol) -> Any:
+        start = time.perf_counter()
         try:
-            scores, tokens, headers = await self._rerank_scores(body)
+            scores, tokens, headers = await self._rerank_scores(body, start)
         except _Refused as e:
-            return e.response({"items": "documents"})
+            return e.renamed(_named({"items": "documents"})).response(protocol)
         usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
         out = rerank_response(body, scores, self.model_name, usage)
         return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
 
-    async def _score(self, body: ScoreRequest, route: str) -> tuple[dict, dict[str, str]]:
-        """Validate, split into chunks, fan out, merge in item order; raises _Refused."""
-        start = time.perf_counter()
+    # ------------------------------------------------------------------ the one scoring path
+
+    def _rerank_request(self, request: RerankRequest) -> ScoreRequest:
+        """The /v1/score request of a rerank: each document an item in the rerank prompt."""
+        if self.rerank_labels is None:
+            raise _Refused("query: reranking needs the model's tokenizer.json")
+        return self.rerank_prompt.score_request(request, self.rerank_labels)
+
+    def _relevance(self, scored: _Scored) -> tuple[list[list[float]], int]:
+        """(P(yes), P(no)) of each document of a rerank's answer, and its prompt tokens."""
+        scores, tokens = scored.response["scores"], scored.response["usage"]["prompt_tokens"]
+        if self.head[0] == "classification":  # the relevant class's probability, and the rest
+            k = self.args.rerank.class_index
+            scores = [[row[k], 1.0 - row[k]] for row in scores]
+        return scores, tokens
+
+    async def _rerank_scores(
+        self, request: RerankRequest, start: float
+    ) -> tuple[list[list[float]], int, dict[str, str]]:
+        """(P(yes), P(no)) of each document in the rerank prompt, the prompt tokens and the
+        X-MIS headers (chunks, replicas)."""
+        scored = await self._score_one(self._rerank_request(request), "rerank", start)
+        return (*self._relevance(scored), scored.headers)
+
+    async def _score_one(self, body: ScoreRequest, route: str, start: float) -> _Scored:
+        """One score request, start to end; raises _Refused."""
+        (answer,) = await self._run([self._prepare(body)], route, start)
+        return _answered(answer)
+
+    def _prepare(self, body: ScoreRequest) -> _Prepared:
+        """The request's model name, token ids and limits checked (raises _Refused naming the
+        field), and its items cut into chunks."""
         if body.model is not None and body.model not in self.served_names:
             raise _Refused(
-                f"model: unknown model {body.model!r}; serving {list(self.served_names)}", 404
+                f"model: unknown model {body.model!r}; serving {list(self.served_names)}",
+                ErrorKind.NOT_FOUND,
             )
         try:
             query, items = prepare_request(
@@ -425,124 +481,89 @@ class ScoreIngress:
             )
         except ScoringInputError as e:
             raise _Refused(str(e)) from e
-        if not running_replicas(self._scorers):
-            raise self._busy("no scorer replica is ready yet (warming up, or being replaced)")
         fanout = self.args.fanout
         chunks = make_chunks(body, query, items, fanout.chunk_items, fanout.chunk_tokens)
-        timeout_s = self.args.limits.request_timeout_s
-        pending: list[DeploymentResponse] = []
-        tasks = [
-            asyncio.ensure_future(self._score_chunk(c, (i, len(chunks)), pending))
-            for i, c in enumerate(chunks)
-        ]
-        for t in tasks:
-            t.add_done_callback(_retrieve)
+        return _Prepared(body, query, items, chunks)
 
-        def drop() -> None:  # chunks not started yet are dropped from the scorers' queues
-            for r in pending:
-                r.cancel()
-            for t in tasks:
-                t.cancel()
-
-        remaining = timeout_s - (time.perf_counter() - start)
+    def _try_prepare(self, body: ScoreRequest) -> _Prepared | _Refused:
         try:
-            done: set[asyncio.Future] = set()
-            if tasks:  # a request of no items has none
-                done, _ = await asyncio.wait(
-                    tasks, timeout=remaining, return_when=asyncio.FIRST_EXCEPTION
-                )
-        except asyncio.CancelledError:  # the client went away: nobody to answer
-            drop()
-            log.info("%s: client disconnected; %d chunk calls cancelled", route, len(pending))
-            raise
-        failures = [t.exception() for t in done if t.exception() is not None]
-        if failures or len(done) < len(tasks):
-            drop()
-        if failures:
-            e = next((f for f in failures if isinstance(f, ScoringInputError)), failures[0])
-            match e:
-                case ScoringInputError():
-                    raise _Refused(str(_cause(e))) from e
-                case ChunkFailure():
-                    log.error("%s: a chunk failed on its own: %s", route, e)
-                    raise _Refused(f"items: {e}", 500) from e
-                case ReplicaFailure():
-                    raise self._busy(str(e)) from e
-                case _:
-                    raise e
-        if len(done) < len(tasks):
-            log.warning(
-                "request of %d items timed out after %.1f s; %d chunk calls cancelled",
-                len(items),
-                timeout_s,
-                len(pending),
+            return self._prepare(body)
+        except _Refused as e:
+            return e
+
+    async def _run(
+        self, jobs: list[_Prepared], route: str, start: float
+    ) -> list[_Scored | _Refused]:
+        """The jobs' chunks in one fan-out under the request's deadline; per job its answer,
+        or the error that is its own. Raises _Refused when the request as a whole cannot be
+        answered: no scorer ready, overloaded or failing (503), past the deadline (504)."""
+        if not jobs:
+            return []
+        if not running_replicas(self._scorers):
+            raise self._busy(
+                "no scorer replica is ready yet (warming up, or being replaced)",
+                ErrorKind.UNAVAILABLE,
             )
-            raise _Refused(f"request timed out after request_timeout_s={timeout_s}", 504)
-        results = [t.result() for t in tasks]
-        columns = len(body.label_token_ids) or len(self.head[1])
-        scores = merge_scores([r.scores for r in results], columns)
-        replicas = sorted({r.replica for r in results})
-        n_tokens = prompt_tokens(query, items)
+        timeout_s = self.args.limits.request_timeout_s
+        fan_out = FanOut(self._call, [job.chunks for job in jobs])
+        try:
+            results = await fan_out.run(start + timeout_s)
+        except asyncio.CancelledError:  # the client went away: nobody to answer
+            log.info("%s: client disconnected; %d chunk calls cancelled", route, fan_out.calls)
+            raise
+        except DeadlineExceeded:
+            n_items = sum(len(job.items) for job in jobs)
+            log.warning(
+                "%s: request of %d items timed out after %.1f s; %d chunk calls cancelled",
+                route,
+                n_items,
+                timeout_s,
+                fan_out.calls,
+            )
+            message = f"request timed out after request_timeout_s={timeout_s}"
+            raise _Refused(message, ErrorKind.TIMEOUT) from None
+        except ReplicaFailure as e:
+            raise self._busy(str(e), e.kind) from e
+        return [self._merge(job, r, route, start) for job, r in zip(jobs, results, strict=True)]
+
+    def _merge(
+        self, job: _Prepared, result: list[ChunkResult] | Exception, route: str, start: float
+    ) -> _Scored | _Refused:
+        """A job's chunk scores in item order as its /v1/score answer (counted in the
+        metrics), or the refusal of its own failure."""
+        match result:
+            case ScoringInputError():
+                return _Refused(str(cause(result)))
+            case ChunkFailure():
+                log.error("%s: a chunk failed on its own: %s", route, result)
+                return _Refused(f"items: {result}", ErrorKind.FAILED)
+            case Exception():
+                raise result  # not a job's own failure: FanOut raises those
+        columns = len(job.body.label_token_ids) or len(self.head[1])
+        scores = merge_scores([r.scores for r in result], columns)
+        replicas = sorted({r.replica for r in result})
+        n_tokens = prompt_tokens(job.query, job.items)
         elapsed = time.perf_counter() - start
         log.info(
             "%s: %d items in %d chunks on %d replicas in %.1f ms",
             route,
-            len(items),
-            len(chunks),
+            len(job.items),
+            len(job.chunks),
             len(replicas),
             1e3 * elapsed,
         )
         m = metrics.ingress()
         m.request_latency.observe(elapsed, tags={"route": route})
-        m.chunks.observe(len(chunks))
-        if items:  # Ray counters refuse increments of 0
-            m.items.inc(len(items), tags={"route": route})
+        m.chunks.observe(len(job.chunks))
+        if job.items:  # Ray counters refuse increments of 0
+            m.items.inc(len(job.items), tags={"route": route})
             m.tokens.inc(n_tokens, tags={"route": route})
-        response = response_body(scores, body.model or self.model_name, n_tokens)
-        return response, {"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(chunks))}
+        headers = {"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(job.chunks))}
+        return _Scored(response_body(scores, job.body.model or self.model_name, n_tokens), headers)
 
-    def _busy(self, message: str) -> _Refused:
+    def _busy(self, message: str, kind: ErrorKind) -> _Refused:
         retry = str(self.args.limits.retry_after_s)
-        return _Refused(f"{message}; retry later", 503, {"Retry-After": retry})
-
-    async def _score_chunk(
-        self, chunk: Chunk, part: tuple[int, int], pending: list[DeploymentResponse]
-    ) -> Any:
-        """Chunk `part` = (i, k) of a request on some replica; retried on another (bounded)
-        when its replica dies, its engine fails or it refuses the chunk as not its own, so a
-        request gets all of its scores or an error, never part of them. A chunk that fails on
-        its own (ChunkFailure) is not retried: it would fail the same way anywhere."""
-        start, tries = time.perf_counter(), self.args.fanout.retries + 1
-        avoid: list[str] = []
-        for attempt in range(tries):
-            response = self.scorer.score.remote(
-                chunk, part=part, key=self.scoring_key, avoid=tuple(avoid)
-            )
-            pending.append(response)
-            try:
-                result = await response
-                metrics.ingress().chunk_latency.observe(time.perf_counter() - start)
-                return result
-            except BackPressureError as e:
-                raise ReplicaFailure(f"scorers overloaded ({e})") from e
-            except ChunkFailure as e:
-                i, k = part
-                raise ChunkFailure(f"chunk {i + 1} of {k}: {_cause(e)}") from e
-            except (RayActorError, ActorUnavailableError, EngineFailure) as e:
-                replica = _failed_replica(e) if isinstance(e, EngineFailure) else None
-                avoid += [replica] if replica else []
-                log.warning(
-                    "chunk of %d items: scorer replica %s failed (try %d of %d): %s",
-                    len(chunk.items),
-                    replica or "?",
-                    attempt + 1,
-                    tries,
-                    type(e).__name__,
-                )
-                # Give the router a moment to learn the replica is gone, or the retry may
-                # be routed to it again.
-                await asyncio.sleep(0.2 * 2**attempt)
-        raise ReplicaFailure(f"scorer replicas failed {tries} times for one chunk")
+        return _Refused(f"{message}; retry later", kind, {"Retry-After": retry})
 
     @api.get(
         "/health",

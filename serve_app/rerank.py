@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
-from serve_app.schema import ScoreRequest, Usage
+from mis_api.schema import ScoreRequest, Usage
 
 # Qwen3-Reranker's prompt (its model card): system turn, user turn with instruction, query and
 # document, and an assistant turn with an empty think block; the answer is "yes" or "no".
@@ -80,9 +80,9 @@ class RerankResponse(BaseModel):
 class RerankPrompt:
     """How a (query, document) pair becomes `query piece ++ document piece` token text."""
 
-    query_template: str = QWEN3_RERANKER_QUERY  # {instruction}, {query}
-    document_template: str = QWEN3_RERANKER_DOCUMENT  # {document}
-    instruction: str = QWEN3_RERANKER_INSTRUCTION
+    query_template: str  # {instruction}, {query}
+    document_template: str  # {document}
+    instruction: str  # the defaults: serve_app.config.RerankArgs
 
     def __post_init__(self) -> None:
         if "{query}" not in self.query_template:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
+import threading
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,36 @@ def running_replicas(deployment: str) -> int | None:
     """Replicas ready to take a chunk of `deployment` ("app#name"), as this process' router
     last heard from the controller; None before it has heard anything."""
     return _RUNNING.get(deployment)
+
+
+# The replica this process' router sent each chunk call to, by the call's `ticket` (a kwarg of
+# the call, unique in this process): where a failed call went, whatever answered there. A
+# process listening on one of our replicas' address (another deployment, another cluster)
+# names itself in its refusal, which is no replica of ours; the router's pick is. Bounded:
+# a call cancelled before its caller read its pick leaves one entry behind.
+_PICKS: collections.OrderedDict[int, str] = collections.OrderedDict()
+_PICKS_LOCK = threading.Lock()  # the router runs on its own event loop thread
+_PICKS_KEPT = 4096
+_TICKETS = itertools.count()
+
+
+def new_ticket() -> int:
+    """A ticket for one chunk call (`ticket=` of Scorer.score): its pick is kept under it."""
+    return next(_TICKETS)
+
+
+def picked(ticket: int) -> str | None:
+    """The replica (id) the router sent the call with `ticket` to; None if it sent none
+    (forgotten once read)."""
+    with _PICKS_LOCK:
+        return _PICKS.pop(ticket, None)
+
+
+def _record_pick(ticket: int, replica: str) -> None:
+    with _PICKS_LOCK:
+        _PICKS[ticket] = replica
+        while len(_PICKS) > _PICKS_KEPT:
+            _PICKS.popitem(last=False)
 
 
 def query_key(query: tuple[int, ...]) -> bytes:
@@ -70,6 +102,17 @@ class QueryAffinityRouter(FIFOMixin, RequestRouter):
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)
         self._outstanding[replica_id] += 1
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
+    ) -> None:
+        super().on_request_routed(pending_request, replica_id, result)
+        ticket = pending_request.kwargs.get("ticket")
+        if ticket is not None:
+            # Through the imported module, as _publish: this class reaches the ingress by value.
+            import serve_app.routing as registry
+
+            registry._record_pick(ticket, replica_id.unique_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         if self._outstanding[replica_id] > 0:
@@ -109,9 +152,12 @@ class QueryAffinityRouter(FIFOMixin, RequestRouter):
             pending_request.routing_context.should_backoff = True
         chunk = pending_request.args[0] if pending_request and pending_request.args else None
         if not isinstance(chunk, Chunk):  # stats(), health: no affinity
+            wanted = pending_request.kwargs.get("replica") if pending_request else None
+            if wanted is not None:  # a call for one replica (stats(replica=...))
+                return [[r for r in candidate_replicas if r.replica_id.unique_id == wanted]]
             return [sorted(candidate_replicas, key=self._load)]
-        # A retried chunk avoids the replicas that failed it (or refused it as not theirs),
-        # unless no other is left.
+        # A retried chunk avoids the replicas its earlier calls were sent to and failed (or
+        # were refused there as not theirs), unless no other is left.
         avoid = set(pending_request.kwargs.get("avoid", ()))  # type: ignore[union-attr]
         others = [r for r in candidate_replicas if r.replica_id.unique_id not in avoid]
         candidate_replicas = others or candidate_replicas

@@ -123,11 +123,13 @@ class Scorer:
         part: tuple[int, int] = (0, 1),
         key: str | None = None,
         avoid: tuple[str, ...] = (),
+        ticket: int | None = None,
     ) -> ChunkResult:
         """The chunk's scores, from the next forward that has room for it. `part`: which of
-        its request's chunks it is, (i, k), and `avoid`: replicas that failed it already; both
-        read by the router (routing.py), not here. `key`: the sender's scoring_key (its
-        deployment and settings); a chunk for another key is refused (Misdelivered)."""
+        its request's chunks it is, (i, k), `avoid`: replicas that failed it already, and
+        `ticket`: the call's, under which the router keeps the replica it picked; all read by
+        the router (routing.py), not here. `key`: the sender's scoring_key (its deployment and
+        settings); a chunk for another key is refused (Misdelivered)."""
         if key is not None and key != self.key:
             log.warning(
                 "replica %s: refused a chunk for key %s (this replica's: %s): sent by another "
@@ -299,9 +301,9 @@ class Scorer:
     def _exit(self) -> None:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=False)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self, replica: str | None = None) -> dict[str, int]:
         """This replica's engine counters: items, forwards, tokens, prefix hits/misses,
-        compiles."""
+        compiles. `replica`: the replica (id) to ask, read by the router (routing.py)."""
         return self.engine.stats()
 
     def check_health(self) -> None:

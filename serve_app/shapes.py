@@ -15,6 +15,7 @@ A vLLM or TEI score is what `/v1/rerank` gives the same pair: P(yes) in the rera
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -22,8 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
+from mis_api.schema import Usage
 from serve_app.rerank import RerankRequest, best_first
-from serve_app.schema import Usage
 
 
 class _Shape(BaseModel):
@@ -52,6 +53,14 @@ class CohereV2RerankRequest(_Shape):
         return RerankRequest(
             query=self.query, documents=list(self.documents), top_n=self.top_n, model=self.model
         )
+
+
+class CohereError(BaseModel):
+    """Cohere's error body (docs.cohere.com/reference/errors): the SDK raises it as the body of
+    BadRequestError (400), NotFoundError (404), TooManyRequestsError (429),
+    ServiceUnavailableError (503), GatewayTimeoutError (504), ... by status."""
+
+    message: str
 
 
 class CohereV2Result(BaseModel):
@@ -103,6 +112,18 @@ class TeiRerankRequest(_Shape):
         return RerankRequest(query=self.query, documents=list(self.texts))
 
 
+TeiErrorType = Literal["Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer", "Empty"]
+
+
+class TeiError(BaseModel):
+    """TEI's ErrorResponse (router/src/lib.rs): `error_type` serialized as its variant name,
+    the status by type (router/src/http/server.rs): Validation 413, Tokenizer 422, Empty 400,
+    Overloaded 429, Backend 424, Unhealthy 503."""
+
+    error: str
+    error_type: TeiErrorType
+
+
 class TeiRank(BaseModel):
     index: int
     score: float
@@ -148,29 +169,40 @@ class VllmScoreRequest(_Shape):
 
     @model_validator(mode="after")
     def _check(self) -> VllmScoreRequest:
-        first = self.text_1 if self.text_1 is not None else self.queries
-        second = self.text_2 if self.text_2 is not None else self.documents
         if (self.text_1 is None) == (self.queries is None):
             raise ValueError("text_1: give text_1 and text_2, or queries and documents")
-        if first is None or second is None:
-            raise ValueError("text_2: missing (or documents)")
-        firsts = [first] if isinstance(first, str) else first
-        seconds = [second] if isinstance(second, str) else second
+        first, second = self.field_names()
+        if self._second is None:
+            raise ValueError(f"{second}: missing (give it with {first})")
+        firsts, seconds = _texts(self._first), _texts(self._second)
         if not firsts:
-            raise ValueError("text_1: must not be empty")
+            raise ValueError(f"{first}: must not be empty")
+        for i, text in enumerate(firsts):
+            if not text:
+                name = first if isinstance(self._first, str) else f"{first}[{i}]"
+                raise ValueError(f"{name}: must not be empty")
         if len(firsts) > 1 and len(firsts) != len(seconds):
             raise ValueError(
-                f"text_1: {len(firsts)} texts for {len(seconds)} in text_2; give one, or as "
-                "many as text_2 (pairs)"
+                f"{first}: {len(firsts)} texts for {len(seconds)} in {second}; give one, or "
+                f"as many as {second} (pairs)"
             )
         return self
 
+    @property
+    def _first(self) -> str | list[str] | None:
+        return self.text_1 if self.text_1 is not None else self.queries
+
+    @property
+    def _second(self) -> str | list[str] | None:
+        return self.text_2 if self.text_1 is not None else self.documents
+
+    def field_names(self) -> tuple[str, str]:
+        """The request's own names of (its queries, its documents)."""
+        return ("text_1", "text_2") if self.text_1 is not None else ("queries", "documents")
+
     def pairs(self) -> list[tuple[str, str]]:
         """(query, document) per score, in order: 1:N pairs the one query with each."""
-        first = self.text_1 if self.text_1 is not None else self.queries
-        second = self.text_2 if self.text_2 is not None else self.documents
-        firsts = [first] if isinstance(first, str) else list(first or [])
-        seconds = [second] if isinstance(second, str) else list(second or [])
+        firsts, seconds = _texts(self._first), _texts(self._second)
         if len(firsts) == 1:
             firsts = firsts * len(seconds)
         return list(zip(firsts, seconds, strict=True))
@@ -189,6 +221,45 @@ class VllmScoreRequest(_Shape):
             for q, docs in by_query.items()
         ]
         return reranks, where
+
+    def name_fields(self, message: str, group: int) -> str:
+        """An error message about rerank `group` (of `reranks()`), its fields named as this
+        request names them: a document by its index in text_2 / documents, not in its group."""
+        first, second = self.field_names()
+        where = self.reranks()[1]
+        if m := _ITEM.match(message):
+            pair = where.index((group, int(m[1])))
+            name = second if isinstance(self._second, str) else f"{second}[{pair}]"
+            return name + message[m.end() :]
+        if message.startswith("query"):  # the group's query: named where it first appears
+            pair = [r for r, _ in where].index(group)
+            name = first if isinstance(self._first, str) else f"{first}[{pair}]"
+            return name + message[len("query") :]
+        for ours in ("items", "documents"):
+            if message.startswith(ours):
+                return second + message[len(ours) :]
+        return message
+
+
+_ITEM = re.compile(r"items\[(\d+)\]")
+
+
+def _texts(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+class VllmErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None  # the field the message is about
+    code: int  # the HTTP status
+
+
+class VllmError(BaseModel):
+    """vLLM's ErrorResponse (vllm/entrypoints/serve/engine/protocol.py): the error nested
+    under `error`, its `code` the HTTP status."""
+
+    error: VllmErrorInfo
 
 
 class VllmScoreData(BaseModel):

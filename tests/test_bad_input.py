@@ -7,9 +7,9 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from mis_api.schema import ScoreRequest, validation_message
 from mis_score.cli import OfflineScorer
 from models.inputs import Chunk, ScoringInputError
-from serve_app.schema import ScoreRequest, validation_message
 
 OK = {"query": [1, 2], "items": [[3], [4, 5]], "label_token_ids": [9454, 2753]}
 

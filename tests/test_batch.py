@@ -1,14 +1,20 @@
 """`mis-score batch` on Ray Data (the session's Ray cluster): scores bit-identical to
 `mis-score score` (OfflineScorer, the service's checks and scoring core) over mixed sizes, both
 row layouts, JSONL and Parquet; a killed engine actor loses and duplicates nothing; pairs of a
-query cost one prefill per engine. The loopback multi-node run is in tests/test_multinode.py."""
+query cost one prefill per engine; a Parquet output's schema is fixed before its first row; an
+input mixing the layouts is refused before anything is written; a running job's partial file
+is left alone. The loopback multi-node run is in tests/test_multinode.py."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,15 +86,15 @@ def reference(scorer: OfflineScorer, row: dict, defaults: dict | None = None) ->
     return scorer.score_body((defaults or {}) | body)
 
 
-def check_row(got: dict, row: dict, ref: dict) -> None:
+def check_row(got: dict, row: dict, ref: dict, pair: bool = False) -> None:
     """The output row: its input columns unchanged, and the reference's scores bit for bit (a
-    pair: its own score list) or its error message."""
+    pair: its own score list) or its error message (a pair's names its `item`)."""
     assert {k: got[k] for k in row} == row
     if ref.get("object") == "error":
-        want = ref["message"].replace("items[0]", "item") if "item" in row else ref["message"]
+        want = re.sub(r"^items(\[0\])?", "item", ref["message"]) if pair else ref["message"]
         assert "scores" not in got and got["error"] == want
     else:
-        want = ref["scores"][0] if "item" in row else ref["scores"]
+        want = ref["scores"][0] if pair else ref["scores"]
         assert "error" not in got and got["scores"] == want  # ==: bit for bit
 
 
@@ -101,14 +107,13 @@ DEFAULTS = {"label_token_ids": LABELS, "apply_softmax": True}  # the JSONL job's
 
 
 def _jsonl_job(tmp: Path, ckpt: str):
-    """JSONL requests (token ids and text, mixed sizes), pairs of several queries (labels from
-    the job's defaults) and bad rows, 2 rows per engine call; the engine is SIGKILLed once 4
-    rows are written."""
+    """JSONL requests (token ids and text, mixed sizes, labels from a row or the job's
+    defaults) and bad rows, 2 rows per engine call; the engine is SIGKILLed once 4 rows are
+    written."""
     text = {"id": "text", "query": "Is it light?", "items": ["1 kg", "3 kg"]}
     rows = request_rows(seed=1, n=12) + [text | {"label_token_ids": LABELS}]
-    rows += pair_rows(seed=2, queries=3, per_query=8) + BAD_REQUESTS
-    rows += [{"user": 9, "query": [5, 6], "item": [10**9]}, {"id": "empty", "query": [1]}]
-    rows.insert(5, {"user": 8, "query": "text pair", "item": "an item"})
+    rows += [{"id": "defaults", "query": [5, 6], "items": [[7], [8, 9]]}]
+    rows += BAD_REQUESTS + [{"id": "empty", "query": [1]}]
     lines = [json.dumps(r) for r in rows] + ["{not json"]
     (tmp / "in.jsonl").write_text("\n".join(lines) + "\n")
     killed: dict = {}
@@ -136,22 +141,46 @@ def _parquet_job(tmp: Path, ckpt: str):
     rows = [{k: r.get(k) for k in keys} for r in rows]
     schema = pa.Table.from_pylist(rows).schema
     (tmp / "in").mkdir()
-    for part, chunk in enumerate((rows[:10], rows[10:])):
-        pq.write_table(pa.Table.from_pylist(chunk, schema=schema), tmp / "in" / f"{part}.parquet")
-    (tmp / "out.parquet.partial-0123").write_text("left by a crashed run")
+    pq.write_table(pa.Table.from_pylist(rows[:10], schema=schema), tmp / "in" / "0.parquet")
+    # The second file has a column the first lacks (its rows hold it, the first file's null).
+    rows = rows[:10] + [r | {"note": f"n{i}"} for i, r in enumerate(rows[10:])]
+    schema = schema.append(pa.field("note", pa.string()))
+    pq.write_table(pa.Table.from_pylist(rows[10:], schema=schema), tmp / "in" / "1.parquet")
+    # A crashed run's partial file (from before leases: only its age tells it is dead).
+    leftover = tmp / "out.parquet.partial-0123"
+    leftover.write_text("left by a crashed run")
+    os.utime(leftover, (time.time() - 3600,) * 2)
     return lambda: run_batch(str(tmp / "in"), str(tmp / "out.parquet"), settings(ckpt, 8)), rows
 
 
+PAIRS_BAD = (20, 40)  # pair rows with an item longer than max_item_tokens: after a good batch
+
+
 def _pairs_job(tmp: Path, ckpt: str):
-    """Parquet pair rows of 4 queries (labels and apply_softmax as columns, one bad pair),
-    JSONL out."""
+    """JSONL pair rows of 4 queries (labels and apply_softmax as keys) and a text pair,
+    Parquet out, 16 rows per engine call: the first batch all scored, then bad pairs and a key
+    the first batch lacked (as in issue 39's report, where this job died)."""
     rows = pair_rows(seed=4, queries=4, per_query=12)
+    rows.append({"user": 8, "query": "text pair", "item": "an item"})
+    rows += [{"user": 9, "query": [5, 6], "item": [10**9]}, {"user": 10, "query": [5, 6]}]
     for i, r in enumerate(rows):
         r.update(label_token_ids=LABELS, apply_softmax=i % 3 == 0)
-    rows[7]["item"] = [1] * 65  # longer than max_item_tokens
-    pq.write_table(pa.Table.from_pylist(rows), tmp / "pairs.parquet")
-    out = str(tmp / "scores.jsonl")
-    return lambda: run_batch(str(tmp / "pairs.parquet"), out, settings(ckpt, 16)), rows
+    for i in PAIRS_BAD:
+        rows[i]["item"] = [1] * 65
+    rows[30]["note"] = "a key no earlier row has"
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp / "scores.parquet")
+    return lambda: run_batch(str(tmp / "pairs.jsonl"), out, settings(ckpt, 16)), rows
+
+
+def parquet_rows(path: Path) -> list[dict]:
+    """A Parquet output's rows as JSON objects: JSON-text columns parsed, nulls left out."""
+    table = pq.read_table(path)
+    text = [f.name for f in table.schema if (f.metadata or {}).get(b"encoding") == b"json"]
+    return [
+        {k: json.loads(v) if k in text else v for k, v in row.items() if v is not None}
+        for row in table.to_pylist()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +201,10 @@ def jobs(ckpts, engine, tmp_path_factory):
     return {name: (futures[name].result(), rows, tmp) for name, (_, rows, tmp) in made.items()}
 
 
-def test_jsonl_both_layouts_bit_identical_and_a_killed_engine_loses_nothing(jobs, scorer):
-    """JSONL requests and pairs, bad rows, the engine SIGKILLed mid-job: every input row is
-    in the output exactly once, in input order, bit-identical to `mis-score score`; Ray
-    restarted the actor and retried its batches; nothing compiled after warm-up."""
+def test_jsonl_requests_bit_identical_and_a_killed_engine_loses_nothing(jobs, scorer):
+    """JSONL requests, bad rows, the engine SIGKILLed mid-job: every input row is in the
+    output exactly once, in input order, bit-identical to `mis-score score`; Ray restarted the
+    actor and retried its batches; nothing compiled after warm-up."""
     (summary, killed), rows, tmp = jobs["jsonl"]
     n_lines = len(rows) + 1  # and the bad JSON line
     assert killed and killed["rows"] < n_lines, "the engine was not killed mid-job"
@@ -188,18 +217,18 @@ def test_jsonl_both_layouts_bit_identical_and_a_killed_engine_loses_nothing(jobs
     for g, row in zip(got, rows, strict=False):
         check_row(g, row, reference(scorer, row, DEFAULTS))
     assert got[-1] == {"line": "{not json", "error": scorer.score_line("{not json")["message"]}
-    errors = {g.get("id", g.get("user")): g["error"] for g in got if "error" in g}
+    errors = {g.get("id"): g["error"] for g in got if "error" in g}
     assert errors["bad-long-item"].startswith("items[0]: ")
-    assert errors[9].startswith("item: ") and errors["empty"].startswith("items: ")
+    assert errors["empty"].startswith("items: ")
     assert summary.errors == len(errors)  # the bad JSON line's under None
-    scored = [g for g in got if "scores" in g]
-    assert summary.items == sum(len(g["scores"]) if "items" in g else 1 for g in scored)
+    assert summary.items == sum(len(g["scores"]) for g in got if "scores" in g)
     assert not list(tmp.glob("*.partial-*"))
 
 
 def test_parquet_requests_to_parquet_bit_identical(jobs, scorer):
-    """Parquet requests -> Parquet: id columns kept, scores bit-identical to `mis-score
-    score`, bad rows' errors in place; the crashed run's leftover removed."""
+    """Parquet requests (a directory, the second file with a column the first lacks) ->
+    Parquet: id columns kept, scores bit-identical to `mis-score score`, bad rows' errors in
+    place after batches with none; the crashed run's leftover removed."""
     summary, rows, tmp = jobs["parquet"]
     got = pq.read_table(tmp / "out.parquet").to_pylist()
     assert len(got) == len(rows) == summary.rows and summary.errors == len(BAD_REQUESTS)
@@ -213,20 +242,163 @@ def test_parquet_requests_to_parquet_bit_identical(jobs, scorer):
     assert not list(tmp.glob("*.partial-*"))
 
 
-def test_pairs_one_prefill_per_query_per_engine(jobs, scorer):
-    """Each pair's score list is `mis-score score`'s for its one-item request, bit for bit;
-    the engine prefilled each query once (prefix misses == queries)."""
+def test_pairs_jsonl_to_parquet_one_prefill_per_query_per_engine(jobs, scorer):
+    """JSONL pairs -> Parquet, bad pairs and a new key after an all-scored first batch: every
+    row in its place, each pair's score list `mis-score score`'s for its one-item request, bit
+    for bit; the schema as its rows need it (`query` and `item`, token ids in most rows and
+    text in one, as JSON text); the engine prefilled each query once (prefix misses ==
+    queries)."""
     summary, rows, tmp = jobs["pairs"]
-    got = [json.loads(line) for line in (tmp / "scores.jsonl").read_text().splitlines()]
+    got = parquet_rows(tmp / "scores.parquet")
     assert len(got) == len(rows) == summary.rows
     for g, row in zip(got, rows, strict=True):
-        check_row(g, row, reference(scorer, row))
-    assert got[7]["error"].startswith("item: ")
+        check_row(g, row, reference(scorer, row), pair=True)
+    errors = {i: g["error"] for i, g in enumerate(got) if "error" in g}
+    assert sorted(errors) == [*PAIRS_BAD, len(rows) - 2, len(rows) - 1]
+    assert all(e.startswith("item: ") for e in errors.values()), errors
+    schema = pq.read_schema(tmp / "scores.parquet")
+    assert schema.names == [*rows[0], "note", "scores", "error"]
+    assert schema.field("query").metadata == {b"encoding": b"json"} == schema.field("item").metadata
+    assert schema.field("user").type == pa.int64() and schema.field("note").type == pa.string()
+    assert schema.field("scores").type == pa.list_(pa.float64())
     (eng,) = summary.engines
-    # One prefill per query; a query's later batches (and its pairs of the other
-    # apply_softmax, one more chunk of the same query) read its cached K/V.
-    assert eng["prefix_misses"] == 4 and eng["prefix_hits"] >= 4
+    # One prefill per query (4, and the text pair's); a query's later batches (and its pairs
+    # of the other apply_softmax, one more chunk of the same query) read its cached K/V.
+    assert eng["prefix_misses"] == 5 and eng["prefix_hits"] >= 4
     assert summary.items == 47 and eng["compiles_during_job"] == 0
+
+
+def _actor_table(rows: list, results: list) -> pa.Table:
+    """A batch as a JSONL input's engine actor hands it to the writer."""
+    return pa.table(
+        {
+            batch._LINE: [batch._out_line(r, res) for r, res in zip(rows, results, strict=True)],
+            batch._ITEMS: [0 if e else 1 for _, e in results],
+            batch._FAILED: [e is not None for _, e in results],
+            batch._ENGINE: pa.nulls(len(rows), pa.string()),
+        }
+    )
+
+
+def _write_jsonl_to_parquet(out: Path, batches: list[tuple[list, list]]) -> list[dict]:
+    """The driver's part of a JSONL -> Parquet job on these (rows, results) batches: the scan,
+    the schema, the writer; the output's rows."""
+    scan = batch.InputScan()
+    for rows, _ in batches:
+        scan.add_rows(rows, ["in.jsonl"] * len(rows))
+        scan.add_types([batch._row_object(r) for r in rows])
+    writer = batch._Writer(str(out), "parquet", batch.output_schema(scan))
+    for rows, results in batches:
+        writer.write(_actor_table(rows, results))
+    writer.close()
+    return parquet_rows(out)
+
+
+def test_jsonl_to_parquet_schema_fixed_before_the_first_row(tmp_path):
+    """The Parquet writer of a JSONL input (no cluster: the batches an engine actor returns):
+    a first batch all scored then a bad row, a first batch all errors then scores, a key the
+    first batch lacked, a key whose values differ in type, a bad JSON line: every row
+    written, as its JSONL line would be."""
+    ok, bad = ([[0.25, 0.75]], None), (None, "items[0]: 65 tokens; at most 64")
+    req = [{"id": i, "query": [1, 2], "items": [[3]], "w": i, "big": 2**60} for i in range(6)]
+    text = {"id": 6, "query": "text", "items": ["a"], "note": {"k": 1}, "w": 0.5, "big": 0.5}
+    not_json = batch._parse_line("{x")
+    cases = {
+        "good-then-bad": [(req[:3], [ok] * 3), (req[3:], [ok, bad, ok])],
+        "bad-then-good": [
+            (req[:2], [bad] * 2),
+            (req[2:] + [text, not_json], [ok] * 4 + [bad, (None, not_json.error)]),
+        ],
+    }
+    for name, batches in cases.items():
+        got = _write_jsonl_to_parquet(tmp_path / f"{name}.parquet", batches)
+        want = [
+            json.loads(batch._out_line(r, res))
+            for rows, results in batches
+            for r, res in zip(rows, results, strict=True)
+        ]
+        assert got == want, name
+    schema = pq.read_schema(tmp_path / "bad-then-good.parquet")
+    assert schema.names == ["id", "query", "items", "w", "big", "note", "line", "scores", "error"]
+    assert schema.field("id").type == pa.int64() and schema.field("note").type.num_fields == 1
+    assert schema.field("w").type == pa.float64()  # integers, then a float
+    for name in ("query", "items", "big"):  # token ids and text; 2**60 and a float
+        assert schema.field(name).metadata == {b"encoding": b"json"}, name
+
+
+def test_mixed_layouts_refused_before_anything_is_written(ckpts, tmp_path):
+    """An input of request rows and pair rows (JSONL; Parquet with both `items` and `item`
+    columns) is refused before a row is scored or a file written, naming the first row of
+    the second layout and the first of the first (rows without either layout: bad rows of
+    either, not counted)."""
+    serve_cluster()
+    rows = request_rows(seed=5, n=3) + [{"id": "neither", "query": [1]}]
+    rows += [{"id": "pair", "query": [1], "item": [2]}]
+    src = tmp_path / "mixed.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows[:3]) + "\n{bad\n\n")
+    src.write_text(src.read_text() + "".join(json.dumps(r) + "\n" for r in rows[3:]))
+    pairs = [{"query": [1], "item": [2], "items": None}] * 2 + [
+        {"query": [1], "item": None, "items": [[2]]}
+    ]
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "mixed.parquet")
+    # Row 6 of the JSONL file: its blank line is not a row.
+    for name, row, first in (("mixed.jsonl", 6, 1), ("mixed.parquet", 3, 1)):
+        layouts = ("pair", "request") if name.endswith("jsonl") else ("request", "pair")
+        path = re.escape(str(tmp_path / name))
+        want = f"{path} row {row}: a {layouts[0]} row .* where {path} row {first} is a {layouts[1]}"
+        out = tmp_path / "out" / "scores.parquet"
+        with pytest.raises(ValueError, match=want):
+            run_batch(str(tmp_path / name), str(out), settings(ckpts["qwen3"], 4))
+        assert not out.parent.exists() or not list(out.parent.iterdir())
+
+
+def _dead_job_partial(out: Path) -> str:
+    """The partial file of a job on this host that was SIGKILLed while writing `out`."""
+    code = (
+        "import os, signal, sys; from mis_score.batch import _Writer; "
+        "print(_Writer(sys.argv[1], 'jsonl').tmp, flush=True); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_running_jobs_partial_file_survives_a_new_job(tmp_path):
+    """A job removes the partial files of jobs that are gone (its host's, a pid not running;
+    any host's, no heartbeat for _STALE_S; from before leases: as old) and leaves those of
+    jobs still writing the same output (this process's, another host's with a fresh lease, a
+    fresh one from before leases)."""
+    out = tmp_path / "scores.jsonl"
+    dead = _dead_job_partial(out)
+    running = batch._Writer(str(out), "jsonl")
+    old = time.time() - 86_400  # older than the stale rule (checked below)
+    other_host = {"host": "elsewhere", "pid": os.getpid()}
+    files = {}
+    for name, lease, mtime in (
+        ("other-host", other_host, None),
+        ("other-host-silent", other_host, old),
+        ("before-leases", None, None),
+        ("before-leases-old", None, old),
+    ):
+        files[name] = path = Path(f"{out}.partial-{name}")
+        path.write_text("rows")
+        if lease is not None:
+            Path(f"{path}.lease").write_text(json.dumps(lease))
+        if mtime is not None:
+            for f in (path, Path(f"{path}.lease")):
+                if f.exists():
+                    os.utime(f, (mtime, mtime))
+    new = batch._Writer(str(out), "jsonl")
+    left = sorted(f.name for f in tmp_path.iterdir())
+    kept = [running.tmp, files["other-host"], files["before-leases"], new.tmp]
+    want = sorted(Path(f).name for f in kept)
+    want += [Path(f"{f}.lease").name for f in (running.tmp, files["other-host"], new.tmp)]
+    assert left == sorted(want), (dead, left)
+    new.abort()
+    running.close()
+    assert out.exists() and not Path(running.tmp).exists()
+    assert batch._STALE_S < 86_400
 
 
 def test_settings_from_a_serve_config_and_flags():

@@ -1,4 +1,4 @@
-from serve_app.chunking import split_items
+from mis_api.chunking import split_items
 
 
 def test_split_by_count_and_tokens():

@@ -137,7 +137,7 @@ def test_a_forward_deadline_does_not_count_compiles(ckpts, monkeypatch):
     import asyncio
     import time
 
-    from serve_app.config import ScorerArgs
+    from serve_app.config import AppArgs
     from serve_app.scorer import Scorer, _Hung
 
     config = EngineConfig(
@@ -152,7 +152,8 @@ def test_a_forward_deadline_does_not_count_compiles(ckpts, monkeypatch):
 
     monkeypatch.setattr(eng, "_compile", slow_compile)
     scorer = object.__new__(Scorer.func_or_class)  # the replica's deadline logic, no Serve
-    scorer.args, scorer.engine, scorer._busy_since = ScorerArgs(forward_timeout_s=1.0), eng, None
+    scorer.args = AppArgs.parse({"limits.forward_timeout_s": 1.0}).scorer_args()
+    scorer.engine, scorer._busy_since = eng, None
     scorer._record_stats = lambda stats: None  # Ray metrics: not here
     chunk = Chunk((5, 6, 7), ((8, 9), (10,)), (1, 2, 3))
     (scores,) = asyncio.run(scorer._forward_in_time([chunk]))  # a body and a head: 3 s

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mis_api.schema import ScoreRequest
+from mis_api.scoring import tokenize_request
 from models.engine import score_ids
-from serve_app.schema import ScoreRequest
-from serve_app.scoring import tokenize_request
 from tests.conftest import LABELS, MODES, mode_name, random_request
 
 

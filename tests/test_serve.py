@@ -17,13 +17,14 @@ import pytest
 import requests
 
 from loadtests.summary import summarize
+from mis_api.chunking import split_items
+from mis_api.scoring import tokenize_request
 from models.engine import score_ids
-from serve_app.scoring import tokenize_request
 from tests.conftest import LABELS, TEST_ENGINE, deployment_of, running_serve, serve_cluster
 
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
-CHUNK = 8
+CHUNK, CHUNK_TOKENS = 8, 200  # fanout.chunk_items, fanout.chunk_tokens of the app
 SERVED_NAMES = ["Qwen/Qwen3-0.6B", "rerank-v3.5"]  # more names the app answers to
 APP = "serve-tests"  # its own name: metrics are read for this application only
 
@@ -37,7 +38,7 @@ def service(ckpts):
     args = {
         "model": {"path": ckpts["qwen3"], "name": "tiny", "served_names": SERVED_NAMES},
         "engine": TEST_ENGINE,
-        "fanout": {"chunk_items": CHUNK, "chunk_tokens": 200},
+        "fanout": {"chunk_items": CHUNK, "chunk_tokens": CHUNK_TOKENS},
     }
     scorers = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}
     app = build_graph(args, scorer_options=scorers)
@@ -82,7 +83,7 @@ def test_http_equals_offline_engine(service, engine, tokenizer, n_items, kind):
     assert np.array_equal(got, ref)
     usage = resp.json()["usage"]
     assert usage["prompt_tokens"] == len(query) + sum(map(len, items))
-    assert int(resp.headers["X-MIS-Chunks"]) >= -(-n_items // CHUNK)
+    assert int(resp.headers["X-MIS-Chunks"]) == len(split_items(items, CHUNK, CHUNK_TOKENS))
 
 
 def _mixed_bodies(seed: int, n: int) -> list[dict]:
@@ -400,7 +401,8 @@ def _rerank(url, body):
 def test_rerank_equals_scoring_each_prompt(service, engine, tokenizer, record):
     """P(yes) of every document in its Qwen3-Reranker prompt, from one multi-item fan-out,
     equals scoring each full prompt on its own offline; sorted, cut to top_n, with texts."""
-    from serve_app.rerank import RerankPrompt, RerankRequest
+    from serve_app.config import RerankArgs
+    from serve_app.rerank import RerankRequest
 
     rng = np.random.default_rng(11)
     docs = [_words(rng, int(rng.integers(1, 15))) for _ in range(40)]
@@ -414,12 +416,14 @@ def test_rerank_equals_scoring_each_prompt(service, engine, tokenizer, record):
     assert resp.status_code == 200, resp.text
     out = resp.json()
     assert out["object"] == "rerank" and out["model"] == "tiny"
-    assert int(resp.headers["X-MIS-Chunks"]) >= len(docs) // CHUNK  # one fan-out
 
     tok = tokenizer("qwen3")
     yes_no = [tok.encode("yes")[0], tok.encode("no")[0]]
-    score_req = RerankPrompt().score_request(RerankRequest.model_validate(body), tuple(yes_no))
+    prompt = RerankArgs().prompt()
+    score_req = prompt.score_request(RerankRequest.model_validate(body), tuple(yes_no))
     q, items = tokenize_request(score_req, tok)
+    # One fan-out of all documents, cut as the ingress cuts any request.
+    assert int(resp.headers["X-MIS-Chunks"]) == len(split_items(items, CHUNK, CHUNK_TOKENS))
     want = score_ids(engine("qwen3", "serial"), q, items, yes_no, apply_softmax=True)[:, 0]
 
     results = out["results"]
@@ -510,11 +514,14 @@ def test_a_chunk_meant_for_other_settings_is_refused(service, engine):
     assert np.abs(got - want).max() <= 1e-6
 
 
+ONE_ITEM = ("Is it light?", "a 1.1 kg ultrabook")  # a query and one item given as a string
+
+
 def test_python_client_splits_long_item_lists_bit_identically(service):
     """mis_score.client against the live service: 5,000 items against its 2,048-item limit are
     sent as 3 requests, and the merged scores are bit-identical to the server's own answers to
     those requests (blocking and async clients alike); a 4xx is raised with the server's
-    message and not retried."""
+    message and not retried; a string `items` is one item, as the server reads it."""
     import asyncio
 
     from mis_score.client import AsyncClient, BadRequestError, Client
@@ -528,6 +535,10 @@ def test_python_client_splits_long_item_lists_bit_identically(service):
     ]
     assert all(r.ok for r in direct)
     want = np.asarray([row for r in direct for row in r.json()["scores"]])
+    query_text, item_text = ONE_ITEM
+    single = _post(service, {"query": query_text, "items": item_text, "label_token_ids": LABELS})
+    one_item = np.asarray(single.json()["scores"])
+    assert one_item.shape == (1, len(LABELS))
     with Client(service, deployment=deployment_of(APP)) as client:
         assert client.limits().max_items_per_request == 2048
         got = client.score(query, items, LABELS)
@@ -538,54 +549,85 @@ def test_python_client_splits_long_item_lists_bit_identically(service):
             e.value
         )
         assert client.retries == 0
+        # A string `items` is one item, as the server reads it (not one item per character).
+        one = client.score(*ONE_ITEM, LABELS)
+        assert one.shape == (1, len(LABELS)) and np.array_equal(one, one_item)
 
     async def run_async():
         async with AsyncClient(service) as client:
-            return await client.score(query, items, LABELS)
+            return await client.score(query, items, LABELS), await client.score(*ONE_ITEM, LABELS)
 
-    assert np.array_equal(asyncio.run(run_async()), want)
+    got, one = asyncio.run(run_async())
+    assert np.array_equal(got, want) and np.array_equal(one, one_item)
 
 
 QUERY = "Which laptop is good for long flights?"
 DOCS = ["Ultrabook, 1.1 kg, 14 hours of battery.", "Gaming laptop, 3.2 kg.", "A paperback novel."]
 
 
-def _relevance(url: str, query: str, docs: list[str]) -> list[float]:
-    """/v1/rerank's relevance score of each document, in document order."""
-    r = _rerank(url, {"query": query, "documents": docs})
-    assert r.status_code == 200, r.text
-    out = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
-    return [out[i] for i in range(len(docs))]
+OTHER = "A gift for a reader?"
 
 
-def test_cohere_sdk_v1_and_v2_clients_rerank_as_v1_rerank(service):
+def _offline_relevance(engine, tokenizer, query: str, docs: list[str]) -> np.ndarray:
+    """(P(yes), P(no)) of each document in the rerank prompt, built as the app builds it and
+    scored by the offline engine in serial mode (each prompt on its own; the service runs
+    prefix mode)."""
+    from serve_app.config import RerankArgs
+    from serve_app.rerank import RerankRequest
+
+    tok = tokenizer("qwen3")
+    labels = (tok.encode("yes")[0], tok.encode("no")[0])
+    prompt = RerankArgs().prompt()
+    request = prompt.score_request(RerankRequest(query=query, documents=docs), labels)
+    q, items = tokenize_request(request, tok)
+    return score_ids(engine("qwen3", "serial"), q, items, list(labels), apply_softmax=True)
+
+
+def _close(got, want, record, what: str) -> None:
+    """Within the float32 equivalence bound of the offline engine's scores (recorded)."""
+    diff = float(np.abs(np.asarray(got, dtype=np.float64) - np.asarray(want)).max())
+    record(f"{what} vs offline serial", diff)
+    assert diff <= 1e-5, (what, diff)
+
+
+def _ranked(results: list[tuple[int, float]], want: np.ndarray, top_n: int, record, what: str):
+    """Best first, cut to top_n, each score the engine's P(yes) for that document (within the
+    bound), and the best top_n of the engine's (up to the bound)."""
+    assert len(results) == top_n, results
+    index = [i for i, _ in results]
+    scores = [score for _, score in results]
+    assert np.all(np.diff(scores) <= 0), scores
+    _close(scores, want[index], record, what)
+    rest = np.delete(want, index)
+    assert rest.size == 0 or want[index].min() >= rest.max() - 1e-5
+
+
+def test_cohere_sdk_v1_and_v2_clients_rerank_as_the_engine(service, engine, tokenizer, record):
     """The Cohere SDK's own clients: v1 (`Client.rerank` -> /v1/rerank) and v2
-    (`ClientV2.rerank` -> /v2/rerank, `model` required: a served name) give /v1/rerank's
-    scores bit for bit, sorted and cut to top_n; an unknown model is the SDK's NotFoundError."""
+    (`ClientV2.rerank` -> /v2/rerank, `model` required: a served name) get the offline
+    engine's P(yes) of each document, sorted and cut to top_n."""
     import cohere
 
-    want = _relevance(service, QUERY, DOCS)
-    order = sorted(range(3), key=lambda i: -want[i])
+    want = _offline_relevance(engine, tokenizer, QUERY, DOCS)[:, 0]
     v2 = cohere.ClientV2(api_key="unused", base_url=service)
     got = v2.rerank(model="rerank-v3.5", query=QUERY, documents=DOCS, top_n=2)
-    assert [(r.index, r.relevance_score) for r in got.results] == [(i, want[i]) for i in order[:2]]
+    _ranked([(r.index, r.relevance_score) for r in got.results], want, 2, record, "Cohere v2")
     v1 = cohere.Client(api_key="unused", base_url=service)
     got1 = v1.rerank(model="tiny", query=QUERY, documents=DOCS)
-    assert [(r.index, r.relevance_score) for r in got1.results] == [(i, want[i]) for i in order]
-    with pytest.raises(cohere.errors.NotFoundError):
-        v2.rerank(model="not-served", query=QUERY, documents=DOCS)
+    _ranked([(r.index, r.relevance_score) for r in got1.results], want, 3, record, "Cohere v1")
 
 
-def test_vllm_score_api_scores_pairs_as_rerank(service):
+def test_vllm_score_api_scores_pairs_as_the_engine(service, engine, tokenizer, record):
     """vLLM's score API at /score and (told apart by its fields) at /v1/score: 1:1, 1:N, N:N
-    and queries/documents; each score is /v1/rerank's for that pair, bit for bit."""
-    want = _relevance(service, QUERY, DOCS)
-    other = _relevance(service, "A gift for a reader?", DOCS)
+    and queries/documents; each score is the offline engine's P(yes) for that pair in the
+    rerank prompt."""
+    want = _offline_relevance(engine, tokenizer, QUERY, DOCS)[:, 0]
+    other = _offline_relevance(engine, tokenizer, OTHER, DOCS)[:, 0]
     cases = [
         ({"text_1": QUERY, "text_2": DOCS[1]}, [want[1]]),
         ({"text_1": QUERY, "text_2": DOCS}, want),
         ({"queries": QUERY, "documents": DOCS}, want),
-        ({"text_1": [QUERY, "A gift for a reader?"], "text_2": DOCS[:2]}, [want[0], other[1]]),
+        ({"text_1": [QUERY, OTHER], "text_2": DOCS[:2]}, [want[0], other[1]]),
     ]
     for path in ("/score", "/v1/score"):
         for body, scores in cases:
@@ -594,44 +636,107 @@ def test_vllm_score_api_scores_pairs_as_rerank(service):
             out = r.json()
             assert out["object"] == "list" and out["model"] == "tiny" and out["id"]
             assert [d["index"] for d in out["data"]] == list(range(len(scores)))
-            assert [d["score"] for d in out["data"]] == scores
+            _close([d["score"] for d in out["data"]], scores, record, "vLLM score")
             assert out["usage"]["prompt_tokens"] > 0
-    bad = {"text_1": [QUERY, QUERY, QUERY], "text_2": DOCS[:2]}
-    r = requests.post(f"{service}/score", json=bad, timeout=60)
-    assert r.status_code == 400 and r.json()["message"].startswith("text_1:"), r.text
 
 
-def test_tei_and_jina_rerank_shapes(service, tokenizer):
-    """/rerank: TEI's shape (`texts`) gives [{index, score, text?}] best first, the score
-    /v1/rerank's (raw_scores: its logit log(P(yes)/P(no))); vLLM/Jina's shape (`documents`)
-    is /v1/rerank's own answer."""
-    want = _relevance(service, QUERY, DOCS)
-    order = sorted(range(3), key=lambda i: -want[i])
+def test_tei_and_jina_rerank_shapes(service, engine, tokenizer, record):
+    """/rerank: TEI's shape (`texts`) gives [{index, score, text?}] best first, the score the
+    offline engine's P(yes) (raw_scores: its logit log(P(yes)/P(no)), whose sigmoid is
+    P(yes)); vLLM/Jina's shape (`documents`) is /v1/rerank's answer, the engine's P(yes)."""
+    want = _offline_relevance(engine, tokenizer, QUERY, DOCS)[:, 0]
     r = requests.post(f"{service}/rerank", json={"query": QUERY, "texts": DOCS}, timeout=60)
     assert r.status_code == 200, r.text
-    assert r.json() == [{"index": i, "score": want[i]} for i in order]
+    assert all(set(x) == {"index", "score"} for x in r.json()), r.text
+    _ranked([(x["index"], x["score"]) for x in r.json()], want, 3, record, "TEI")
     body = {"query": QUERY, "texts": DOCS, "raw_scores": True, "return_text": True}
     raw = requests.post(f"{service}/rerank", json=body, timeout=60).json()
-    assert [x["text"] for x in raw] == [DOCS[i] for i in order]
-    yes_no = _post(service, _rerank_as_score(tokenizer("qwen3"), QUERY, DOCS)).json()["scores"]
-    for x in raw:
-        p_yes, p_no = yes_no[x["index"]]
-        assert x["score"] == np.log(p_yes) - np.log(p_no)
+    assert [x["text"] for x in raw] == [DOCS[x["index"]] for x in raw]
+    p_yes = [1 / (1 + np.exp(-x["score"])) for x in raw]
+    _ranked([(x["index"], p) for x, p in zip(raw, p_yes, strict=True)], want, 3, record, "TEI raw")
     jina = requests.post(f"{service}/rerank", json={"query": QUERY, "documents": DOCS}, timeout=60)
-    assert [(x["index"], x["relevance_score"]) for x in jina.json()["results"]] == [
-        (i, want[i]) for i in order
-    ]
+    results = [(x["index"], x["relevance_score"]) for x in jina.json()["results"]]
+    _ranked(results, want, 3, record, "Jina")
+
+
+LONG = "word " * 80  # one document over the test engine's max_item_tokens (64)
+
+
+def _over_the_limit(message: str, field: str) -> bool:
+    return message.startswith(f"{field}: ") and "exceed max_item_tokens=64" in message
+
+
+def test_cohere_sdk_gets_errors_as_cohere_answers_them(service):
+    """/v2/rerank answers errors as Cohere does, a body of `message` alone with Cohere's
+    status: the SDK raises its own classes (BadRequestError, NotFoundError) with that body.
+    /v1/rerank (the v1 client's) answers ours, whose `message` the v1 SDK reads as well."""
+    import cohere
+
+    v2 = cohere.ClientV2(api_key="unused", base_url=service)
+    with pytest.raises(cohere.errors.BadRequestError) as e:
+        v2.rerank(model="tiny", query=QUERY, documents=[DOCS[0], LONG])
+    assert set(e.value.body) == {"message"}, e.value.body
+    assert _over_the_limit(e.value.body["message"], "documents[1]"), e.value.body
+    with pytest.raises(cohere.errors.NotFoundError) as e:
+        v2.rerank(model="not-served", query=QUERY, documents=DOCS)
+    assert set(e.value.body) == {"message"}, e.value.body
+    assert e.value.body["message"].startswith("model: unknown model 'not-served'")
+    v1 = cohere.Client(api_key="unused", base_url=service)
+    with pytest.raises(cohere.errors.BadRequestError) as e:
+        v1.rerank(model="tiny", query=QUERY, documents=[DOCS[0], LONG])
+    assert _over_the_limit(e.value.body["message"], "documents[1]"), e.value.body
+
+
+def _vllm_error(r: requests.Response, status: int, param: str) -> str:
+    """The message of a vLLM error answer (its ErrorResponse), checked whole."""
+    assert r.status_code == status, r.text
+    (info,) = r.json().values()
+    assert r.json() == {"error": info}, r.text
+    assert info["type"] == "BadRequestError" and info["code"] == status, r.text
+    assert info["param"] == param and info["message"].startswith(f"{param}: "), r.text
+    return info["message"]
+
+
+def test_vllm_score_errors_name_the_request_fields(service):
+    """vLLM's score API answers vLLM's ErrorResponse; a document is named by its index in
+    text_2 / documents (pairs with one query are scored together, but an error names the
+    pair, not the document's place in its query's group), and a queries/documents request
+    is told about its own fields."""
+    # Pairs 1 and 2 share a query: LONG is the second document of that query's group.
+    queries = [QUERY, OTHER, OTHER, QUERY]
+    docs = [DOCS[0], DOCS[1], LONG, DOCS[2]]
+    for path in ("/score", "/v1/score"):
+        r = requests.post(f"{service}{path}", json={"text_1": queries, "text_2": docs}, timeout=60)
+        assert _over_the_limit(_vllm_error(r, 400, "text_2[2]"), "text_2[2]"), r.text
+        body = {"queries": queries, "documents": docs}
+        r = requests.post(f"{service}{path}", json=body, timeout=60)
+        assert _over_the_limit(_vllm_error(r, 400, "documents[2]"), "documents[2]"), r.text
+    body = {"queries": [QUERY] * 3, "documents": DOCS[:2]}
+    r = requests.post(f"{service}/score", json=body, timeout=60)
+    message = _vllm_error(r, 400, "queries")
+    assert (
+        message == "queries: 3 texts for 2 in documents; give one, or as many as documents (pairs)"
+    )
+    r = requests.post(f"{service}/score", json={"queries": QUERY}, timeout=60)
+    assert _vllm_error(r, 400, "documents") == "documents: missing (give it with queries)"
+    # vLLM's and Jina's /rerank (documents) answers as vLLM too.
+    r = requests.post(f"{service}/rerank", json={"query": QUERY, "documents": [LONG]}, timeout=60)
+    assert _over_the_limit(_vllm_error(r, 400, "documents[0]"), "documents[0]"), r.text
+
+
+def test_tei_rerank_errors_as_tei_answers_them(service):
+    """TEI's /rerank (texts) answers TEI's ErrorResponse {error, error_type} with TEI's status
+    per type: an input over the limit 413 Validation, a body it cannot read 422."""
+    body = {"query": QUERY, "texts": [DOCS[0], LONG]}
+    r = requests.post(f"{service}/rerank", json=body, timeout=60)
+    assert r.status_code == 413 and set(r.json()) == {"error", "error_type"}, r.text
+    assert r.json()["error_type"] == "Validation" and _over_the_limit(r.json()["error"], "texts[1]")
     r = requests.post(f"{service}/rerank", json={"query": QUERY, "texts": "x"}, timeout=60)
-    assert r.status_code == 400 and r.json()["message"].startswith("texts"), r.text
-
-
-def _rerank_as_score(tok, query: str, docs: list[str]) -> dict:
-    """The /v1/score request /v1/rerank makes of (query, docs): its prompt, as in the app."""
-    from serve_app.rerank import RerankPrompt, RerankRequest
-
-    labels = (tok.encode("yes")[0], tok.encode("no")[0])
-    request = RerankPrompt().score_request(RerankRequest(query=query, documents=docs), labels)
-    return request.model_dump(exclude_none=True)
+    assert r.status_code == 422 and r.json()["error_type"] == "Validation", r.text
+    assert r.json()["error"].startswith("texts: ") and set(r.json()) == {"error", "error_type"}
+    headers = {"content-type": "application/json"}
+    r = requests.post(f"{service}/rerank", data="{oops", headers=headers, timeout=60)
+    assert r.status_code == 422 and r.json()["error"].startswith("body: invalid JSON"), r.text
 
 
 def test_score_batch_answers_each_entry_as_alone(service):

@@ -9,7 +9,8 @@ import pytest
 import requests
 
 from models.engine import EngineConfig, ScoringEngine
-from serve_app.rerank import RerankPrompt, RerankRequest, label_ids
+from serve_app.config import RerankArgs
+from serve_app.rerank import RerankRequest, label_ids
 from tests.conftest import LABELS, random_request, running_serve
 from tests.hf_families import write_with_transformers
 
@@ -56,7 +57,8 @@ def _rerank_request(engine: ScoringEngine, path: str):
 
     tok = TextTokenizer.from_model_dir(path)
     labels = () if engine.head_kind == "classification" else label_ids(tok.encode, ("yes", "no"))
-    request = RerankPrompt().score_request(RerankRequest(query=QUERY, documents=DOCS), labels)
+    prompt = RerankArgs().prompt()
+    request = prompt.score_request(RerankRequest(query=QUERY, documents=DOCS), labels)
     return tok.encode(request.query), [tok.encode(d) for d in request.items]
 
 

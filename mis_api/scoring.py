@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from mis_api.chunking import split_items
+from mis_api.schema import ScoreRequest
 from models.engine_config import EngineConfig
 from models.inputs import (
     Chunk,
@@ -19,8 +21,6 @@ from models.inputs import (
     check_token_ids,
 )
 from models.tokenizer import TextTokenizer
-from serve_app.chunking import split_items
-from serve_app.schema import ScoreRequest
 
 
 def tokenize_request(
@@ -113,7 +113,7 @@ def merge_scores(parts: Sequence[np.ndarray], n_labels: int) -> np.ndarray:
 
 
 def response_body(scores: np.ndarray, model: str, n_tokens: int) -> dict[str, Any]:
-    """The `/v1/score` response (serve_app.schema.ScoreResponse) as a plain dict: built once,
+    """The `/v1/score` response (mis_api.schema.ScoreResponse) as a plain dict: built once,
     serialized once, no model round trip."""
     return {
         "scores": scores.tolist(),
