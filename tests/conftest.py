@@ -243,7 +243,11 @@ def pytest_runtest_teardown(item, nextitem):
     idle, it still took about 11 CPU-seconds a minute (Serve's controller, proxies, replicas,
     metrics) from the engine tests that follow on the same two cores."""
     result = yield  # the test's own fixtures (a module's deployed apps) are torn down first
-    if _CLUSTER and (nextitem is None or nextitem.get_closest_marker("ray") is None):
+    # Not while the module goes on: its apps (module fixtures) are deleted at its last test.
+    if _CLUSTER and (
+        nextitem is None
+        or (nextitem.get_closest_marker("ray") is None and nextitem.module is not item.module)
+    ):
         stop_serve_cluster()
     return result
 

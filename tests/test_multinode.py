@@ -194,7 +194,8 @@ def _loopback_config(tmp_path, name: str, ckpt: str, port: int, args: dict, scor
         dtype="float32", max_batch_tokens=512, max_item_tokens=32, max_query_tokens=128
     )
     app["args"]["fanout"] = {"chunk_items": 8}
-    app["args"]["warmup"] = False  # compile on first use: replicas come up sooner
+    # compile on first use: replicas come up sooner (a slice must warm up: config.py says why)
+    app["args"]["warmup"] = args.get("placement.hosts_per_replica", 1) > 1
     for key, value in args.items():
         group, leaf = key.split(".")
         app["args"].setdefault(group, {})[leaf] = value

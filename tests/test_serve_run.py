@@ -41,7 +41,7 @@ def test_serve_run_default_config(tmp_path, ckpts):
         assert len(scores) == 3 and all(abs(sum(s) - 1) < 1e-9 for s in scores)
         text = log.read_text()
         assert "RANDOM-WEIGHT" in text  # the demo model says what it is
-        assert "warm-up: 11 shapes ready" in text  # every shape, before ready
+        assert "warm-up: 15 shapes ready" in text  # every shape, before ready
         # The two replicas (Serve's ranks 0 and 1) compiled in staggered orders; the app
         # answers once one of them is ready.
         shares = ("share 1 of 2 first", "share 2 of 2 first")
