@@ -284,7 +284,11 @@ def test_tpu_config_replicas_on_tpu_hosts(cluster, ckpts, engine, record, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "placement", ["tpu_topology", pytest.param("bundles", marks=pytest.mark.slow)]
+    # Both `slow` (~3 min on 2 cores: a slice warms up every shape over two hosts); the
+    # engine's two-host program is in the default run (tests/test_multihost.py), the slice
+    # manifest's placement in tests/test_deploy.py.
+    "placement",
+    [pytest.param(p, marks=pytest.mark.slow) for p in ("tpu_topology", "bundles")],
 )
 def test_slice_config_one_replica_over_two_hosts(
     cluster, ckpts, engine, record, tmp_path, placement
