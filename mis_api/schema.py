@@ -3,6 +3,7 @@ and the offline CLI. Pure pydantic: importing this module does not import Ray.""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+from mis_api.long_items import REFUSE, LongItems
 
 TokenIds = list[StrictInt]
 
@@ -46,6 +49,24 @@ class ScoreRequest(BaseModel):
         default=False, description="Score `item ++ query` instead of `query ++ item`."
     )
     model: StrictStr | None = Field(default=None, description="Served model name (optional).")
+    item_prefix: StrictStr | TokenIds | None = Field(
+        default=None,
+        description="Put before every item, and before every piece of a cut one (text or "
+        "token ids, as the items): a prompt template's part before the document, never cut. "
+        "Counts toward max_item_tokens.",
+    )
+    item_suffix: StrictStr | TokenIds | None = Field(
+        default=None,
+        description="Put after every item, and after every piece of a cut one: a prompt "
+        "template's end (the scores are read at its last token), never cut. Counts toward "
+        "max_item_tokens.",
+    )
+    long_items: LongItems = Field(
+        default=REFUSE,
+        description="What happens to an item over max_item_tokens (or over long_items' own "
+        "limits): refused (400, the default), truncated, or cut into windows whose scores are "
+        "pooled.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ScoreRequest:
@@ -63,6 +84,14 @@ class ScoreRequest(BaseModel):
                 raise ValueError(f"items[{i}]: must not be empty")
         if len(set(self.label_token_ids)) != len(self.label_token_ids):
             raise ValueError("label_token_ids: must not contain duplicates")
+        for name in ("item_prefix", "item_suffix"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str) != text_query:
+                raise ValueError(f"{name}: must be text with text items, token ids with ids")
+            if self.item_first:
+                raise ValueError(f"{name}: not with item_first (it frames an item in front)")
         return self
 
 
@@ -76,6 +105,11 @@ class ScoreResponse(BaseModel):
     model: str
     object: Literal["scoring"] = "scoring"
     usage: Usage
+    windows: list[int] | None = Field(
+        default=None,
+        description="long_items.mode chunk, when an item was cut: the windows each item was "
+        "scored as (its scores pooled over them).",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -109,8 +143,15 @@ def format_errors(errors: Sequence[Any]) -> str:
             parts = parts[1:]
         loc = ".".join(str(p) for p in parts if not _is_union_tag(p))
         msg = e["msg"].removeprefix("Value error, ")
+        if _NAMES_FIELD.match(msg):  # a model's own check, naming its field
+            loc = "" if parts in ([], ["body"]) else loc
+            msg = f"{loc}.{msg}" if loc else msg
+            loc = ""
         lines.append(f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg)
     return "; ".join(dict.fromkeys(lines))
+
+
+_NAMES_FIELD = re.compile(r"^[A-Za-z_][\w.\[\]]*: ")
 
 
 def _is_union_tag(part: Any) -> bool:

@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from mis_api.long_items import LongItems
 from mis_api.schema import ScoreRequest
 from mis_score.offline import OfflineScorer, Prepared, add_engine_flags, engine_config
 from models.checkpoint import cache_root, demo_checkpoint_dir, ensure_demo_checkpoint
@@ -94,6 +95,9 @@ class RowDefaults(_Group):
     label_token_ids: list[int] | None = None
     apply_softmax: bool | None = None
     item_first: bool | None = None
+    item_prefix: str | list[int] | None = None
+    item_suffix: str | list[int] | None = None
+    long_items: LongItems | None = None
 
 
 class BatchSettings(ModelEngine):
@@ -201,15 +205,14 @@ class RowScorer:
                     tuple(r.label_token_ids),
                     r.apply_softmax,
                     r.item_first,
+                    r.long_items,  # how its windows pool
                 )
                 pairs[key].append((i, prepared))
             else:
                 requests.append((i, prepared))
-        # Each query's pairs as one request: its items in one chunk, the query prefilled once.
-        groups = [
-            (members, dataclasses.replace(members[0][1], items=[p.items[0] for _, p in members]))
-            for members in pairs.values()
-        ]
+        # Each query's pairs as one request: its items in one chunk, the query prefilled once
+        # (a pair cut into windows: all of them, pooled back into the pair's score).
+        groups = [(members, _one_request([p for _, p in members])) for members in pairs.values()]
         answers = self.scorer.score([p for _, p in requests] + [g for _, g in groups])
         for (i, _), body in zip(requests, answers, strict=False):
             out[i] = (body["scores"], None) if "scores" in body else (None, body["message"])
@@ -232,13 +235,29 @@ class RowScorer:
     def _body(self, row: Any) -> Any:
         if not isinstance(row, dict):
             return row  # not an object: the request check says so
-        # A columnar file holds null where a row lacks a field.
-        body = {k: row[k] for k in REQUEST_FIELDS if row.get(k) is not None}
+        # A columnar file holds null where a row lacks a field (inside a struct too).
+        body = {k: _no_nulls(row[k]) for k in REQUEST_FIELDS if row.get(k) is not None}
         if self.pair:
             body.pop("items", None)
             if row.get("item") is not None:
                 body["items"] = [row["item"]]
         return self.defaults | body
+
+
+def _no_nulls(value: Any) -> Any:
+    """A struct column's value without its null fields (a field the row does not set)."""
+    if isinstance(value, dict):
+        return {k: _no_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def _one_request(pairs: list[Prepared]) -> Prepared:
+    """Pair rows of one query (and labels and flags) as one request of their items."""
+    items = [it for p in pairs for it in p.items]
+    counts = tuple(len(p.items) for p in pairs)
+    cut = next((p.windows for p in pairs if p.windows is not None), None)
+    windows = None if cut is None else dataclasses.replace(cut, counts=counts)
+    return dataclasses.replace(pairs[0], items=items, windows=windows)
 
 
 class _EngineActor:
@@ -885,11 +904,30 @@ def add_parser(sub) -> None:
     p.add_argument("--label-token-ids", default=None, help="for rows without them: 9454,2753")
     p.add_argument("--apply-softmax", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--item-first", action=argparse.BooleanOptionalAction, default=None)
+    for frame in ("prefix", "suffix"):
+        p.add_argument(
+            f"--item-{frame}",
+            type=_text_or_ids,
+            default=None,
+            help=f"for rows without one: the item_{frame} (text, or JSON token ids), never cut",
+        )
+    p.add_argument(
+        "--long-items",
+        type=json.loads,
+        default=None,
+        help='for rows without one: items over the limit, e.g. {"mode": "chunk", "overlap": 32}'
+        " (refused by default; the fields: README, Long documents)",
+    )
     p.add_argument("--summary", default=None, help="also write the summary here, as JSON")
     p.add_argument(
         "--address", default=None, help="Ray cluster (default: Ray's rules; local: a new one)"
     )
     p.set_defaults(func=_cmd_batch)
+
+
+def _text_or_ids(value: str) -> str | list[int]:
+    """A flag's text, or its token ids written as a JSON list."""
+    return json.loads(value) if value.lstrip().startswith("[") else value
 
 
 def settings_from_args(args: argparse.Namespace) -> BatchSettings:
@@ -912,6 +950,9 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
         "label_token_ids": [int(x) for x in labels.split(",")] if labels else None,
         "apply_softmax": args.apply_softmax,
         "item_first": args.item_first,
+        "item_prefix": args.item_prefix,
+        "item_suffix": args.item_suffix,
+        "long_items": args.long_items,
     }
     return BatchSettings(
         model=ModelArgs.model_validate(model),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import ValidationError
 
+from mis_api.long_items import Windows
 from mis_api.schema import ScoreRequest, error_body, validation_message
 from mis_api.scoring import make_chunks, prepare_request, prompt_tokens, response_body
 from models.engine_config import EngineConfig
@@ -32,7 +33,8 @@ class Prepared:
 
     request: ScoreRequest
     query: list[int]
-    items: list[list[int]]
+    items: list[list[int]]  # as scored: cut, suffixed, windows
+    windows: Windows | None = None  # long_items chunk: which scored items are whose windows
 
     @property
     def n_tokens(self) -> int:
@@ -77,7 +79,7 @@ class OfflineScorer:
                 "NotFoundError",
             )
         try:
-            query, items = prepare_request(
+            query, items, windows = prepare_request(
                 request,
                 self.tokenizer,
                 vocab_size=self.engine.vocab_size,
@@ -87,7 +89,7 @@ class OfflineScorer:
             )
         except ScoringInputError as e:
             return error_body(str(e), 400)
-        return Prepared(request, query, items)
+        return Prepared(request, query, items, windows)
 
     def score(self, prepared: Sequence[Prepared]) -> list[dict[str, Any]]:
         """Checked requests -> their response bodies (or error bodies), in order, from one
@@ -110,7 +112,7 @@ class OfflineScorer:
             if isinstance(scores, ScoringInputError):
                 out.append(error_body(str(scores), 400))
             else:
-                out.append(response_body(scores, self.model_name, p.n_tokens))
+                out.append(response_body(scores, self.model_name, p.n_tokens, p.windows))
         return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,6 +21,8 @@ MIN_ROWS = 64
 # tiles together, so a longer tile is a bigger product but more padding where a forward holds
 # many queries' items; a forward shorter than a tile is one tile.
 TILE = 256
+# Longest item by default: a RAG passage or page in its rerank template.
+MAX_ITEM_TOKENS = 1024
 
 
 class Attention(enum.Enum):
@@ -53,9 +55,11 @@ class EngineConfig(BaseModel):
         description="Tokens per forward, padding included: the largest compiled shape.",
     )
     max_item_tokens: int = Field(
-        default=128,
+        default=MAX_ITEM_TOKENS,
         ge=1,
-        description=f"Longest item. Items of any length up to a forward's: short ones are packed "
+        description=f"Longest item (default {MAX_ITEM_TOKENS}, or what a forward holds beside "
+        f"the longest query where that is less). Items of any length up to a forward's: short "
+        f"ones are packed "
         f"{MIN_ROWS}-token blocks, a longer one spans blocks; what it costs is its own length.",
     )
     max_query_tokens: int = Field(default=4096, ge=1, description="Longest query.")
@@ -93,6 +97,20 @@ class EngineConfig(BaseModel):
             "max_item_tokens": self.max_item_tokens,
             "max_labels": self.max_labels,
         }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_item_limit(cls, data: Any) -> Any:
+        """No max_item_tokens given: MAX_ITEM_TOKENS, or the blocks a forward has left beside
+        the longest query where that is less (a small forward stays a valid setting)."""
+        if isinstance(data, dict) and data.get("max_item_tokens") is None:
+            fields = cls.model_fields
+            forward = data.get("max_batch_tokens", fields["max_batch_tokens"].default)
+            query = data.get("max_query_tokens", fields["max_query_tokens"].default)
+            if isinstance(forward, int) and isinstance(query, int) and forward > 0:
+                room = (forward // MIN_ROWS - -(-query // MIN_ROWS)) * MIN_ROWS
+                data = {**data, "max_item_tokens": max(min(MAX_ITEM_TOKENS, room), 1)}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

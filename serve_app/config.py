@@ -136,6 +136,11 @@ class RerankArgs(_Group):
         description="(relevant, irrelevant) label texts, one token each; the relevance score is "
         "P(first) under a softmax over the two (a causal LM).",
     )
+    auto_truncate: bool = Field(
+        default=False,
+        description="TEI's --auto-truncate: a TEI /rerank request that does not say `truncate` "
+        "has a text over the limit cut (its end) instead of refused (413).",
+    )
     class_index: int = Field(
         default=-1,
         description="A classification model with two or more classes: the class whose "

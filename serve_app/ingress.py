@@ -25,6 +25,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mis_api.long_items import REFUSE, LongItems, Windows
 from mis_api.schema import (
     ScoreRequest,
     ScoreResponse,
@@ -49,7 +50,13 @@ from serve_app.chunk_call import ChunkFailure, ChunkResult
 from serve_app.config import IngressArgs, deployment_identity, scoring_key
 from serve_app.errors import ErrorKind, Protocol
 from serve_app.fanout import ChunkCaller, DeadlineExceeded, FanOut, ReplicaFailure, cause
-from serve_app.rerank import RerankRequest, RerankResponse, label_ids, rerank_response
+from serve_app.rerank import (
+    COHERE_V1,
+    RerankRequest,
+    RerankResponse,
+    label_ids,
+    rerank_response,
+)
 from serve_app.routing import running_replicas
 
 log = logging.getLogger("ray.serve")
@@ -182,8 +189,9 @@ class _Prepared:
 
     body: ScoreRequest
     query: list[int]
-    items: list[list[int]]
+    items: list[list[int]]  # as scored: cut, suffixed, windows
     chunks: list[Chunk]
+    windows: Windows | None  # long_items chunk: which scored items are whose windows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +270,8 @@ class ScoreIngress:
         self.scoring_key = scoring_key(self.args.model, self.args.engine, self.deployment)
         self._call = ChunkCaller(scorer, self.scoring_key, self.args.fanout.retries)
         self.rerank_prompt = self.args.rerank.prompt()
+        if self.tokenizer is not None:
+            self._check_rerank_template(self.tokenizer)
         self.rerank_labels = (  # a label that is not one token fails the start, loudly
             None
             if self.tokenizer is None
@@ -287,6 +297,26 @@ class ScoreIngress:
             len(front.api_keys),
             self.args.model_dump(mode="json", exclude={"auth"}),
         )
+
+    def _check_rerank_template(self, tokenizer: TextTokenizer) -> None:
+        """A document template whose frame leaves no room for a document fails the start; one
+        tokenized differently in parts than whole is said in the log (its scores differ from
+        the whole prompt's in those tokens)."""
+        head, _, after = self.rerank_prompt.frame()
+        frame = len(tokenizer.encode(head) if head else []) + len(tokenizer.encode(after))
+        if frame >= self.args.engine.max_item_tokens:
+            raise ValueError(
+                f"rerank.document_template: its {frame} tokens around {{document}} leave no "
+                f"room for a document within engine.max_item_tokens="
+                f"{self.args.engine.max_item_tokens}"
+            )
+        if (probe := self.rerank_prompt.split_differs(tokenizer.encode)) is not None:
+            log.warning(
+                "rerank.document_template: the document %r tokenizes differently between the "
+                "template's parts than in the whole prompt; documents are tokenized apart from "
+                "the parts (so a cut never touches them), so such tokens differ",
+                probe,
+            )
 
     @api.post(
         "/v1/score",
@@ -332,6 +362,11 @@ class ScoreIngress:
             return _Refused(message, ErrorKind.LIMIT).response()
         prepared = [e if isinstance(e, _Refused) else self._try_prepare(e) for e in entries]
         jobs = [p for p in prepared if isinstance(p, _Prepared)]
+        if (n_scored := sum(len(job.items) for job in jobs)) > cap:  # documents cut in windows
+            message = (
+                f"requests: {n_scored} items as scored (windows) exceed max_items_per_batch={cap}"
+            )
+            return _Refused(message, ErrorKind.LIMIT).response()
         try:
             answers = iter(await self._run(jobs, "batch", start))
         except _Refused as e:
@@ -357,7 +392,7 @@ class ScoreIngress:
             jobs = []
             for group, rerank in enumerate(reranks):
                 try:
-                    jobs.append(self._prepare(self._rerank_request(rerank)))
+                    jobs.append(self._prepare(self._rerank_request(rerank, REFUSE)))
                 except _Refused as e:
                     raise e.renamed(functools.partial(request.name_fields, group=group)) from e
             answers = await self._run(jobs, "rerank", start)
@@ -368,7 +403,7 @@ class ScoreIngress:
             return e.response(Protocol.VLLM)
         relevance = [self._relevance(a) for a in answers]  # type: ignore[arg-type]
         scores = [relevance[r][0][d][0] for r, d in where]
-        tokens = sum(t for _, t in relevance)
+        tokens = sum(r[1] for r in relevance)
         model = request.model or self.model_name
         return JSONResponse(shapes.vllm_response(scores, model, tokens).model_dump())
 
@@ -382,9 +417,10 @@ class ScoreIngress:
         /v1/rerank's."""
         start = time.perf_counter()
         try:
-            scores, tokens, _ = await self._rerank_scores(_internal(body.rerank), start)
+            scores, tokens, _, _ = await self._rerank_scores(_internal(body.rerank), start, REFUSE)
         except _Refused as e:
-            return e.renamed(_named({"items": "documents"})).response(Protocol.COHERE)
+            names = {"items": "documents", "long_items.max_tokens": "max_tokens_per_doc"}
+            return e.renamed(_named(names)).response(Protocol.COHERE)
         usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
         return JSONResponse(shapes.cohere_v2_response(body, scores, usage).model_dump())
 
@@ -399,13 +435,16 @@ class ScoreIngress:
         `[{index, score, text?}]` best first, `raw_scores` the logit of P(yes))."""
         if not (isinstance(body, dict) and "texts" in body):
             try:
-                return await self._rerank(_parse(RerankRequest, body), Protocol.VLLM)
+                return await self._rerank(_parse(RerankRequest, body), Protocol.VLLM, REFUSE)
             except _Refused as e:
                 return e.response(Protocol.VLLM)
         start = time.perf_counter()
         try:
             request = _parse(shapes.TeiRerankRequest, body)
-            scores, _, _ = await self._rerank_scores(_internal(request.rerank), start)
+            # TEI's --auto-truncate: what a request that does not say `truncate` gets.
+            auto = LongItems(mode="truncate") if self.args.rerank.auto_truncate else REFUSE
+            rerank = _internal(request.rerank)
+            scores, _, _, _ = await self._rerank_scores(rerank, start, auto)
         except _Refused as e:
             return e.renamed(_named({"items": "texts", "documents": "texts"})).response(
                 Protocol.TEI
@@ -421,41 +460,49 @@ class ScoreIngress:
     async def rerank(self, body: RerankRequest) -> Any:
         """Documents sorted by relevance to the query (Cohere / Jina compatible): P(yes) of
         each document in the rerank prompt, all documents in one multi-item fan-out."""
-        return await self._rerank(body, Protocol.OURS)
+        # Cohere v1's meaning of a document over the limit: its best window of up to 10.
+        return await self._rerank(body, Protocol.OURS, COHERE_V1)
 
-    async def _rerank(self, body: RerankRequest, protocol: Protocol) -> Any:
+    async def _rerank(self, body: RerankRequest, protocol: Protocol, default: LongItems) -> Any:
         start = time.perf_counter()
         try:
-            scores, tokens, headers = await self._rerank_scores(body, start)
+            scores, tokens, headers, windows = await self._rerank_scores(body, start, default)
         except _Refused as e:
-            return e.renamed(_named({"items": "documents"})).response(protocol)
+            return e.renamed(_named(body.renames())).response(protocol)
         usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
-        out = rerank_response(body, scores, self.model_name, usage)
+        out = rerank_response(body, scores, self.model_name, usage, windows)
         return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
 
     # ------------------------------------------------------------------ the one scoring path
 
-    def _rerank_request(self, request: RerankRequest) -> ScoreRequest:
-        """The /v1/score request of a rerank: each document an item in the rerank prompt."""
+    def _rerank_request(self, request: RerankRequest, default: LongItems) -> ScoreRequest:
+        """The /v1/score request of a rerank: each document an item in the rerank prompt, one
+        over the limit as the request says or else as `default` (the protocol's meaning)."""
         if self.rerank_labels is None:
             raise _Refused("query: reranking needs the model's tokenizer.json")
-        return self.rerank_prompt.score_request(request, self.rerank_labels)
+        long_items = request.long_items(default)
+        relevant = 0  # the score column of relevance: P(yes), or the relevant class's
+        if self.head[0] == "classification":
+            relevant = self.args.rerank.class_index % len(self.head[1])
+        return self.rerank_prompt.score_request(request, self.rerank_labels, long_items, relevant)
 
-    def _relevance(self, scored: _Scored) -> tuple[list[list[float]], int]:
-        """(P(yes), P(no)) of each document of a rerank's answer, and its prompt tokens."""
+    def _relevance(self, scored: _Scored) -> tuple[list[list[float]], int, list[int] | None]:
+        """(P(yes), P(no)) of each document of a rerank's answer, its prompt tokens, and the
+        windows each document was scored as (when some were cut into windows)."""
         scores, tokens = scored.response["scores"], scored.response["usage"]["prompt_tokens"]
         if self.head[0] == "classification":  # the relevant class's probability, and the rest
             k = self.args.rerank.class_index
             scores = [[row[k], 1.0 - row[k]] for row in scores]
-        return scores, tokens
+        return scores, tokens, scored.response.get("windows")
 
     async def _rerank_scores(
-        self, request: RerankRequest, start: float
-    ) -> tuple[list[list[float]], int, dict[str, str]]:
-        """(P(yes), P(no)) of each document in the rerank prompt, the prompt tokens and the
-        X-MIS headers (chunks, replicas)."""
-        scored = await self._score_one(self._rerank_request(request), "rerank", start)
-        return (*self._relevance(scored), scored.headers)
+        self, request: RerankRequest, start: float, default: LongItems
+    ) -> tuple[list[list[float]], int, dict[str, str], list[int] | None]:
+        """(P(yes), P(no)) of each document in the rerank prompt, the prompt tokens, the
+        X-MIS headers (chunks, replicas) and the windows per document (or None)."""
+        scored = await self._score_one(self._rerank_request(request, default), "rerank", start)
+        scores, tokens, windows = self._relevance(scored)
+        return scores, tokens, scored.headers, windows
 
     async def _score_one(self, body: ScoreRequest, route: str, start: float) -> _Scored:
         """One score request, start to end; raises _Refused."""
@@ -471,7 +518,7 @@ class ScoreIngress:
                 ErrorKind.NOT_FOUND,
             )
         try:
-            query, items = prepare_request(
+            query, items, windows = prepare_request(
                 body,
                 self.tokenizer,
                 vocab_size=self.vocab_size,
@@ -483,7 +530,7 @@ class ScoreIngress:
             raise _Refused(str(e)) from e
         fanout = self.args.fanout
         chunks = make_chunks(body, query, items, fanout.chunk_items, fanout.chunk_tokens)
-        return _Prepared(body, query, items, chunks)
+        return _Prepared(body, query, items, chunks, windows)
 
     def _try_prepare(self, body: ScoreRequest) -> _Prepared | _Refused:
         try:
@@ -559,7 +606,8 @@ class ScoreIngress:
             m.items.inc(len(job.items), tags={"route": route})
             m.tokens.inc(n_tokens, tags={"route": route})
         headers = {"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(job.chunks))}
-        return _Scored(response_body(scores, job.body.model or self.model_name, n_tokens), headers)
+        model = job.body.model or self.model_name
+        return _Scored(response_body(scores, model, n_tokens, job.windows), headers)
 
     def _busy(self, message: str, kind: ErrorKind) -> _Refused:
         retry = str(self.args.limits.retry_after_s)

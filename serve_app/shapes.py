@@ -23,8 +23,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
+from mis_api.long_items import LongItems
 from mis_api.schema import Usage
 from serve_app.rerank import RerankRequest, best_first
+
+# Cohere v2's max_tokens_per_doc default (docs.cohere.com/reference/rerank).
+COHERE_V2_MAX_TOKENS = 4096
 
 
 class _Shape(BaseModel):
@@ -44,14 +48,19 @@ class CohereV2RerankRequest(_Shape):
     max_tokens_per_doc: StrictInt | None = Field(
         default=None,
         ge=1,
-        description="Accepted; documents longer than engine.max_item_tokens are refused (400), "
-        "never cut.",
+        description=f"A document's tokens kept (its end cut), default {COHERE_V2_MAX_TOKENS} as "
+        "Cohere's; at most the server's limit (engine.max_item_tokens less the template).",
     )
     priority: StrictInt | None = Field(default=None, description="Accepted and ignored.")
 
     def rerank(self) -> RerankRequest:
+        cut = LongItems(mode="truncate", max_tokens=self.max_tokens_per_doc or COHERE_V2_MAX_TOKENS)
         return RerankRequest(
-            query=self.query, documents=list(self.documents), top_n=self.top_n, model=self.model
+            query=self.query,
+            documents=list(self.documents),
+            top_n=self.top_n,
+            model=self.model,
+            long_documents=cut,
         )
 
 
@@ -101,15 +110,21 @@ class TeiRerankRequest(_Shape):
         default=False, description="true: the logit log(P(yes) / P(no)) instead of P(yes)."
     )
     return_text: StrictBool = False
-    truncate: StrictBool = Field(
-        default=False,
-        description="Accepted; texts longer than engine.max_item_tokens are refused (400), "
-        "never cut.",
+    truncate: StrictBool | None = Field(
+        default=None,
+        description="true: a text over the limit has its tokens cut (the template's never); "
+        "false: it is refused (413). Not given: the server's rerank.auto_truncate.",
     )
-    truncation_direction: Literal["Left", "Right"] = "Right"
+    truncation_direction: Literal["Left", "Right", "left", "right"] = Field(
+        default="Right", description="Right cuts the end (keeps the start), Left the start."
+    )
 
     def rerank(self) -> RerankRequest:
-        return RerankRequest(query=self.query, documents=list(self.texts))
+        cut = None
+        if self.truncate is not None:
+            side = "right" if self.truncation_direction.lower() == "right" else "left"
+            cut = LongItems(mode="truncate", side=side) if self.truncate else LongItems()
+        return RerankRequest(query=self.query, documents=list(self.texts), long_documents=cut)
 
 
 TeiErrorType = Literal["Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer", "Empty"]
@@ -161,7 +176,11 @@ class VllmScoreRequest(_Shape):
     queries: StrictStr | list[StrictStr] | None = None
     documents: StrictStr | list[StrictStr] | None = None
     truncate_prompt_tokens: StrictInt | None = Field(
-        default=None, description="Accepted; longer documents are refused (400), never cut."
+        default=None,
+        ge=-1,
+        description="The prompt (instruction, query, document, template) cut to this many tokens "
+        "by cutting the document's end; -1: to the server's limit. Not given: a document over "
+        "the limit is refused (400).",
     )
     encoding_format: StrictStr | None = None
     priority: StrictInt | None = None
@@ -217,7 +236,12 @@ class VllmScoreRequest(_Shape):
             where.append((list(by_query).index(query), len(docs)))
             docs.append(document)
         reranks = [
-            RerankRequest(query=q, documents=list(docs), model=self.model)
+            RerankRequest(
+                query=q,
+                documents=list(docs),
+                model=self.model,
+                truncate_prompt_tokens=self.truncate_prompt_tokens,
+            )
             for q, docs in by_query.items()
         ]
         return reranks, where
@@ -238,6 +262,8 @@ class VllmScoreRequest(_Shape):
         for ours in ("items", "documents"):
             if message.startswith(ours):
                 return second + message[len(ours) :]
+        if message.startswith(ours := "long_items.max_prompt_tokens"):
+            return "truncate_prompt_tokens" + message[len(ours) :]
         return message
 
 

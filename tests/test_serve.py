@@ -18,7 +18,6 @@ import requests
 
 from loadtests.summary import summarize
 from mis_api.chunking import split_items
-from mis_api.scoring import tokenize_request
 from models.engine import score_ids
 from tests.conftest import LABELS, TEST_ENGINE, deployment_of, running_serve, serve_cluster
 
@@ -401,9 +400,6 @@ def _rerank(url, body):
 def test_rerank_equals_scoring_each_prompt(service, engine, tokenizer, record):
     """P(yes) of every document in its Qwen3-Reranker prompt, from one multi-item fan-out,
     equals scoring each full prompt on its own offline; sorted, cut to top_n, with texts."""
-    from serve_app.config import RerankArgs
-    from serve_app.rerank import RerankRequest
-
     rng = np.random.default_rng(11)
     docs = [_words(rng, int(rng.integers(1, 15))) for _ in range(40)]
     body = {
@@ -419,9 +415,8 @@ def test_rerank_equals_scoring_each_prompt(service, engine, tokenizer, record):
 
     tok = tokenizer("qwen3")
     yes_no = [tok.encode("yes")[0], tok.encode("no")[0]]
-    prompt = RerankArgs().prompt()
-    score_req = prompt.score_request(RerankRequest.model_validate(body), tuple(yes_no))
-    q, items = tokenize_request(score_req, tok)
+    q, windows = _prompt_ids(tok, body["query"], docs)
+    items = [w for (w,) in windows]
     # One fan-out of all documents, cut as the ingress cuts any request.
     assert int(resp.headers["X-MIS-Chunks"]) == len(split_items(items, CHUNK, CHUNK_TOKENS))
     want = score_ids(engine("qwen3", "serial"), q, items, yes_no, apply_softmax=True)[:, 0]
@@ -456,7 +451,7 @@ def test_rerank_defaults_and_bad_input(service):
         ({"query": "q", "documents": [{"txt": "a"}]}, 400, "documents.0"),
         ({"query": "q", "documents": ["a"], "model": "x"}, 404, "model"),
         ({"query": "q", "documents": ["a"] * 3000}, 400, "documents"),
-        ({"query": "q", "documents": ["word " * 600]}, 400, "documents[0]"),
+        ({"query": "q", "documents": ["word " * 600], "long_documents": {}}, 400, "documents[0]"),
     ]:
         resp = _rerank(service, body)
         assert resp.status_code == code, (body, resp.text)
@@ -568,19 +563,38 @@ DOCS = ["Ultrabook, 1.1 kg, 14 hours of battery.", "Gaming laptop, 3.2 kg.", "A 
 OTHER = "A gift for a reader?"
 
 
-def _offline_relevance(engine, tokenizer, query: str, docs: list[str]) -> np.ndarray:
-    """(P(yes), P(no)) of each document in the rerank prompt, built as the app builds it and
-    scored by the offline engine in serial mode (each prompt on its own; the service runs
-    prefix mode)."""
+def _prompt_ids(tok, query: str, docs: list[str], instruction=None, cut=None):
+    """The rerank prompt's token ids from the templates' text, as a user builds them: the
+    query part, and per document its windows, each `document template` filled: whole, or
+    (`cut`: own token ids -> the pieces kept) the document's own tokens (`" " + text`) cut
+    and the template's end after each piece."""
     from serve_app.config import RerankArgs
-    from serve_app.rerank import RerankRequest
 
+    args = RerankArgs()
+    filled = args.query_template.replace("{instruction}", instruction or args.instruction)
+    before, after = args.document_template.split("{document}")
+    if cut is None:
+        items = [[tok.encode(args.document_template.replace("{document}", d))] for d in docs]
+    else:
+        items = [[w + tok.encode(after) for w in cut(tok.encode(before + d))] for d in docs]
+    return tok.encode(filled.replace("{query}", query)), items
+
+
+def _offline_relevance(engine, tokenizer, query: str, docs: list[str], **prompt) -> np.ndarray:
+    """(P(yes), P(no)) of each document in the rerank prompt (_prompt_ids; a document cut
+    into windows: its best window's), scored by the offline engine in serial mode (each
+    prompt on its own; the service runs prefix mode)."""
     tok = tokenizer("qwen3")
-    labels = (tok.encode("yes")[0], tok.encode("no")[0])
-    prompt = RerankArgs().prompt()
-    request = prompt.score_request(RerankRequest(query=query, documents=docs), labels)
-    q, items = tokenize_request(request, tok)
-    return score_ids(engine("qwen3", "serial"), q, items, list(labels), apply_softmax=True)
+    labels = [tok.encode("yes")[0], tok.encode("no")[0]]
+    q, windows = _prompt_ids(tok, query, docs, **prompt)
+    flat = [w for ws in windows for w in ws]
+    scores = score_ids(engine("qwen3", "serial"), q, flat, labels, apply_softmax=True)
+    out, at = [], 0
+    for ws in windows:
+        rows = scores[at : at + len(ws)]
+        out.append(rows[int(np.argmax(rows[:, 0]))])
+        at += len(ws)
+    return np.array(out)
 
 
 def _close(got, want, record, what: str) -> None:
@@ -674,17 +688,17 @@ def test_cohere_sdk_gets_errors_as_cohere_answers_them(service):
 
     v2 = cohere.ClientV2(api_key="unused", base_url=service)
     with pytest.raises(cohere.errors.BadRequestError) as e:
-        v2.rerank(model="tiny", query=QUERY, documents=[DOCS[0], LONG])
+        v2.rerank(model="tiny", query=QUERY, documents=DOCS, max_tokens_per_doc=0)
     assert set(e.value.body) == {"message"}, e.value.body
-    assert _over_the_limit(e.value.body["message"], "documents[1]"), e.value.body
+    assert e.value.body["message"].startswith("max_tokens_per_doc: "), e.value.body
     with pytest.raises(cohere.errors.NotFoundError) as e:
         v2.rerank(model="not-served", query=QUERY, documents=DOCS)
     assert set(e.value.body) == {"message"}, e.value.body
     assert e.value.body["message"].startswith("model: unknown model 'not-served'")
     v1 = cohere.Client(api_key="unused", base_url=service)
     with pytest.raises(cohere.errors.BadRequestError) as e:
-        v1.rerank(model="tiny", query=QUERY, documents=[DOCS[0], LONG])
-    assert _over_the_limit(e.value.body["message"], "documents[1]"), e.value.body
+        v1.rerank(model="tiny", query=QUERY, documents=DOCS, max_chunks_per_doc=0)
+    assert e.value.body["message"].startswith("max_chunks_per_doc: "), e.value.body
 
 
 def _vllm_error(r: requests.Response, status: int, param: str) -> str:
@@ -737,6 +751,139 @@ def test_tei_rerank_errors_as_tei_answers_them(service):
     headers = {"content-type": "application/json"}
     r = requests.post(f"{service}/rerank", data="{oops", headers=headers, timeout=60)
     assert r.status_code == 422 and r.json()["error"].startswith("body: invalid JSON"), r.text
+
+
+# A short document, a long one, and one a token over the limit (64 with the template's end).
+LONG_DOCS = [
+    DOCS[0],
+    " ".join(f"w{i}" for i in range(90)),
+    "Battery: " + "long lasting and light, " * 10 + "and so much more",
+]
+
+
+def _own_budget(tokenizer) -> int:
+    """A document's own tokens an item of the test engine holds: 64 less the template's end."""
+    from serve_app.config import RerankArgs
+
+    after = RerankArgs().document_template.split("{document}")[1]
+    return 64 - len(tokenizer("qwen3").encode(after))
+
+
+def test_long_documents_are_cut_as_each_protocol_says(service, engine, tokenizer, record):
+    """Each client's own truncation option cuts the document's tokens, never the query nor
+    the template's end, and the scores are the offline engine's on the prompt cut by hand:
+    TEI `truncate` (Right keeps the start, Left the end), Cohere v2 `max_tokens_per_doc` (its
+    default 4096 capped at the server's limit; LangChain's CohereRerank through the Cohere v2
+    SDK), vLLM `truncate_prompt_tokens` (the whole prompt; -1: the server's limit)."""
+    import cohere
+    from langchain_cohere import CohereRerank
+
+    budget = _own_budget(tokenizer)
+    assert len(tokenizer("qwen3").encode(" " + LONG_DOCS[2])) == budget + 1
+    right = _offline_relevance(engine, tokenizer, QUERY, LONG_DOCS, cut=lambda d: [d[:budget]])
+    left = _offline_relevance(engine, tokenizer, QUERY, LONG_DOCS, cut=lambda d: [d[-budget:]])
+    assert np.abs(right[:, 0] - left[:, 0]).max() > 1e-3  # the two cuts differ
+    for direction, want in (("Right", right), ("Left", left)):
+        body = {"query": QUERY, "texts": LONG_DOCS, "truncate": True}
+        body |= {"truncation_direction": direction}
+        r = requests.post(f"{service}/rerank", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        _ranked([(x["index"], x["score"]) for x in r.json()], want[:, 0], 3, record, "TEI cut")
+
+    v2 = cohere.ClientV2(api_key="unused", base_url=service)
+    got = v2.rerank(model="tiny", query=QUERY, documents=LONG_DOCS)
+    _ranked([(x.index, x.relevance_score) for x in got.results], right[:, 0], 3, record, "v2 cut")
+    short = _offline_relevance(engine, tokenizer, QUERY, LONG_DOCS, cut=lambda d: [d[:12]])
+    got = v2.rerank(model="tiny", query=QUERY, documents=LONG_DOCS, max_tokens_per_doc=12)
+    q12, w12 = _prompt_ids(tokenizer("qwen3"), QUERY, LONG_DOCS, cut=lambda d: [d[:12]])
+    assert got.meta.tokens.input_tokens == len(q12) + sum(len(w) for (w,) in w12)  # as scored
+    _ranked([(x.index, x.relevance_score) for x in got.results], short[:, 0], 3, record, "v2 12")
+    lc = CohereRerank(client=v2, model="tiny", top_n=3)
+    docs = lc.rerank(LONG_DOCS, QUERY, max_tokens_per_doc=12)
+    _ranked([(x["index"], x["relevance_score"]) for x in docs], short[:, 0], 3, record, "LangChain")
+
+    q_len = len(_prompt_ids(tokenizer("qwen3"), QUERY, [])[0])
+    suffix = 64 - budget
+    k = q_len + suffix + 20  # the whole prompt: the query part, 20 document tokens, the end
+    cut20 = _offline_relevance(engine, tokenizer, QUERY, LONG_DOCS, cut=lambda d: [d[:20]])
+    for truncate, want in ((k, cut20), (-1, right)):
+        body = {"text_1": QUERY, "text_2": LONG_DOCS, "truncate_prompt_tokens": truncate}
+        r = requests.post(f"{service}/score", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        _close([d["score"] for d in r.json()["data"]], want[:, 0], record, "vLLM cut")
+        body = {"query": QUERY, "documents": LONG_DOCS, "truncate_prompt_tokens": truncate}
+        r = requests.post(f"{service}/rerank", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        results = [(x["index"], x["relevance_score"]) for x in r.json()["results"]]
+        _ranked(results, want[:, 0], 3, record, "vLLM rerank cut")
+    body = {"text_1": QUERY, "text_2": LONG_DOCS, "truncate_prompt_tokens": 10**6}
+    r = requests.post(f"{service}/score", json=body, timeout=60)
+    assert _vllm_error(r, 400, "truncate_prompt_tokens")
+    body["truncate_prompt_tokens"] = q_len
+    r = requests.post(f"{service}/score", json=body, timeout=60)
+    assert "leaves no room" in _vllm_error(r, 400, "truncate_prompt_tokens")
+
+
+def test_v1_rerank_scores_a_long_document_as_its_best_window(service, engine, tokenizer, record):
+    """/v1/rerank gives a document over the limit Cohere v1's meaning: windows of the limit
+    (up to max_chunks_per_doc, default 10), its score the best window's, each window scored
+    exactly as alone; one window allowed is the right-truncated document. `long_documents`
+    sets windows and overlap; `instruction` (or SGLang's `instruct`) replaces the prompt's."""
+    budget = _own_budget(tokenizer)
+
+    def windows(size, overlap=0, most=10):
+        def cut(d):  # from the start, the last window ending at the document's end
+            starts = list(range(0, max(len(d) - overlap, 1), size - overlap))[:most]
+            if starts[-1] + size >= len(d):
+                starts[-1] = max(len(d) - size, 0)
+            return [d[s : s + size] for s in starts]
+
+        return cut
+
+    want = _offline_relevance(engine, tokenizer, QUERY, LONG_DOCS, cut=windows(budget))
+    r = _rerank(service, {"query": QUERY, "documents": LONG_DOCS})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    _ranked([(x["index"], x["relevance_score"]) for x in results], want[:, 0], 3, record, "v1")
+    tok = tokenizer("qwen3")
+    counts = [len(ws) for ws in _prompt_ids(tok, QUERY, LONG_DOCS, cut=windows(budget))[1]]
+    assert counts[0] == 1 and counts[1] > 1
+    assert {x["index"]: x["windows"] for x in results} == dict(enumerate(counts))
+
+    cut = _offline_relevance(engine, tokenizer, QUERY, LONG_DOCS, cut=lambda d: [d[:budget]])
+    r = _rerank(service, {"query": QUERY, "documents": LONG_DOCS, "max_chunks_per_doc": 1})
+    results = [(x["index"], x["relevance_score"]) for x in r.json()["results"]]
+    _ranked(results, cut[:, 0], 3, record, "v1 one window")
+
+    small = windows(16, 4, 5)
+    want = _offline_relevance(engine, tokenizer, QUERY, LONG_DOCS, cut=small)
+    body = {
+        "query": QUERY,
+        "documents": LONG_DOCS,
+        "long_documents": {"mode": "chunk", "max_tokens": 16, "overlap": 4, "max_chunks": 5},
+    }
+    r = _rerank(service, body)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    _ranked([(x["index"], x["relevance_score"]) for x in results], want[:, 0], 3, record, "16/4")
+    assert sorted(x["windows"] for x in results) == sorted(
+        len(ws) for ws in _prompt_ids(tok, QUERY, LONG_DOCS, cut=small)[1]
+    )
+
+    task = "Given a question about travel, find products that help"
+    want = _offline_relevance(engine, tokenizer, QUERY, DOCS, instruction=task)
+    for name in ("instruction", "instruct"):
+        r = _rerank(service, {"query": QUERY, "documents": DOCS, name: task})
+        results = [(x["index"], x["relevance_score"]) for x in r.json()["results"]]
+        _ranked(results, want[:, 0], 3, record, "instruction")
+    for bad, field in (
+        ({"long_documents": {"mode": "chunk", "overlap": budget}}, "long_documents.overlap"),
+        ({"long_documents": {"mode": "chunk", "max_chunks": 65}}, "long_documents.max_chunks"),
+        ({"max_chunks_per_doc": 2, "truncate_prompt_tokens": 50}, "truncate_prompt_tokens"),
+        ({"instruction": "a", "instruct": "b"}, "instruct"),
+    ):
+        r = _rerank(service, {"query": QUERY, "documents": LONG_DOCS} | bad)
+        assert r.status_code == 400 and r.json()["message"].startswith(f"{field}"), r.text
 
 
 def test_score_batch_answers_each_entry_as_alone(service):

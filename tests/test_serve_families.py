@@ -10,7 +10,7 @@ import requests
 
 from models.engine import EngineConfig, ScoringEngine
 from serve_app.config import RerankArgs
-from serve_app.rerank import RerankRequest, label_ids
+from serve_app.rerank import label_ids
 from tests.conftest import LABELS, random_request, running_serve
 from tests.hf_families import write_with_transformers
 
@@ -52,14 +52,14 @@ def _engine(path: str) -> ScoringEngine:
 
 
 def _rerank_request(engine: ScoringEngine, path: str):
-    """The /v1/score request /v1/rerank makes (the default prompt and labels)."""
+    """The prompt /v1/rerank scores (the default templates), built from the templates' text."""
     from models.tokenizer import TextTokenizer
 
     tok = TextTokenizer.from_model_dir(path)
-    labels = () if engine.head_kind == "classification" else label_ids(tok.encode, ("yes", "no"))
-    prompt = RerankArgs().prompt()
-    request = prompt.score_request(RerankRequest(query=QUERY, documents=DOCS), labels)
-    return tok.encode(request.query), [tok.encode(d) for d in request.items]
+    args = RerankArgs()
+    query = args.query_template.replace("{instruction}", args.instruction)
+    docs = [args.document_template.replace("{document}", d) for d in DOCS]
+    return tok.encode(query.replace("{query}", QUERY)), [tok.encode(d) for d in docs]
 
 
 def _score(engine: ScoringEngine, query, items, labels, soft: bool) -> np.ndarray:
