@@ -25,15 +25,19 @@ from models.tokenizer import TextTokenizer
 
 
 def tokenize_request(
-    request: ScoreRequest, tokenizer: TextTokenizer | None, items: Sequence[int] | None = None
+    request: ScoreRequest,
+    tokenizer: TextTokenizer | None,
+    items: Sequence[int] | None = None,
+    query_ids: list[int] | None = None,
 ) -> tuple[list[int], list[list[int]]]:
     """Token ids of the query and every item (text is tokenized separately per piece);
-    `items`: only these items' (the others: [])."""
+    `items`: only these items' (the others: []); `query_ids`: the query's, already made."""
     if isinstance(request.query, list):
         return list(request.query), [list(it) for it in request.items]  # type: ignore[arg-type]
     if tokenizer is None:
         raise ScoringInputError("query: text input needs a tokenizer.json in the model dir")
-    query_ids = tokenizer.encode(request.query)
+    if query_ids is None:
+        query_ids = tokenizer.encode(request.query)
     texts = list(request.items)
     which = range(len(texts)) if items is None else items
     items_ids: list[list[int]] = [[] for _ in texts]
@@ -77,10 +81,10 @@ def _fit(
     framed = [f"{request.item_prefix or ''}{it}{request.item_suffix or ''}" for it in request.items]
     whole = tokenizer.encode_batch(framed)
     frame = len(prefix) + len(suffix)
-    query_len = len(tokenizer.encode(request.query))  # type: ignore[arg-type]
-    _, budget = item_budget(query_len, policy, max_item_tokens, frame)
+    query = tokenizer.encode(request.query)  # type: ignore[arg-type]
+    _, budget = item_budget(len(query), policy, max_item_tokens, frame)
     cut = [i for i, w in enumerate(whole) if not whole_fits(len(w), frame, budget, max_item_tokens)]
-    query, items = tokenize_request(request, tokenizer, cut)
+    query, items = tokenize_request(request, tokenizer, cut, query)
     fitted = fit_items(
         len(query), items, policy, max_item_tokens, prefix=prefix, suffix=suffix, whole=whole
     )
