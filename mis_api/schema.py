@@ -80,8 +80,8 @@ class ScoreRequest(BaseModel):
                 raise ValueError(
                     f"items[{i}]: query and items must both be text or both be token ids"
                 )
-            if len(item) == 0:
-                raise ValueError(f"items[{i}]: must not be empty")
+            if len(item) == 0 and not (self.item_prefix or self.item_suffix):
+                raise ValueError(f"items[{i}]: must not be empty")  # framed, it is not
         if len(set(self.label_token_ids)) != len(self.label_token_ids):
             raise ValueError("label_token_ids: must not contain duplicates")
         for name in ("item_prefix", "item_suffix"):

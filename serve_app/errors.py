@@ -75,7 +75,7 @@ class Protocol(enum.Enum):
 
 
 # A message over a limit names it (models/inputs.py, the batch cap): "... exceed max_xxx=".
-_LIMIT = re.compile(r" exceeds? max_\w+=")
+_LIMIT = re.compile(r" exceeds? (?:\w+\.)?max_\w+=")  # a request's own: long_items.max_tokens=
 
 
 def input_kind(message: str) -> ErrorKind:

@@ -172,12 +172,17 @@ class _Refused(Exception):
 
 
 def _named(names: dict[str, str]) -> Callable[[str], str]:
-    """A message's leading field renamed (`items[3]: ...` -> `documents[3]: ...`)."""
+    """A message's leading field renamed (`items[3]: ...` -> `documents[3]: ...`), and the
+    long-item options it names anywhere (`... exceed long_items.max_tokens=5`)."""
 
     def rename(message: str) -> str:
         for ours, theirs in names.items():
             if message.startswith(ours):
-                return theirs + message[len(ours) :]
+                message = theirs + message[len(ours) :]
+                break
+        for ours, theirs in names.items():
+            if ours.startswith("long_items"):
+                message = message.replace(ours, theirs)
         return message
 
     return rename
@@ -484,7 +489,12 @@ class ScoreIngress:
         relevant = 0  # the score column of relevance: P(yes), or the relevant class's
         if self.head[0] == "classification":
             relevant = self.args.rerank.class_index % len(self.head[1])
-        return self.rerank_prompt.score_request(request, self.rerank_labels, long_items, relevant)
+        try:
+            return self.rerank_prompt.score_request(
+                request, self.rerank_labels, long_items, relevant
+            )
+        except ValidationError as e:  # what the documents make of the Score API's checks
+            raise _Refused(validation_message(e)) from e
 
     def _relevance(self, scored: _Scored) -> tuple[list[list[float]], int, list[int] | None]:
         """(P(yes), P(no)) of each document of a rerank's answer, its prompt tokens, and the

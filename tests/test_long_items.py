@@ -256,3 +256,31 @@ def test_batch_rows_cut_long_items_as_the_score_api(engine):
     assert [scores for scores, _ in out[4:8]] == _score(engine, "prefix", mean)["scores"]
     assert out[0][0] != out[4][0]  # max and mean differ: the two groups were kept apart
     assert out[8][0] == _score(engine, "prefix", {"mode": "truncate"})["scores"][3]
+
+
+def test_an_empty_document_in_a_framed_template_is_its_frame(tokenizer):
+    """An empty document in a template with no space before `{document}` is an empty item in
+    its frame: scored as the filled template, as before the frame was split off."""
+    tok = tokenizer("qwen3")
+    eng = EngineConfig(max_batch_tokens=1024, max_item_tokens=64, max_query_tokens=64)
+    for template in ("<d>{document}</d>", "{document}\nRelevant:", RerankArgs().document_template):
+        prompt = RerankPrompt("{query}", template, "")
+        req = prompt.score_request(RerankRequest(query="q", documents=["ok", ""]), (9454,))
+        _, items, _ = prepare_request(req, tok, vocab_size=151936, engine=eng, max_items=9)
+        assert items == [tok.encode(template.replace("{document}", d)) for d in ("ok", "")]
+
+
+def test_rerank_errors_name_the_requests_own_options_anywhere_in_the_message():
+    """The Score API's long_items names become /v1/rerank's wherever the message names them,
+    and a request's own limit is a limit (TEI's 413, not its 422)."""
+    from serve_app import errors
+    from serve_app.ingress import _named
+
+    rename = _named(RerankRequest(query="q", documents=[], long_documents={}).renames())
+    message = rename("items[1]: 690 tokens exceed long_items.max_tokens=5")
+    assert message == "documents[1]: 690 tokens exceed long_documents.max_tokens=5"
+    assert errors.input_kind(message) is errors.ErrorKind.LIMIT
+    vllm = _named(RerankRequest(query="q", documents=[], truncate_prompt_tokens=9).renames())
+    assert vllm("items[0]: a prompt of 12 tokens exceeds long_items.max_prompt_tokens=9") == (
+        "documents[0]: a prompt of 12 tokens exceeds truncate_prompt_tokens=9"
+    )
