@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             np.asarray(attention_fn("xla", {}, block, tile)(*x), np.float32)
             for x, tile in zip(inputs, tiles, strict=True)
         ]
-    flop = useful_flops(cfg, w.query_tokens, w.items, w.item_tokens)["attention"] / cfg.num_layers
+    flop = (
+        useful_flops(cfg, w.query_tokens, [w.item_tokens] * w.items)["attention"] / cfg.num_layers
+    )
     peak = matmul_peak_gflops(dtype)
     device = jax.devices()[0].device_kind
     # What is checked is what is timed: float32 at the highest precision (a GPU's default is

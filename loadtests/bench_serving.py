@@ -40,7 +40,7 @@ import yaml
 
 from mis_api.schema import ScoreRequest
 from mis_api.scoring import make_chunks, merge_scores
-from mis_score.workload import NO, YES
+from mis_score.workload import NO, YES, RagWorkload
 from models.checkpoint import ensure_demo_checkpoint
 from models.engine import ScoringEngine
 from serve_app.config import AppArgs
@@ -68,13 +68,16 @@ class Shape:
         }
 
 
-SHAPES = {
+SHAPES: dict[str, Shape | RagWorkload] = {
     # What production rankers send (issue 12): one query, 10 items.
     "small": Shape("small", (120, 120), (10, 10), (18, 18)),
     # DESIGN.md section 5.
     "reference": Shape("reference", (2000, 2000), (500, 500), (20, 20)),
     # Random sizes within the CPU config's limits: for compilations after ready.
     "mixed": Shape("mixed", (1, 1000), (1, 200), (1, 64)),
+    # Issue 41: a RAG pipeline's rerank call, 100 documents of 50-1,000 tokens (`mis-score
+    # bench --workload rag` times the same bodies offline against transformers).
+    "rag": RagWorkload(),
 }
 
 

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         ("LM head (log-sum-exp over the vocab)", head_total),
     ]
     total = sum(ms for _, ms in rows)
-    flops = useful_flops(engine.cfg, w.query_tokens, w.items, w.item_tokens)
+    flops = useful_flops(engine.cfg, w.query_tokens, [w.item_tokens] * w.items)
     peak = matmul_peak_gflops(engine.dtype_name, clock=args.clock)
     shapes = ", ".join(str(len(f.tokens)) for f in forwards)
     print(

@@ -27,13 +27,14 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from mis_score.workload import Workload
+from mis_score.workload import AnyWorkload, RagWorkload, Workload
 from models.checkpoint import ensure_demo_checkpoint
 from models.config import PRESETS, ModelConfig
 from models.engine_config import EngineConfig
@@ -57,23 +58,22 @@ MODES: dict[str, dict[str, str]] = {
 GATE_BOUND = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
-def useful_flops(cfg: ModelConfig, query: int, items: int, item_tokens: int) -> dict[str, float]:
-    """FLOPs that scoring `items` items against one query needs at the least (DESIGN.md 5):
-    every token through the non-embedding weights once, attention over the visible keys only,
-    the LM head at the score positions only."""
+def useful_flops(cfg: ModelConfig, query: int, item_tokens: Sequence[int]) -> dict[str, float]:
+    """FLOPs that scoring items of `item_tokens` tokens each against one query of `query`
+    tokens needs at the least (DESIGN.md 5): every token through the non-embedding weights
+    once, attention over the visible keys only, the LM head at the score positions only."""
     d, hd = cfg.hidden_size, cfg.head_dim
     per_layer = (
         d * cfg.num_heads * hd * 2  # q, o
         + d * cfg.num_kv_heads * hd * 2  # k, v
         + 3 * d * cfg.intermediate_size
     )
-    tokens = query + items * item_tokens
-    visible = query * (query + 1) / 2 + items * (
-        item_tokens * query + item_tokens * (item_tokens + 1) / 2
-    )
+    lengths = np.asarray(item_tokens, np.float64)
+    tokens = query + lengths.sum()
+    visible = query * (query + 1) / 2 + (lengths * query + lengths * (lengths + 1) / 2).sum()
     dense = 2.0 * per_layer * cfg.num_layers * tokens
     attention = 4.0 * cfg.num_layers * cfg.num_heads * hd * visible
-    lm_head = 2.0 * d * cfg.vocab_size * items
+    lm_head = 2.0 * d * cfg.vocab_size * len(lengths)
     return {
         "dense": dense,
         "attention": attention,
@@ -138,22 +138,34 @@ def _percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
-def _timed_requests(score, workload: Workload, n_items: int, repeats: int) -> list[float]:
-    times = []
+def request_flops(cfg: ModelConfig, body: dict[str, Any], n_items: int) -> float:
+    """Useful FLOPs of scoring the first `n_items` items of a request body."""
+    lengths = [len(item) for item in body["items"][:n_items]]
+    return useful_flops(cfg, len(body["query"]), lengths)["total"]
+
+
+def _timed_requests(
+    score, workload: AnyWorkload, n_items: int, repeats: int, cfg: ModelConfig
+) -> list[tuple[float, float]]:
+    """(seconds, useful FLOPs) of each timed request: a new query and new items each (their
+    lengths vary in a RAG workload)."""
+    timed = []
     for seed in range(1, repeats + 1):
         b = workload.body(seed)
         start = time.perf_counter()
         score(b["query"], b["items"][:n_items])
-        times.append(time.perf_counter() - start)
-    return times
+        timed.append((time.perf_counter() - start, request_flops(cfg, b, n_items)))
+    return timed
 
 
-def _finish_row(row: Row, times: list[float], flops: float, peak: float) -> Row:
+def _finish_row(row: Row, timed: list[tuple[float, float]], peak: float) -> Row:
+    times = [t for t, _ in timed]
     mean = statistics.fmean(times)
     row.items_per_s = row.items_timed / mean
     row.p50_ms = _percentile(times, 50) * 1e3
     row.p95_ms = _percentile(times, 95) * 1e3
-    row.mfu = share_of_peak(flops / mean / 1e9, peak, f"{row.mode}: MFU")
+    gflops = sum(f for _, f in timed) / sum(times) / 1e9
+    row.mfu = share_of_peak(gflops, peak, f"{row.mode}: MFU")
     return row
 
 
@@ -245,8 +257,21 @@ class HFScorer:
     def _label_softmax(self, logits, labels) -> np.ndarray:
         return self.torch.softmax(logits[:, labels].float(), dim=-1).numpy().astype(np.float64)
 
+    @staticmethod
+    def _by_length(items: list[list[int]], score_sorted) -> np.ndarray:
+        """Scores items in batches of similar lengths (the least padding), in their order."""
+        order = sorted(range(len(items)), key=lambda i: len(items[i]))
+        scores = score_sorted([items[i] for i in order])
+        out = np.empty_like(scores)
+        out[order] = scores
+        return out
+
     def pairs(self, query: list[int], items: list[list[int]], labels: list[int]) -> np.ndarray:
-        """Batches of left-padded `query + item` rows, logits of the last position only."""
+        """Length-sorted batches of left-padded `query + item` rows, logits of the last
+        position only."""
+        return self._by_length(items, lambda it: self._pairs(query, it, labels))
+
+    def _pairs(self, query: list[int], items: list[list[int]], labels: list[int]) -> np.ndarray:
         torch, out = self.torch, []
         with torch.inference_mode():
             for start in range(0, len(items), self.batch):
@@ -259,8 +284,11 @@ class HFScorer:
         return np.concatenate(out)
 
     def kv_reuse(self, query: list[int], items: list[list[int]], labels: list[int]) -> np.ndarray:
-        """Prefill the query once; each item batch runs on a copy of its cache (right-padded
-        items, the cache cropped back to the query after each batch)."""
+        """Prefill the query once; each length-sorted item batch runs on a copy of its cache
+        (right-padded items, the cache cropped back to the query after each batch)."""
+        return self._by_length(items, lambda it: self._kv_reuse(query, it, labels))
+
+    def _kv_reuse(self, query: list[int], items: list[list[int]], labels: list[int]):
         torch, out, q = self.torch, [], len(query)
         with torch.inference_mode():
             _, cache = hf_forward(self.model, input_ids=torch.tensor([query]), use_cache=True)
@@ -282,7 +310,7 @@ class HFScorer:
         return np.concatenate(out)
 
 
-def bench_engine_config(args: argparse.Namespace, workload: Workload, name: str) -> EngineConfig:
+def bench_engine_config(args: argparse.Namespace, workload: AnyWorkload, name: str) -> EngineConfig:
     """The engine of mode `name`, sized for the workload."""
     settings: dict[str, Any] = {"attention": args.attention, **MODES[name]}
     return EngineConfig(
@@ -301,7 +329,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from models.engine import ScoringEngine
 
     model_dir = args.model_path or str(ensure_demo_checkpoint(args.preset))
-    workload = Workload(args.query_tokens, args.items, args.item_tokens, tuple(args.labels))
+    workload = make_workload(args)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
@@ -314,11 +342,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg, dtype = engines["serial"].cfg, engines["serial"].dtype_name
     peak = matmul_peak_gflops(dtype)
     log.info("dense matmul peak (%s): %.1f GFLOP/s", dtype, peak)
-    baseline_n = min(args.baseline_items, workload.items)
-    flops_full = useful_flops(cfg, workload.query_tokens, workload.items, workload.item_tokens)
-    flops_sample = useful_flops(cfg, workload.query_tokens, baseline_n, workload.item_tokens)
+    default_baseline = workload.items if isinstance(workload, RagWorkload) else 16
+    baseline_n = min(args.baseline_items or default_baseline, workload.items)
     labels = list(workload.label_ids)
     gate_body = workload.body(0)
+    flops_full = useful_flops(cfg, len(gate_body["query"]), list(map(len, gate_body["items"])))
     gate_query, gate_items = gate_body["query"], gate_body["items"][:baseline_n]
     bound = GATE_BOUND.get(dtype, GATE_BOUND["bfloat16"])
 
@@ -365,18 +393,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 rows.append(row)
                 continue
-            times = _timed_requests(score, workload, n, args.repeats)
+            timed = _timed_requests(score, workload, n, args.repeats, cfg)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             row.status = "skipped (out of memory)"
             rows.append(row)
             continue
-        rows.append(
-            _finish_row(
-                row, times, (flops_sample if n == baseline_n else flops_full)["total"], peak
-            )
-        )
+        rows.append(_finish_row(row, timed, peak))
     hf_rows = _transformers_rows(args, model_dir, cfg, dtype, workload, labels, gate, peak)
     result = _report(args, workload, cfg, dtype, peak, flops_full, rows, hf_rows, model_dir)
     result["gate"] = {"against": gate.against, "bound": gate.bound}
@@ -414,11 +438,10 @@ def _transformers_rows(args, model_dir, cfg, dtype, workload, labels, gate: Gate
         # The tests' parity bound (HF's own batching, padding and SDPA kernels differ).
         if not row.gate_max_diff <= max(gate.bound, 1e-4):
             row.status = f"failed (differs from {gate.against} by {row.gate_max_diff:.3g})"
-        times = _timed_requests(
-            lambda q, items, fn=fn: fn(q, items, labels), workload, n, args.repeats
+        timed = _timed_requests(
+            lambda q, items, fn=fn: fn(q, items, labels), workload, n, args.repeats, cfg
         )
-        flops = useful_flops(cfg, workload.query_tokens, n, workload.item_tokens)["total"]
-        rows.append(_finish_row(row, times, flops, peak))
+        rows.append(_finish_row(row, timed, peak))
     return rows
 
 
@@ -434,7 +457,7 @@ def _best(rows: list[Row], names: tuple[str, ...]) -> Row | None:
     return max(ok, key=lambda r: r.items_per_s or 0.0, default=None)
 
 
-def _ratios(rows: list[Row], hf_rows: list[Row], workload: Workload) -> dict[str, Any]:
+def _ratios(rows: list[Row], hf_rows: list[Row], workload: AnyWorkload) -> dict[str, Any]:
     best = _best(rows, ("packed", "prefix"))
     serial = _best(rows, ("serial",))
     hf = _best(hf_rows, ("transformers",))
@@ -459,10 +482,10 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    w = result["workload"]
     lines = [
-        f"model {result['model']['name']} ({result['model']['dtype']}), Q={w['query_tokens']} "
-        f"N={w['items']} L={w['item_tokens']}, matmul peak {result['peak_gflops']:.1f} GFLOP/s, "
+        f"model {result['model']['name']} ({result['model']['dtype']}), "
+        f"{result['workload_described']}, matmul peak {result['peak_gflops']:.1f} GFLOP/s "
+        f"({result['cpu_model'] or result['jax_backend']}), "
         f"useful work {result['useful_gflop_per_request']:.1f} GFLOP/request",
         "",
         "| mode | chunk | items timed | items/s | p50 ms | p95 ms | MFU | vs serial "
@@ -513,21 +536,38 @@ def plot(result: dict[str, Any], out: str) -> None:
     for i, r in enumerate(flat):
         color = plt.cm.Dark2(i)
         ax.axhline(r["items_per_s"], linestyle="--", linewidth=1, label=r["mode"], color=color)
-    w = result["workload"]
     ax.set(
         xscale="log",
         xticks=sorted({c for pts in by_mode.values() for c, _ in pts}),
         yscale="log",
         xlabel="chunk size (items per stream)",
         ylabel="items/s",
-        title=f"{result['model']['name']}: "
-        f"Q={w['query_tokens']} N={w['items']} L={w['item_tokens']}",
+        title=f"{result['model']['name']}: {result['workload_described']}",
     )
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+def cpu_model() -> str | None:
+    """The host CPU's model name (Linux), to say which CPU a figure comes from."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    names = [
+        line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")
+    ]
+    return names[0] if names else None
+
+
+def make_workload(args: argparse.Namespace) -> AnyWorkload:
+    if args.workload == "rag":
+        return RagWorkload(items=args.items or RagWorkload.items)
+    items = args.items or Workload.items
+    return Workload(args.query_tokens, items, args.item_tokens, tuple(args.labels))
 
 
 def _jax_backend() -> str:
@@ -545,7 +585,8 @@ def _report(args, workload, cfg, dtype, peak, flops, rows, hf_rows, model_dir) -
             "dtype": dtype,
             "attention": args.attention,
         },
-        "workload": dataclasses.asdict(workload),
+        "workload": {"kind": args.workload, **dataclasses.asdict(workload)},
+        "workload_described": workload.describe(),
         "peak_gflops": peak,
         "useful_gflop_per_request": flops["total"] / 1e9,
         "useful_gflop_breakdown": {k: v / 1e9 for k, v in flops.items()},
@@ -554,6 +595,7 @@ def _report(args, workload, cfg, dtype, peak, flops, rows, hf_rows, model_dir) -
         "ratios": _ratios(rows, hf_rows, workload),
         "jax_backend": _jax_backend(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
     }
     return result
 
@@ -567,9 +609,17 @@ def add_parser(sub) -> None:
         help="random-weight demo checkpoint to generate/use when --model-path is unset",
     )
     p.add_argument("--model-path", default=None)
-    p.add_argument("--query-tokens", type=int, default=2000)
-    p.add_argument("--items", type=int, default=500)
-    p.add_argument("--item-tokens", type=int, default=20)
+    p.add_argument(
+        "--workload",
+        default="fixed",
+        choices=["fixed", "rag"],
+        help="fixed: one query of --query-tokens, --items items of --item-tokens each (default: "
+        "the reference workload); rag: Qwen3-Reranker's prompt, a 10-40-word query, --items "
+        "documents (default 100) of 50-1,000 tokens, long-tailed (mis_score/workload.py)",
+    )
+    p.add_argument("--query-tokens", type=int, default=Workload.query_tokens)
+    p.add_argument("--items", type=int, default=None, help=f"default {Workload.items} (fixed)")
+    p.add_argument("--item-tokens", type=int, default=Workload.item_tokens)
     p.add_argument("--labels", type=int, nargs="+", default=list(Workload().label_ids))
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--chunk-sizes", type=int, nargs="+", default=[64])
@@ -577,8 +627,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--baseline-items",
         type=int,
-        default=16,
-        help="items timed for serial and transformers (a full query forward each)",
+        default=None,
+        help="items timed for serial and transformers' pairs (a full query forward each; "
+        "default 16 of a fixed workload, every document of a RAG one: their lengths vary)",
     )
     p.add_argument("--hf-batch", type=int, default=8, help="transformers batch size")
     p.add_argument("--no-transformers", action="store_true")

@@ -49,3 +49,7 @@ class TextTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def vocab(self) -> dict[str, int]:
+        """Token string -> id (byte-level strings: a leading space is "\u0120")."""
+        return self._tok.get_vocab()

@@ -98,3 +98,32 @@ def test_attention_bench_checks_and_times_each_variant(tmp_path):
     assert 0 < pallas["pct_of_peak"] < 100 and xla["speedup_vs_xla"] == 1
     assert bad["status"].startswith("failed") and "ms_per_layer" not in bad
     assert result["forwards"] == [256] and result["peak_gflops"] > 0
+
+
+def test_rag_workload_bench_against_transformers(ckpts, tmp_path):
+    """`--workload rag`: Qwen3-Reranker's template around every request, documents of
+    long-tailed lengths; every mode and transformers' length-sorted batches gated against
+    float64, their results in item order."""
+    from mis_score.workload import RagWorkload
+
+    w = RagWorkload(items=400)
+    lengths = np.concatenate([w.doc_lengths(np.random.default_rng(s)) for s in range(3)])
+    assert lengths.min() >= 50 and lengths.max() == 1000 and 150 < np.median(lengths) < 250
+    body = w.body(0)
+    suffix = body["items"][0][-9:]
+    assert all(item[-9:] == suffix for item in body["items"])
+    assert body["query"][-3:] == w.body(1)["query"][-3:]  # "\n<Document>:"
+    assert 10 + 70 <= len(body["query"]) <= w.query_tokens
+    result = _bench(
+        ckpts["qwen3"],
+        tmp_path,
+        *("--workload", "rag", "--items", "3", "--modes", "serial,prefix", "--hf-batch", "2"),
+        *("--chunk-sizes", "3", "--baseline-items", "3", "--max-batch-tokens", "2048"),
+    )
+    assert result["workload_described"].startswith("RAG: Qwen3-Reranker prompt")
+    assert result["workload"]["kind"] == "rag"
+    for r in result["rows"] + result["transformers"]:
+        assert r["status"] == "ok", r
+        assert 0 < r["mfu"] < 1
+    assert max(r["gate_max_diff"] for r in result["rows"]) <= 1e-5
+    assert max(r["gate_max_diff"] for r in result["transformers"]) <= 1e-4
