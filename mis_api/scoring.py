@@ -167,11 +167,13 @@ def make_chunks(
     items: Sequence[Sequence[int]],
     chunk_items: int,
     chunk_tokens: int,
+    adapter: str | None = None,
 ) -> list[Chunk]:
     """The request's items in consecutive chunks of at most `chunk_items` items and
-    `chunk_tokens` item tokens (item order kept)."""
+    `chunk_tokens` item tokens (item order kept), scored with LoRA adapter `adapter` (None:
+    the base model)."""
     q, labels = tuple(query), tuple(request.label_token_ids)
-    flags = (request.apply_softmax, request.item_first)
+    flags = (request.apply_softmax, request.item_first, adapter)
     return [
         Chunk(q, tuple(tuple(items[i]) for i in r), labels, *flags)
         for r in split_items(items, chunk_items, chunk_tokens)

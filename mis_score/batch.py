@@ -47,7 +47,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mis_api.long_items import LongItems
 from mis_api.schema import ScoreRequest
-from mis_score.offline import OfflineScorer, Prepared, add_engine_flags, engine_config
+from mis_score.offline import (
+    OfflineScorer,
+    Prepared,
+    adapters_from_args,
+    add_adapter_flag,
+    add_engine_flags,
+    engine_config,
+)
 from models.checkpoint import cache_root, demo_checkpoint_dir, ensure_demo_checkpoint
 from serve_app.config import AppArgs, LimitsArgs, ModelArgs, ModelEngine
 
@@ -98,6 +105,7 @@ class RowDefaults(_Group):
     item_prefix: str | list[int] | None = None
     item_suffix: str | list[int] | None = None
     long_items: LongItems | None = None
+    model: str | None = None
 
 
 class BatchSettings(ModelEngine):
@@ -275,7 +283,7 @@ class _EngineActor:
         start = time.perf_counter()
         model = settings.model
         path = model.path or ensure_demo_checkpoint(model.demo_preset)
-        self.engine = ScoringEngine(path, settings.engine)
+        self.engine = ScoringEngine(path, settings.engine, model.adapters)
         self.engine.warmup()
         scorer = OfflineScorer(self.engine, settings.model_name(), settings.max_items_per_request)
         self.rows = RowScorer(scorer, settings.defaults, layout)
@@ -888,6 +896,12 @@ def add_parser(sub) -> None:
     p.add_argument("--model-path", default=None, help="checkpoint dir (on every node)")
     p.add_argument("--model-name", default=None, help="name a row's `model` may give")
     add_engine_flags(p)
+    add_adapter_flag(p)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="for rows without one: the model or adapter name (--adapter) a row scores with",
+    )
     p.add_argument("--max-items", type=int, default=None, help="items per request row")
     p.add_argument(
         "--num-engines",
@@ -939,6 +953,8 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
         model["path"] = args.model_path
     if args.model_name:
         model["name"] = args.model_name
+    if adapters := adapters_from_args(args):
+        model["adapters"] = model["adapters"] | adapters
     pool = base.pool.model_dump()
     for flag, key in (("num_engines", "num_engines"), ("engine_num_cpus", "num_cpus"),
                       ("engine_num_gpus", "num_gpus"), ("engine_resources", "resources"),
@@ -953,6 +969,7 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
         "item_prefix": args.item_prefix,
         "item_suffix": args.item_suffix,
         "long_items": args.long_items,
+        "model": args.model,
     }
     return BatchSettings(
         model=ModelArgs.model_validate(model),

@@ -18,7 +18,13 @@ import time
 from pathlib import Path
 
 from mis_score import batch, bench, validate
-from mis_score.offline import OfflineScorer, add_engine_flags, engine_config
+from mis_score.offline import (
+    OfflineScorer,
+    adapters_from_args,
+    add_adapter_flag,
+    add_engine_flags,
+    engine_config,
+)
 from models.checkpoint import DTYPES, make_random_checkpoint
 from models.config import PRESETS
 from serve_app.config import LimitsArgs
@@ -29,7 +35,11 @@ log = logging.getLogger("mis-score")
 def _cmd_score(args: argparse.Namespace) -> int:
     from models.engine import ScoringEngine  # JAX: only the commands that score load it
 
-    engine = ScoringEngine(args.model_path, engine_config(args))
+    adapters = adapters_from_args(args)
+    config = engine_config(args)
+    if adapters and args.max_adapters is None:  # every adapter resident
+        config = config.model_copy(update={"max_adapters": len(adapters)})
+    engine = ScoringEngine(args.model_path, config, adapters)
     scorer = OfflineScorer(engine, args.model_name or Path(args.model_path).name, args.max_items)
     lines = Path(args.input).read_text().splitlines()
     start = time.perf_counter()
@@ -89,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--model-path", required=True)
     sc.add_argument("--model-name", default=None, help="name in responses (default: dir name)")
     add_engine_flags(sc)
+    add_adapter_flag(sc)
     max_items = LimitsArgs.model_fields["max_items_per_request"].default
     sc.add_argument("--max-items", type=int, default=max_items, help="items per request")
     sc.add_argument("--input", required=True, help="JSONL: one request body per line")

@@ -72,9 +72,11 @@ class OfflineScorer:
             request = ScoreRequest.model_validate(body)
         except ValidationError as e:
             return error_body(validation_message(e), 400)
-        if request.model is not None and request.model != self.model_name:
+        adapters = list(self.engine.adapters())
+        if request.model is not None and request.model not in [self.model_name, *adapters]:
             return error_body(
-                f"model: unknown model {request.model!r}; serving {self.model_name!r}",
+                f"model: unknown model {request.model!r}; serving {self.model_name!r}"
+                + (f" and adapters {adapters}" if adapters else ""),
                 404,
                 "NotFoundError",
             )
@@ -96,8 +98,16 @@ class OfflineScorer:
         engine call: the engine packs the requests' items into shared forwards, and an item's
         scores do not depend on what else a forward holds (bit for bit)."""
         # One chunk of every item per request: the engine packs them into forwards itself.
+        adapters = self.engine.adapters()
         chunks = [
-            make_chunks(p.request, p.query, p.items, len(p.items), p.n_tokens)[0]
+            make_chunks(
+                p.request,
+                p.query,
+                p.items,
+                len(p.items),
+                p.n_tokens,
+                p.request.model if p.request.model in adapters else None,
+            )[0]
             for p in prepared
             if p.items
         ]
@@ -120,11 +130,38 @@ def engine_config(args: argparse.Namespace, base: EngineConfig | None = None) ->
     """The engine flags of `score`, `batch` and `bench` over `base` (a flag left out keeps
     base's value, by default EngineConfig's default)."""
     fields = ("mode", "attention", "dtype", "tp_size", "max_batch_tokens", "max_item_tokens",
-              "max_query_tokens", "max_labels")  # fmt: skip
+              "max_query_tokens", "max_labels", "max_adapters", "max_lora_rank")  # fmt: skip
     flags = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
     if base is None:
         return EngineConfig(**flags)
-    return EngineConfig.model_validate(base.model_dump() | flags)
+    return EngineConfig.model_validate(base.model_dump(exclude_unset=True) | flags)
+
+
+def adapter_flag(value: str) -> tuple[str, str]:
+    """`--adapter NAME=DIR`."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{value!r}: give NAME=DIR (peft's adapter directory)")
+    return name, path
+
+
+def add_adapter_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--adapter",
+        type=adapter_flag,
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a LoRA adapter (peft's directory) a request picks with `model`: NAME; repeat for "
+        "more (--max-adapters of them resident at once, default all)",
+    )
+
+
+def adapters_from_args(args: argparse.Namespace) -> dict[str, str]:
+    adapters = dict(args.adapter)
+    if len(adapters) != len(args.adapter):
+        raise ValueError("--adapter: a name given twice")
+    return adapters
 
 
 def add_engine_flags(p: argparse.ArgumentParser, modes: bool = True) -> None:

@@ -128,6 +128,49 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    """A layer's LoRA adapters and which one each block of the stream uses: per module
+    (LORA_MODULES) A [slots, in, rank] and B [slots, rank, out] (the scaling in B; slot 0 all
+    zeros: the base model), `block_slot` [T / block] int32, `any` whether a block uses one.
+
+    Per block, not per token: a block holds one sequence's tokens or one query's items
+    (models/plan.py), and a query is cached and batched per adapter, so every block has one
+    adapter. Each block's product is its own [block, in] x [in, rank] x [rank, out], the same
+    arithmetic whichever adapters the other blocks use (scores bit-identical however chunks
+    of different adapters are batched), and one pass over the stream whatever the mix. A base
+    block adds an exact zero; a forward with no adapter skips the products."""
+
+    weights: dict[str, tuple[jax.Array, jax.Array]]
+    block_slot: jax.Array
+    any: jax.Array
+
+
+jax.tree_util.register_dataclass(Lora, data_fields=["weights", "block_slot", "any"], meta_fields=[])
+
+
+def lora_delta(x: jax.Array, lora: Lora | None, name: str, out_shape: tuple[int, ...]):
+    """The adapters' term of projection `name` for x [T, ...in] -> [T, *out_shape], or None."""
+    if lora is None or name not in lora.weights:
+        return None
+    a, b = lora.weights[name]
+    nb = lora.block_slot.shape[0]
+    t = x.shape[0]
+    xb = x.reshape(nb, t // nb, -1)
+
+    def products():
+        a_blk = jnp.take(a, lora.block_slot, axis=0)  # [nb, in, rank]
+        b_blk = jnp.take(b, lora.block_slot, axis=0)  # [nb, rank, out]
+        xa = jnp.einsum("nti,nir->ntr", xb, a_blk)
+        return jnp.einsum("ntr,nro->nto", xa, b_blk).reshape(t, *out_shape)
+
+    return jax.lax.cond(lora.any, products, lambda: jnp.zeros((t, *out_shape), x.dtype))
+
+
+def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+    return y if delta is None else y + delta.astype(y.dtype)
+
+
 class SelfAttention(nn.Module):
     cfg: ModelConfig
     shape: StreamShape
@@ -135,11 +178,16 @@ class SelfAttention(nn.Module):
     mesh: Mesh | None = None  # tensor parallel: attention runs per device's heads
 
     @nn.compact
-    def __call__(self, x, cos, sin, meta: BlockMeta, pool_k, pool_v, window=None):
+    def __call__(self, x, cos, sin, meta: BlockMeta, pool_k, pool_v, window=None, lora=None):
         cfg = self.cfg
-        dense = lambda feats, bias, name, axis=-1: nn.DenseGeneral(  # noqa: E731
-            feats, axis=axis, use_bias=bias, name=name, dtype=self.dtype, param_dtype=self.dtype
-        )
+
+        def dense(feats, bias, name, axis=-1):
+            layer = nn.DenseGeneral(
+                feats, axis=axis, use_bias=bias, name=name, dtype=self.dtype, param_dtype=self.dtype
+            )
+            feats = feats if isinstance(feats, tuple) else (feats,)
+            return lambda h: _plus(layer(h), lora_delta(h, lora, name, feats))
+
         with jax.named_scope("qkv"):
             q = dense((cfg.num_heads, cfg.head_dim), cfg.qkv_bias, "q_proj")(x)  # [T, H, D]
             k = dense((cfg.num_kv_heads, cfg.head_dim), cfg.qkv_bias, "k_proj")(x)  # [T, K, D]
@@ -222,10 +270,13 @@ class MLP(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x):
-        dense = lambda feats, name: nn.Dense(  # noqa: E731
-            feats, use_bias=False, name=name, dtype=self.dtype, param_dtype=self.dtype
-        )
+    def __call__(self, x, lora=None):
+        def dense(feats, name):
+            layer = nn.Dense(
+                feats, use_bias=False, name=name, dtype=self.dtype, param_dtype=self.dtype
+            )
+            return lambda h: _plus(layer(h), lora_delta(h, lora, name, (feats,)))
+
         gate = dense(self.cfg.intermediate_size, "gate_proj")(x)
         up = dense(self.cfg.intermediate_size, "up_proj")(x)
         return dense(self.cfg.hidden_size, "down_proj")(activation(self.cfg.activation, gate) * up)
@@ -250,20 +301,22 @@ class DecoderLayer(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x, per_layer, cos, sin, meta):
+    def __call__(self, x, per_layer, cos, sin, meta, adapters=None):
         """per_layer: this layer's (pool_k, pool_v), then its RoPE table's index when the model
         has two (Gemma 3: cos/sin [2, T, D], sliding layers read table 1), then its window when
-        the model has windowed layers (models/config.py: layer_windows)."""
+        the model has windowed layers (models/config.py: layer_windows), then its LoRA weights
+        when the stream has adapters (`adapters`: (block_slot, any), Lora)."""
         cfg = self.cfg
         norm = partial(RMSNorm, cfg.rms_norm_eps, self.dtype, cfg.norm_offset)
         pool_k, pool_v, *rest = per_layer
         if cfg.layer_rope:
             table, *rest = rest
             cos, sin = cos[table], sin[table]
-        window = rest[0] if cfg.layer_windows else None
+        window = rest.pop(0) if cfg.layer_windows else None
+        lora = None if adapters is None else Lora(rest[0], *adapters)
         h = norm(name="input_layernorm")(x)
         a, kv = SelfAttention(cfg, self.shape, self.dtype, self.mesh, name="self_attn")(
-            h, cos, sin, meta, pool_k, pool_v, window
+            h, cos, sin, meta, pool_k, pool_v, window, lora
         )
         if cfg.sandwich_norms:  # Gemma 2/3: the attention output is normed before the residual
             a = norm(name="post_attention_layernorm")(a)
@@ -272,7 +325,7 @@ class DecoderLayer(nn.Module):
             # Gemma 2/3 call the pre-MLP norm pre_feedforward_layernorm and norm the MLP's
             # output too; the others call it post_attention_layernorm.
             pre = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
-            h = MLP(cfg, self.dtype, name="mlp")(norm(name=pre)(x))
+            h = MLP(cfg, self.dtype, name="mlp")(norm(name=pre)(x), lora)
             if cfg.sandwich_norms:
                 h = norm(name="post_feedforward_layernorm")(h)
             x = x + h
@@ -297,7 +350,7 @@ class Decoder(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
         )(cfg, self.shape, self.dtype, self.mesh)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, cfg.norm_offset)
@@ -317,6 +370,7 @@ class Decoder(nn.Module):
         meta: BlockMeta,
         pool_k: jax.Array,  # [layers, kv_heads, P, head_dim]
         pool_v: jax.Array,
+        lora: Lora | None = None,  # weights [layers, slots, ...] per module
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # [T, hidden]; K, V [layers, T, K, D]
         cfg = self.cfg
         x = self.embed_tokens(tokens)
@@ -331,7 +385,11 @@ class Decoder(nn.Module):
         if cfg.layer_windows:  # sliding windows: per layer, over the tokens' positions
             per_layer += (jnp.asarray(cfg.layer_windows, jnp.int32),)
             meta = dataclasses.replace(meta, pos=pos)
-        return self.layers(x, per_layer, cos, sin, meta)
+        adapters = None
+        if lora is not None:
+            per_layer += (lora.weights,)
+            adapters = (lora.block_slot, lora.any)
+        return self.layers(x, per_layer, cos, sin, meta, adapters)
 
     def head(
         self,

@@ -29,12 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mis_kernels.block_attention import KEY_TILES, BlockMeta
+from models.adapter_slots import AdapterSlots
+from models.adapters import LoraAdapter, load_adapter
 from models.buckets import pow2_bucket, pow2_upto
 from models.checkpoint import load_checkpoint
 from models.config import ModelConfig
-from models.decoder import Decoder, StreamShape, init_shape
+from models.decoder import Decoder, Lora, StreamShape, init_shape
 from models.engine_config import MIN_ROWS, Attention, EngineConfig
-from models.inputs import Chunk, EngineBroken, ScoringInputError, check_chunk
+from models.inputs import Chunk, EngineBroken, ScoringInputError, UnknownAdapter, check_chunk
 from models.parallel import (
     kv_pool_sharding,
     param_shardings,
@@ -150,7 +152,13 @@ _PROGRAMS: dict[_ProgramKey, Any] = {}
 class ScoringEngine:
     """Loads a HF checkpoint and scores chunks; thread-compatible, not thread-safe."""
 
-    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        config: EngineConfig | None = None,
+        adapters: dict[str, str] | None = None,
+    ):
+        """`adapters`: LoRA adapters to serve, peft's directory by name (add_adapter)."""
         self.config = config = config or EngineConfig()
         self.model_dir = Path(model_dir)
         self.cfg, params = load_checkpoint(self.model_dir, config.dtype)
@@ -202,17 +210,134 @@ class ScoringEngine:
         self._pool_kv = tuple(
             jax.device_put(jnp.zeros(shape, self.dtype), sharding) for _ in range(2)
         )
+        # LoRA adapters: the registry, which are resident, and their device slots (per module
+        # A [layers, slots + 1, in, rank], B [layers, slots + 1, rank, out]; slot 0 zeros).
+        self.adapter_slots = AdapterSlots(config.max_adapters)
+        self._adapters: dict[str, LoraAdapter] = {}
+        self._lora = self._empty_lora() if config.max_adapters else None
+        for name, path in (adapters or {}).items():
+            self.add_adapter(name, path)
         self._stats: collections.Counter[str] = collections.Counter()
         self.broken: str | None = None  # why this engine must not score again (EngineBroken)
         self._compile_s = 0.0  # compile_seconds(): finished compiles, and since when one runs
         self._compiling_since: float | None = None
         self._compile_lock = threading.Lock()  # read by the scorer's event loop thread
 
+    # ----------------------------------------------------------------- adapters
+
+    def add_adapter(self, name: str, path: str | Path) -> LoraAdapter:
+        """Serve the LoRA adapter at `path` (peft's files) as `name`, replacing one of that
+        name; a bad adapter raises ValueError naming the field and changes nothing."""
+        if not self.config.max_adapters:
+            raise ValueError("max_adapters: 0, this engine runs no adapters")
+        adapter = load_adapter(path, self.cfg, self.config.max_lora_rank)
+        if adapter.head is not None:
+            raise ValueError(
+                f"modules_to_save: {path} brings its own classification head, which this "
+                "engine does not run yet"
+            )
+        self._adapters[name] = adapter
+        self.adapter_slots.register(name)
+        log.info(
+            "adapter %r: rank %d on %s, from %s",
+            name,
+            adapter.rank,
+            ", ".join(sorted(adapter.lora)),
+            path,
+        )
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        del self._adapters[name]
+        self.adapter_slots.remove(name)
+
+    def adapters(self) -> dict[str, LoraAdapter]:
+        return dict(self._adapters)
+
+    def _empty_lora(self) -> dict[str, tuple[jax.Array, jax.Array]]:
+        c, r = self.run_cfg, self.config.max_lora_rank
+        slots = self.config.max_adapters + 1
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        d, inter = c.hidden_size, c.intermediate_size
+        features = {
+            "q_proj": (d, q),
+            "k_proj": (d, kv),
+            "v_proj": (d, kv),
+            "o_proj": (q, d),
+            "gate_proj": (d, inter),
+            "up_proj": (d, inter),
+            "down_proj": (inter, d),
+        }
+        sharding = None if self.mesh is None else replicated(self.mesh)
+
+        def zeros(*shape):
+            return jax.device_put(jnp.zeros((c.num_layers, slots, *shape), self.dtype), sharding)
+
+        return {m: (zeros(i, r), zeros(r, o)) for m, (i, o) in features.items()}
+
+    def _load_slot(self, name: str, slot: int) -> None:
+        """Write adapter `name`'s weights into device slot `slot` (zeros where it has none)."""
+        adapter = self._adapters[name]
+        repeat = self.run_cfg.num_kv_heads // self.cfg.num_kv_heads  # tensor parallel's copies
+        lora = {}
+        for module, (a_dev, b_dev) in self._lora.items():
+            a = np.zeros(a_dev.shape[:1] + a_dev.shape[2:], np.float32)
+            b = np.zeros(b_dev.shape[:1] + b_dev.shape[2:], np.float32)
+            if module in adapter.lora:
+                a_host, b_host = adapter.lora[module]
+                if repeat > 1 and module in ("k_proj", "v_proj"):
+                    layers, rank, out = b_host.shape
+                    b_host = b_host.reshape(layers, rank, self.cfg.num_kv_heads, -1)
+                    b_host = np.repeat(b_host, repeat, axis=2).reshape(layers, rank, -1)
+                a[:, :, : a_host.shape[2]] = a_host
+                b[:, : b_host.shape[1], :] = b_host
+            lora[module] = (
+                a_dev.at[:, slot].set(jnp.asarray(a, self.dtype)),
+                b_dev.at[:, slot].set(jnp.asarray(b, self.dtype)),
+            )
+        self._lora = lora
+
+    def _adapter_slots(self, chunks: list[Chunk | None], out: list) -> list[tuple[int, int]] | None:
+        """Per chunk (device slot, pool key) of its adapter, loading the ones not resident;
+        a chunk naming an adapter not served gets its error in `out` and is dropped."""
+        if self._lora is None and all(c is None or c.adapter is None for c in chunks):
+            return None
+        names = []
+        for ci, c in enumerate(chunks):
+            if c is None or c.adapter is None:
+                continue
+            if c.adapter not in self._adapters:
+                served = sorted(self._adapters)
+                out[ci] = UnknownAdapter(
+                    f"model: no adapter {c.adapter!r} is served (adapters: {served})"
+                )
+                chunks[ci] = None
+                continue
+            names.append(c.adapter)
+        slots, loads = self.adapter_slots.assign(names)
+        for name, slot in loads:
+            try:
+                self._load_slot(name, slot)
+            except BaseException:
+                self.adapter_slots.drop(slot)
+                raise
+            self._stats["adapter_loads"] += 1
+        return [
+            (0, 0)
+            if c is None or c.adapter is None
+            else (slots[c.adapter], self.adapter_slots.key(c.adapter))
+            for c in chunks
+        ]
+
     # ----------------------------------------------------------------- interface
 
     def score(self, chunks: Sequence[Chunk]) -> list[np.ndarray | ScoringInputError]:
         if self.broken is not None:
             raise EngineBroken(self.broken)
+        named = list(dict.fromkeys(c.adapter for c in chunks if c.adapter is not None))
+        if len(named) > max(self.config.max_adapters, 1):
+            # More adapters than device slots: one call per group of chunks that fits.
+            return self._score_in_groups(chunks, named)
         out: list[np.ndarray | ScoringInputError | None] = [None] * len(chunks)
         valid: list[Chunk | None] = []
         classes = self.cfg.num_labels
@@ -224,6 +349,7 @@ class ScoringEngine:
             except ScoringInputError as e:
                 out[ci] = e
                 valid.append(None)
+        adapters = self._adapter_slots(valid, out)
         try:
             p = plan(
                 valid,
@@ -234,6 +360,7 @@ class ScoringEngine:
                 max_labels=self.config.max_labels,
                 pool=self.pool,
                 pad_id=self.cfg.pad_token_id,  # a classification head's pooling
+                adapters=adapters,
             )
         except BaseException:
             self._rollback()
@@ -269,6 +396,23 @@ class ScoringEngine:
             soft = valid[ci].apply_softmax  # type: ignore[union-attr]
             out[ci] = finish_classes(ll, soft) if classes else finish_scores(ll, lse, soft)
             self._stats["items"] += len(ll)
+        return out  # type: ignore[return-value]
+
+    def _score_in_groups(
+        self, chunks: Sequence[Chunk], named: list[str]
+    ) -> list[np.ndarray | ScoringInputError]:
+        per = max(self.config.max_adapters, 1)
+        groups = [set(named[i : i + per]) for i in range(0, len(named), per)]
+        out: list[np.ndarray | ScoringInputError | None] = [None] * len(chunks)
+        for k, group in enumerate(groups):
+            # The base's chunks go with the first group.
+            idx = [
+                i
+                for i, c in enumerate(chunks)
+                if c.adapter in group or (k == 0 and c.adapter is None)
+            ]
+            for i, result in zip(idx, self.score([chunks[i] for i in idx]), strict=True):
+                out[i] = result
         return out  # type: ignore[return-value]
 
     def warmup(self, part: tuple[int, int] = (0, 1)) -> dict[str, float]:
@@ -333,7 +477,9 @@ class ScoringEngine:
         def build():
             model = Decoder(self.run_cfg, shape, self.dtype, self.mesh)
 
-            def body(params, pool_k, pool_v, tokens, pos, prefix, own, local_start, write_idx):
+            def body(
+                params, pool_k, pool_v, tokens, pos, prefix, own, local_start, write_idx, *lora
+            ):
                 hidden, (k, v) = model.apply(
                     {"params": params},
                     tokens,
@@ -341,6 +487,7 @@ class ScoringEngine:
                     BlockMeta(prefix, own, local_start),
                     pool_k,
                     pool_v,
+                    Lora(*lora) if lora else None,
                     method=Decoder.body,
                 )
                 # This forward's K/V [layers, T, kv, dim] into the pool where it keeps a query.
@@ -360,10 +507,14 @@ class ScoringEngine:
             )
             args = (self.params, *self._pool_kv, ints, ints, *meta)
             args += (ints, ints)
+            if self._lora is not None:  # weights, each block's slot, whether any is used
+                blocks = jax.ShapeDtypeStruct((tokens // self.config.block,), jnp.int32)
+                args += (self._lora, blocks, jax.ShapeDtypeStruct((), jnp.bool_))
             return self._compile(body, args, outs=3, pool_args=(1, 2))
 
         pool_rows, padded = self._pool_kv[0].shape[2], self.config.max_batch_tokens
-        return self._program("body", (shape, pool_rows, padded), build)
+        lora = (self.config.max_adapters, self.config.max_lora_rank) if self._lora else None
+        return self._program("body", (shape, pool_rows, padded, lora), build)
 
     def _head(self, rows: int):
         labels = self.config.max_labels
@@ -418,6 +569,9 @@ class ScoringEngine:
         t = len(f.tokens)
         body = self._body(t)  # a compile error here has touched nothing
         pool_in = self._pool_kv
+        lora = ()
+        if self._lora is not None:
+            lora = (self._lora, f.block_slot, np.bool_(f.block_slot.any()))
         try:
             hidden, *pool_out = body(
                 self.params,
@@ -428,6 +582,7 @@ class ScoringEngine:
                 f.own,
                 f.local_start,
                 f.write_idx,
+                *lora,
             )
         except BaseException as e:
             if any(a.is_deleted() for a in pool_in):  # donated to the program that failed

@@ -71,6 +71,19 @@ class EngineConfig(BaseModel):
         ge=1,
         description="prefix mode: tokens of cached query K/V held on the device (LRU).",
     )
+    max_adapters: int = Field(
+        default=0,
+        ge=0,
+        description="LoRA adapters resident on the device at once (least recently used ones "
+        "are loaded again on demand); 0: the engine runs no adapters and its programs have no "
+        "LoRA term.",
+    )
+    max_lora_rank: int = Field(
+        default=64,
+        ge=1,
+        description="Largest LoRA rank an adapter may have; every adapter's term costs this "
+        "rank's products (lower ranks are zero-padded).",
+    )
 
     @property
     def block(self) -> int:

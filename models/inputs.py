@@ -28,6 +28,11 @@ class Chunk:
     label_ids: tuple[int, ...]
     apply_softmax: bool = False
     item_first: bool = False
+    adapter: str | None = None  # a LoRA adapter's name (the engine's registry); None: the base
+
+
+class UnknownAdapter(ScoringInputError):
+    """A chunk names an adapter the engine does not serve."""
 
 
 def check_token_ids(

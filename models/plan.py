@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
@@ -69,6 +69,7 @@ class Forward:
     prefix: np.ndarray  # [T / block, 3] per block: source (POOL | STREAM), start, len
     own: np.ndarray  # [T / block, 4] per block: who takes the prefix, own start, len, first pos
     write_idx: np.ndarray  # [T] pool slot for the token's K/V; >= pool size: not written
+    block_slot: np.ndarray  # [T / block] the adapter slot each block's tokens use (0: base)
     score_idx: np.ndarray  # [S] stream index of each scored token
     labels: np.ndarray  # [U] label ids of all the forward's chunks (padded with 0)
     dest: list[tuple[int, int]]  # per score: (chunk, item)
@@ -104,15 +105,16 @@ class _Builder:
         self.write = np.full(n, drop, np.int32)  # drop: past the pool's end
         self.kind = np.zeros(n, np.int8)
         self.own: list[list[int]] = []  # per block: takes, own start, len, pos
+        self.slots: list[int] = []  # per block: its adapter slot
         self.prefix: list[Prefix] = []  # per block
         self.room: dict[Prefix, dict[int, int]] = {}  # blocks items of a query may join: used
         self.labels: list[int] = []
         self.label_cols: dict[int, list[int]] = {}
         self.scores: list[int] = []
         self.dest: list[tuple[int, int]] = []
-        self.runs: dict[tuple[int, ...], tuple[int, int]] = {}  # query run -> (start, length)
-        self.pinned: set[tuple[int, ...]] = set()
-        self.fills: list[tuple[int, ...]] = []
+        self.runs: dict[Hashable, tuple[int, int]] = {}  # query key -> its run (start, length)
+        self.pinned: set[Hashable] = set()
+        self.fills: list[Hashable] = []
         self.real = 0
 
     def empty(self) -> bool:
@@ -152,16 +154,17 @@ class _Builder:
             return True
         return len(self.own) + self._blocks(n) <= self.max_blocks
 
-    def _open(self, takes: int, own: tuple[int, int, int], prefix: Prefix) -> None:
+    def _open(self, takes: int, own: tuple[int, int, int], prefix: Prefix, slot: int) -> None:
         self.own.append([takes, *own])
         self.prefix.append(prefix)
+        self.slots.append(slot)
 
-    def add_run(self, tokens: Sequence[int], write: np.ndarray | None) -> int:
+    def add_run(self, tokens: Sequence[int], write: np.ndarray | None, slot: int) -> int:
         """A causal run from the next block boundary, each block's own range the run before
         it. Returns the stream index of its first token."""
         n, start = len(tokens), len(self.own) * self.block
         for i in range(self._blocks(n)):
-            self._open(TAKES_NONE, (start, i * self.block, 0), (POOL, 0, 0))
+            self._open(TAKES_NONE, (start, i * self.block, 0), (POOL, 0, 0), slot)
         self.tokens[start : start + n] = tokens
         self.pos[start : start + n] = np.arange(n)
         self.kind[start : start + n] = RUN
@@ -170,10 +173,10 @@ class _Builder:
         self.real += n
         return start
 
-    def query_run(self, tokens: Sequence[int], write: np.ndarray | None) -> Prefix:
+    def query_run(self, tokens: Sequence[int], write: np.ndarray | None, slot: int) -> Prefix:
         """A query's run, which its items read as their prefix: the first of them may follow it
         in its last block."""
-        start = self.add_run(tokens, write)
+        start = self.add_run(tokens, write, slot)
         prefix = (STREAM, start, len(tokens))
         last = len(self.own) - 1
         self.own[last][0] = TAKES_AFTER_RUN
@@ -181,9 +184,12 @@ class _Builder:
         self.room.setdefault(prefix, {})[last] = (len(tokens) - 1) % self.block + 1
         return prefix
 
-    def add_item(self, item: Sequence[int], prefix: Prefix, dest: tuple[int, int]) -> None:
+    def add_item(
+        self, item: Sequence[int], prefix: Prefix, dest: tuple[int, int], slot: int
+    ) -> None:
         """An item of the query `prefix` reads (its keys: source, start, length), scored at
-        its last token."""
+        its last token. A prefix is one query under one adapter, so the blocks it shares hold
+        one adapter's tokens."""
         n, query_len = len(item), prefix[2]
         room = self.room.setdefault(prefix, {})
         if n <= self.block and (b := self._fit(prefix, n)) is not None:
@@ -193,7 +199,7 @@ class _Builder:
         else:
             start = len(self.own) * self.block
             for i in range(self._blocks(n)):
-                self._open(TAKES_ALL, (start, i * self.block, query_len), prefix)
+                self._open(TAKES_ALL, (start, i * self.block, query_len), prefix, slot)
             self.local[start : start + n] = 0
             room[len(self.own) - 1] = (n - 1) % self.block + 1
         self.tokens[start : start + n] = item
@@ -213,6 +219,8 @@ class _Builder:
         own[: len(self.own)] = self.own
         prefix = np.zeros((blocks, 3), np.int32)  # len 0: no prefix
         prefix[: len(self.prefix)] = self.prefix
+        block_slot = np.zeros(blocks, np.int32)
+        block_slot[: len(self.slots)] = self.slots
         labels = np.zeros(max_labels, np.int32)
         labels[: len(self.labels)] = self.labels
         return Forward(
@@ -222,6 +230,7 @@ class _Builder:
             prefix=prefix,
             own=own,
             write_idx=self.write[:t].copy(),
+            block_slot=block_slot,
             score_idx=np.asarray(self.scores, np.int32),
             labels=labels,
             dest=self.dest,
@@ -254,13 +263,16 @@ def plan(
     max_labels: int,
     pool: PrefixPool | None = None,
     pad_id: int | None = None,
+    adapters: Sequence[tuple[int, int]] | None = None,
 ) -> Plan:
     """Forwards scoring every item of every chunk (None: a chunk to skip), in order. In prefix
     mode it allocates pool ranges for the queries it prefills; the caller commits each
     forward's (`Forward.fills`) once that forward has run, or rolls them back (PrefixPool).
     `pad_id`: a classification head's pad token: each sequence is scored where transformers
     pools it (`pooled`), and an item of pad tokens only is pooled inside its query, so it runs
-    as a causal run of the query's pooled part."""
+    as a causal run of the query's pooled part. `adapters`: per chunk (device slot, key), the
+    LoRA adapter its tokens run with (default: the base, (0, 0)); a query is cached and shared
+    per (adapter key, query), so K/V computed under one adapter never serve another."""
     if tile % block:
         raise ValueError(f"{tile=} must be a multiple of {block=}")
     drop = pool.tokens if pool is not None else 0
@@ -279,11 +291,12 @@ def plan(
             b.take_labels(ci, labels)
             if not b.run_fits(len(run)):
                 raise ValueError(f"a run of {len(run)} tokens does not fit a forward")
-        b.score(b.add_run(run, None) + len(run) - 1, (ci, ii))
+        b.score(b.add_run(run, None, slot) + len(run) - 1, (ci, ii))
 
     for ci, c in enumerate(chunks):
         if c is None or not c.items:
             continue
+        slot, adapter = adapters[ci] if adapters is not None else (0, 0)
         query = list(c.query)
         if c.item_first or mode is Mode.SERIAL:
             for ii, item in enumerate(c.items):
@@ -302,12 +315,13 @@ def plan(
             if not b.take_labels(ci, c.label_ids):
                 b = flush()
                 continue
-            key = tuple(query)
+            # The base's key is the query's tokens (the pool's default), an adapter's the pair.
+            key = (adapter, tuple(query)) if adapter else tuple(query)
             prefix: Prefix
             if key in b.runs:  # this forward already runs the query
                 prefix = (STREAM, *b.runs[key])
                 out.prefix_hits += 1
-            elif mode is Mode.PREFIX and (at := pool.find(query)) is not None:
+            elif mode is Mode.PREFIX and (at := pool.find(query, key)) is not None:
                 b.pinned.add(key)
                 prefix = (POOL, at, len(query))
                 out.prefix_hits += 1
@@ -321,16 +335,16 @@ def plan(
                     b = flush()
                     continue
                 write = None
-                if mode is Mode.PREFIX and (at := pool.allocate(query, b.pinned)) is not None:
+                if mode is Mode.PREFIX and (at := pool.allocate(query, b.pinned, key)) is not None:
                     b.pinned.add(key)
                     b.fills.append(key)
                     write = at + np.arange(len(query), dtype=np.int32)
-                prefix = b.query_run(query, write)
+                prefix = b.query_run(query, write, slot)
                 b.runs[key] = prefix[1:]
                 out.prefix_misses += 1
             while todo and b.item_fits(len(items[todo[0]]), prefix):
                 ii = todo.pop(0)
-                b.add_item(items[ii], prefix, (ci, ii))
+                b.add_item(items[ii], prefix, (ci, ii), slot)
             if todo:
                 if b.empty():
                     raise ValueError(f"an item of {first} tokens does not fit a forward")

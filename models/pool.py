@@ -14,7 +14,7 @@ returned (`commit`); when a forward fails, every allocation not committed is dro
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 
 class PrefixPool:
@@ -23,26 +23,32 @@ class PrefixPool:
             raise ValueError(f"pool of {tokens} tokens aligned to {align}: both must be >= 1")
         self.tokens = tokens
         self.align = align
-        # query tokens -> (start, reserved length), least recently used first
-        self._entries: collections.OrderedDict[tuple[int, ...], tuple[int, int]] = (
+        # key (the query's tokens, or what the caller keys it by) -> (start, reserved length),
+        # least recently used first
+        self._entries: collections.OrderedDict[Hashable, tuple[int, int]] = (
             collections.OrderedDict()
         )
-        self._uncommitted: set[tuple[int, ...]] = set()  # allocated, not written yet
+        self._uncommitted: set[Hashable] = set()  # allocated, not written yet
 
-    def find(self, query: Sequence[int]) -> int | None:
-        """Start of a cached query's keys, or None; a hit makes it the most recently used."""
-        key = tuple(query)
+    def find(self, query: Sequence[int], key: Hashable | None = None) -> int | None:
+        """Start of a cached query's keys, or None; a hit makes it the most recently used.
+        `key`: what the query is cached under (default its tokens; the engine keys a query by
+        its adapter too)."""
+        key = tuple(query) if key is None else key
         entry = self._entries.get(key)
         if entry is None:
             return None
         self._entries.move_to_end(key)
         return entry[0]
 
-    def allocate(self, query: Sequence[int], pinned: set[tuple[int, ...]]) -> int | None:
-        """Reserve a range for `query` (evicting unpinned queries, oldest first); None when it
-        cannot be had (longer than the pool, or the rest is pinned)."""
-        key = tuple(query)
-        need = -(-len(key) // self.align) * self.align
+    def allocate(
+        self, query: Sequence[int], pinned: set[Hashable], key: Hashable | None = None
+    ) -> int | None:
+        """Reserve a range for `query` under `key` (default its tokens), evicting unpinned
+        entries, oldest first; None when it cannot be had (longer than the pool, or the rest
+        is pinned)."""
+        key = tuple(query) if key is None else key
+        need = -(-len(query) // self.align) * self.align
         if need > self.tokens:
             return None
         while (start := self._first_fit(need)) is None:
@@ -54,11 +60,11 @@ class PrefixPool:
         self._uncommitted.add(key)
         return start
 
-    def commit(self, queries: Sequence[Sequence[int]]) -> None:
-        """The forward that writes these queries' K/V has returned: they are cached now."""
-        self._uncommitted.difference_update(map(tuple, queries))
+    def commit(self, keys: Sequence[Hashable]) -> None:
+        """The forward that writes these keys' K/V has returned: they are cached now."""
+        self._uncommitted.difference_update(keys)
 
-    def rollback(self) -> list[tuple[int, ...]]:
+    def rollback(self) -> list[Hashable]:
         """Drop every allocation not committed (its forward failed or never ran); returns the
         dropped queries."""
         dropped = [q for q in self._entries if q in self._uncommitted]

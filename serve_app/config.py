@@ -52,11 +52,21 @@ class ModelArgs(_Group):
         description="More names a request's `model` may give (like vLLM's --served-model-name), "
         'e.g. ["Qwen/Qwen3-0.6B", "rerank-v3.5"]; /v1/models lists them all.',
     )
+    adapters: dict[str, str] = Field(
+        default={},
+        description="LoRA adapters of this model (peft's adapter_config.json + "
+        "adapter_model.safetensors directory) by the name a request's `model` picks one with; "
+        "their chunks share forwards with every other's. engine.max_adapters of them are "
+        "resident on the device at once (default: all of them).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelArgs:
         if self.demo_preset not in PRESETS:
             raise ValueError(f"demo_preset {self.demo_preset!r} is not one of {sorted(PRESETS)}")
+        for name in self.adapters:
+            if name in self.served_names or name == self.name or not name:
+                raise ValueError(f"adapters: {name!r} is also the base model's name")
         return self
 
 
@@ -216,6 +226,22 @@ class ModelEngine(_Group):
     model: ModelArgs = ModelArgs()
     engine: EngineConfig = EngineConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_slots(cls, data: Any) -> Any:
+        """Adapters and no engine.max_adapters: every adapter resident."""
+        if not isinstance(data, dict):
+            return data
+        model, engine = data.get("model") or {}, data.get("engine") or {}
+        adapters = model.get("adapters") if isinstance(model, dict) else model.adapters
+        if not adapters:
+            return data
+        if isinstance(engine, EngineConfig) and "max_adapters" not in engine.model_fields_set:
+            engine = engine.model_copy(update={"max_adapters": len(adapters)})
+        elif isinstance(engine, dict) and "max_adapters" not in engine:
+            engine = {**engine, "max_adapters": len(adapters)}
+        return {**data, "engine": engine}
+
 
 class ScorerArgs(ModelEngine):
     """What a scorer replica gets: AppArgs.scorer_args(), every value from the app's settings
@@ -284,6 +310,8 @@ class AppArgs(ModelEngine):
                 "warmup: false is for single-host replicas: a slice's hosts would compile under "
                 "limits.forward_timeout_s, which cannot tell their compiles from a hang"
             )
+        if self.model.adapters and p.hosts_per_replica > 1:
+            raise ValueError("model.adapters: LoRA adapters run on single-host replicas only, yet")
         if p.tpu_topology is not None and p.hosts_per_replica < 2:
             raise ValueError(
                 "placement.tpu_topology is for multi-host slices: hosts_per_replica >= 2"

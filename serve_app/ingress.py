@@ -475,7 +475,7 @@ class ScoreIngress:
         except _Refused as e:
             return e.renamed(_named(body.renames())).response(protocol)
         usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
-        out = rerank_response(body, scores, self.model_name, usage, windows)
+        out = rerank_response(body, scores, body.model or self.model_name, usage, windows)
         return JSONResponse(out.model_dump(exclude_none=True), headers=headers)
 
     # ------------------------------------------------------------------ the one scoring path
@@ -522,9 +522,11 @@ class ScoreIngress:
     def _prepare(self, body: ScoreRequest) -> _Prepared:
         """The request's model name, token ids and limits checked (raises _Refused naming the
         field), and its items cut into chunks."""
-        if body.model is not None and body.model not in self.served_names:
+        adapters = self.args.model.adapters
+        if body.model is not None and body.model not in self.served_names + tuple(adapters):
             raise _Refused(
-                f"model: unknown model {body.model!r}; serving {list(self.served_names)}",
+                f"model: unknown model {body.model!r}; serving {list(self.served_names)}"
+                + (f" and adapters {list(adapters)}" if adapters else ""),
                 ErrorKind.NOT_FOUND,
             )
         try:
@@ -539,7 +541,8 @@ class ScoreIngress:
         except ScoringInputError as e:
             raise _Refused(str(e)) from e
         fanout = self.args.fanout
-        chunks = make_chunks(body, query, items, fanout.chunk_items, fanout.chunk_tokens)
+        adapter = body.model if body.model in adapters else None
+        chunks = make_chunks(body, query, items, fanout.chunk_items, fanout.chunk_tokens, adapter)
         return _Prepared(body, query, items, chunks, windows)
 
     def _try_prepare(self, body: ScoreRequest) -> _Prepared | _Refused:
@@ -648,7 +651,8 @@ class ScoreIngress:
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        """The served model, once per name it answers to (model.name, model.served_names)."""
+        """The served model, once per name it answers to (model.name, model.served_names),
+        and each LoRA adapter (its `parent` the base)."""
         head, classes = self.head
         card = {
             "object": "model",
@@ -664,7 +668,9 @@ class ScoreIngress:
                 **self.args.engine.limits,
             },
         }
-        return {
-            "object": "list",
-            "data": [{"id": name, "root": self.model_name, **card} for name in self.served_names],
-        }
+        base = [{"id": name, "root": self.model_name, **card} for name in self.served_names]
+        adapters = [
+            {"id": name, "root": path, "parent": self.model_name, "adapter": "lora", **card}
+            for name, path in self.args.model.adapters.items()
+        ]
+        return {"object": "list", "data": base + adapters}

@@ -79,9 +79,12 @@ def _record_pick(ticket: int, replica: str) -> None:
             _PICKS.popitem(last=False)
 
 
-def query_key(query: tuple[int, ...]) -> bytes:
-    """A short digest of a query's tokens."""
+def query_key(query: tuple[int, ...], adapter: str | None = None) -> bytes:
+    """A short digest of a query's tokens and the adapter it runs with (a replica caches a
+    query's K/V per adapter)."""
     data = np.asarray(query, dtype="<u4").tobytes()  # one C call, not a loop per token
+    if adapter is not None:
+        data += b"\0adapter:" + adapter.encode()
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
@@ -163,7 +166,7 @@ class QueryAffinityRouter(FIFOMixin, RequestRouter):
         candidate_replicas = others or candidate_replicas
         by_load = sorted(candidate_replicas, key=self._load)
         ids = {r.replica_id.unique_id: r for r in candidate_replicas}
-        order = affinity_order(query_key(chunk.query), list(ids))
+        order = affinity_order(query_key(chunk.query, chunk.adapter), list(ids))
         index, count = pending_request.kwargs.get("part", (0, 1))  # type: ignore[union-attr]
         count = max(1, count)
         preferred = ids[order[min(index, count - 1) * min(count, len(order)) // count]]

@@ -107,7 +107,7 @@ class Scorer:
                 tpu_slice=None if p.tpu_topology is None else (p.tpu_topology, p.tpu_version),
             )
         else:
-            self.engine = ScoringEngine(path, self.args.engine)
+            self.engine = ScoringEngine(path, self.args.engine, self.args.model.adapters)
         if has_random_weights(path):
             log.warning("replica %s serves RANDOM WEIGHTS from %s", self.replica, path)
         self.warmup = self.engine.warmup(_warmup_part()) if self.args.warmup else None

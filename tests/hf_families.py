@@ -1,5 +1,6 @@
 """Checkpoints of every supported family written by HF transformers itself, and HF's scores on
-them (the references of tests/test_families.py and tests/test_classification.py)."""
+them (the references of tests/test_families.py and tests/test_classification.py), and LoRA
+adapters written by peft with transformers + peft's scores on them (tests/test_lora.py)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,42 @@ def classes_from_logits(logits: np.ndarray, apply_softmax: bool) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-logits))
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+# peft's all-linear set on a decoder layer: the attention and MLP projections.
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_adapter(base: str, out, seed: int, **lora) -> str:
+    """A LoRA adapter written by peft's save_pretrained, its B matrices random (peft starts
+    them at zero, which would make every adapter the base)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": TARGETS, **lora})
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    peft_model.save_pretrained(str(out))
+    return str(out)
+
+
+def peft_scores(
+    base: str, adapter: str | None, query, items, labels
+) -> tuple[np.ndarray, np.ndarray]:
+    """transformers (+ peft, unmerged) scoring each `query ++ item` whole, float32."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mis_score.bench import hf_scores
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return hf_scores(model, list(query), [list(it) for it in items], labels)

@@ -1,8 +1,11 @@
 """The service on other families and heads (real Ray Serve, checkpoints written by HF
 transformers): a Gemma 2 causal LM and a Qwen3 sequence classifier answer /v1/score and
-/v1/rerank through HTTP as the offline engine scores the same requests."""
+/v1/rerank through HTTP as the offline engine scores the same requests; a Qwen3 with LoRA
+adapters written by peft answers each request with the adapter its `model` names."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from models.engine import EngineConfig, ScoringEngine
 from serve_app.config import RerankArgs
 from serve_app.rerank import label_ids
 from tests.conftest import LABELS, random_request, running_serve
-from tests.hf_families import write_with_transformers
+from tests.hf_families import write_adapter, write_with_transformers
 
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
@@ -24,25 +27,37 @@ DOCS = ["Ultrabook, 1.1 kg, 14 hours of battery.", "Gaming laptop, 3.2 kg.", "A 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("serve-families")
-    return {
+    out = {
         name: write_with_transformers(name, root / name, seed=7)
-        for name in ("gemma2-tiny", "qwen3-tiny-cls")
+        for name in ("gemma2-tiny", "qwen3-tiny-cls", "qwen3-tiny")
     }
+    base = out["qwen3-tiny"]
+    out |= {
+        "lora-a": write_adapter(base, root / "lora-a", seed=1),
+        "lora-b": write_adapter(base, root / "lora-b", seed=2, r=4, target_modules=["v_proj"]),
+    }
+    return out
+
+
+ADAPTERS = ("lora-a", "lora-b")
 
 
 @pytest.fixture(scope="module")
 def service(models):
     from serve_app.app import build_graph
 
-    def app(path: str):
+    def app(path: str, **args):
         return build_graph(
-            {"model": {"path": path}, "engine": ENGINE},
+            {"model": {"path": path}, "engine": ENGINE, **args},
             scorer_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
             ingress_options={"ray_actor_options": {"num_cpus": 0.1}},
         )
 
     apps = [("gemma2", "/gemma2", app(models["gemma2-tiny"]))]
     apps.append(("cls", "/cls", app(models["qwen3-tiny-cls"])))
+    adapters = {name: models[name] for name in ADAPTERS}
+    lora = app(models["qwen3-tiny"], model={"path": models["qwen3-tiny"], "adapters": adapters})
+    apps.append(("lora", "/lora", lora))
     with running_serve(*apps) as url:
         yield url
 
@@ -127,3 +142,49 @@ def test_classification_model_answers_class_scores_and_rerank(service, models):
     assert r.status_code == 200, r.text
     got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
     assert np.abs(np.array([got[i] for i in range(3)]) - want).max() <= 1e-6
+
+
+def test_lora_adapters_per_request_as_the_engine_scores_each_alone(service, models):
+    """Concurrent requests for two adapters and the base (their chunks share forwards on the
+    one replica) each bit-identical to the offline engine scoring it alone with its adapter;
+    /v1/rerank picks one by `model` too; /v1/models lists them; an unknown name is a 404
+    listing what is served."""
+    import concurrent.futures
+
+    url = f"{service}/lora"
+    adapters = {name: models[name] for name in ADAPTERS}
+    engine = ScoringEngine(models["qwen3-tiny"], EngineConfig(**ENGINE, max_adapters=2), adapters)
+    names = [None, *ADAPTERS] * 3
+    bodies = []
+    for i, name in enumerate(names):
+        query, items = random_request(seed=40 + i // 3, n_items=7, q_len=30)  # each under all 3
+        bodies.append({"query": query, "items": items, "label_token_ids": LABELS})
+        if name is not None:
+            bodies[-1]["model"] = name
+    post = lambda b: requests.post(f"{url}/v1/score", json=b, timeout=120)  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        answers = list(pool.map(post, bodies))
+    for name, body, r in zip(names, bodies, answers, strict=True):
+        assert r.status_code == 200, r.text
+        from models.inputs import Chunk
+
+        chunk = Chunk(tuple(body["query"]), tuple(map(tuple, body["items"])), tuple(LABELS))
+        (want,) = engine.score([dataclasses.replace(chunk, adapter=name)])
+        assert np.array_equal(np.asarray(r.json()["scores"]), want), name
+    # The same query under the base and each adapter: different scores (the adapter matters).
+    for i in (1, 2):
+        assert (
+            np.abs(np.log(answers[0].json()["scores"]) - np.log(answers[i].json()["scores"])).max()
+            > 0.1
+        )
+    listed = requests.get(f"{url}/v1/models", timeout=30).json()["data"]
+    assert [m["id"] for m in listed][1:] == list(ADAPTERS)
+    assert all(m["parent"] == listed[0]["id"] and m["head"] == "lm" for m in listed[1:])
+    rerank = {"query": QUERY, "documents": DOCS, "model": "lora-b"}
+    r = requests.post(f"{url}/v1/rerank", json=rerank, timeout=120)
+    assert r.status_code == 200 and r.json()["model"] == "lora-b", r.text
+    base = requests.post(f"{url}/v1/rerank", json={**rerank, "model": None}, timeout=120)
+    assert base.json()["results"] != r.json()["results"]
+    r = requests.post(f"{url}/v1/score", json={**bodies[0], "model": "lora-c"}, timeout=30)
+    assert r.status_code == 404, r.text
+    assert "'lora-c'" in r.json()["message"] and "['lora-a', 'lora-b']" in r.json()["message"]
