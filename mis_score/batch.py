@@ -953,8 +953,11 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
         model["path"] = args.model_path
     if args.model_name:
         model["name"] = args.model_name
+    engine = engine_config(args, base.engine)
     if adapters := adapters_from_args(args):
         model["adapters"] = model["adapters"] | adapters
+        if args.max_adapters is None:  # every adapter resident
+            engine = engine.model_copy(update={"max_adapters": len(model["adapters"])})
     pool = base.pool.model_dump()
     for flag, key in (("num_engines", "num_engines"), ("engine_num_cpus", "num_cpus"),
                       ("engine_num_gpus", "num_gpus"), ("engine_resources", "resources"),
@@ -973,7 +976,7 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
     }
     return BatchSettings(
         model=ModelArgs.model_validate(model),
-        engine=engine_config(args, base.engine),
+        engine=engine,
         max_items_per_request=args.max_items or base.max_items_per_request,
         pool=PoolArgs.model_validate(pool),
         defaults=RowDefaults.model_validate(defaults),

@@ -46,6 +46,8 @@ class OfflineScorer:
 
     def __init__(self, engine: ScoringEngine, model_name: str, max_items: int):
         self.engine, self.model_name, self.max_items = engine, model_name, max_items
+        if model_name in engine.adapters():
+            raise ValueError(f"--adapter: {model_name!r} is also the base model's name")
         try:
             self.tokenizer: TextTokenizer | None = TextTokenizer.from_model_dir(engine.model_dir)
         except FileNotFoundError:

@@ -292,10 +292,10 @@ class ScoringEngine:
                 a[:, :, : a_host.shape[2]] = a_host
                 b[:, : b_host.shape[1], :] = b_host
             lora[module] = (
-                a_dev.at[:, slot].set(jnp.asarray(a, self.dtype)),
-                b_dev.at[:, slot].set(jnp.asarray(b, self.dtype)),
+                _set_slot(a_dev, slot, jnp.asarray(a, self.dtype)),
+                _set_slot(b_dev, slot, jnp.asarray(b, self.dtype)),
             )
-        self._lora = lora
+            self._lora[module] = lora[module]  # the old arrays were donated
 
     def _adapter_slots(self, chunks: list[Chunk | None], out: list) -> list[tuple[int, int]] | None:
         """Per chunk (device slot, pool key) of its adapter, loading the ones not resident;
@@ -315,11 +315,14 @@ class ScoringEngine:
                 continue
             names.append(c.adapter)
         slots, loads = self.adapter_slots.assign(names)
-        for name, slot in loads:
+        for k, (name, slot) in enumerate(loads):
             try:
                 self._load_slot(name, slot)
             except BaseException:
-                self.adapter_slots.drop(slot)
+                # This load and the ones after it never happened: their slots hold other
+                # weights (or half of these), so no adapter counts as resident there.
+                for _, s in loads[k:]:
+                    self.adapter_slots.drop(s)
                 raise
             self._stats["adapter_loads"] += 1
         return [
@@ -611,6 +614,13 @@ class ScoringEngine:
         ll = np.concatenate([to_host(a)[:n] for a, _, n in pieces])
         lse = np.concatenate([to_host(b)[:n] for _, b, n in pieces])
         return ll, lse
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_slot(stack: jax.Array, slot, weights: jax.Array) -> jax.Array:
+    """stack [layers, slots, ...] with slot `slot` set to weights [layers, ...], in place (the
+    old stack donated: a load never holds two copies of every adapter)."""
+    return stack.at[:, slot].set(weights)
 
 
 def score_ids(

@@ -233,7 +233,11 @@ class ModelEngine(_Group):
         if not isinstance(data, dict):
             return data
         model, engine = data.get("model") or {}, data.get("engine") or {}
-        adapters = model.get("adapters") if isinstance(model, dict) else model.adapters
+        adapters = (
+            model.get("adapters")
+            if isinstance(model, dict)
+            else getattr(model, "adapters", None)  # ModelArgs; anything else fails its check
+        )
         if not adapters:
             return data
         if isinstance(engine, EngineConfig) and "max_adapters" not in engine.model_fields_set:
@@ -310,6 +314,8 @@ class AppArgs(ModelEngine):
                 "warmup: false is for single-host replicas: a slice's hosts would compile under "
                 "limits.forward_timeout_s, which cannot tell their compiles from a hang"
             )
+        if self.model.adapters and not self.engine.max_adapters:
+            raise ValueError("engine.max_adapters: 0 device slots for model.adapters; at least 1")
         if self.model.adapters and p.hosts_per_replica > 1:
             raise ValueError("model.adapters: LoRA adapters run on single-host replicas only, yet")
         if p.tpu_topology is not None and p.hosts_per_replica < 2:

@@ -255,6 +255,8 @@ class ScoreIngress:
         path = Path(self.args.model.path or ensure_demo_checkpoint(self.args.model.demo_preset))
         self.model_name = self.args.model.name or path.name
         self.served_names = (self.model_name, *self.args.model.served_names)
+        if clash := set(self.served_names) & set(self.args.model.adapters):
+            raise ValueError(f"model.adapters: {sorted(clash)} also name the base model")
         model = from_hf_config(read_hf_config(path))  # what the scorers load, checked the same
         self.vocab_size = model.vocab_size
         # "lm" (scores at label tokens) or "classification" (class scores, no label ids).

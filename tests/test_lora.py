@@ -6,6 +6,8 @@ adapter."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,29 @@ def test_the_base_is_unchanged_by_adapters_and_one_slot_serves_them_all(
     for (adapter, query, _), got in zip(requests, out, strict=False):
         np.testing.assert_allclose(np.log(got), references[adapter, query][1], atol=1e-3)
     assert len(engine.adapter_slots.resident()) == 1
+
+
+def test_a_failed_load_leaves_no_adapter_in_a_slot_it_did_not_fill(ckpts, adapters, monkeypatch):
+    """Two slots holding a and b; a call needing c and d plans c into one slot and d into the
+    other, and c's load fails: d was never loaded, so b's weights (still in its slot) must
+    not be taken for d's. The next call loads d and scores it with d's weights."""
+    config = EngineConfig(mode="prefix", max_adapters=2, **TEST_ENGINE)
+    engine = ScoringEngine(ckpts["qwen3"], config, {**adapters, "d": adapters["a"]})
+    requests = _requests()
+    chunk = {a: c for a, c in zip([r[0] for r in requests], _chunks(requests), strict=True)}
+    engine.score([chunk["a"], chunk["b"]])
+    real = ScoringEngine._load_slot
+
+    def failing(self, name, slot):
+        if name == "c":
+            raise MemoryError("device out of memory")
+        return real(self, name, slot)
+
+    monkeypatch.setattr(ScoringEngine, "_load_slot", failing)
+    d_chunk = dataclasses.replace(chunk["b"], adapter="d")
+    with pytest.raises(MemoryError):
+        engine.score([chunk["c"], d_chunk])
+    monkeypatch.setattr(ScoringEngine, "_load_slot", real)
+    (got,) = engine.score([d_chunk])
+    (as_a,) = engine.score([dataclasses.replace(d_chunk, adapter="a")])
+    assert np.array_equal(got, as_a)  # d is a's adapter under another name
