@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -25,6 +26,8 @@ import numpy as np
 from safetensors import safe_open
 
 from models.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_MAX_RANK = 64
@@ -55,8 +58,10 @@ _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # (training only), initialisation schemes that leave the base untouched, and what selects the
 # targets (the tensors say what was targeted). VeLoRA and MiCA are peft variants whose inference
 # forward is plain LoRA (VeLoRA changes the backward; MiCA freezes B).
+RANDOM_WEIGHTS_KEY = "mis_serve_random_weights"  # adapters written by write_random_adapter
 IGNORED_FIELDS = frozenset(
     {
+        RANDOM_WEIGHTS_KEY,
         "peft_version",
         "revision",
         "inference_mode",
@@ -288,6 +293,8 @@ def load_adapter(
     adapter_config field or tensor at fault for anything not supported or inconsistent."""
     path = Path(path)
     config = _read_config(path)
+    if config.get(RANDOM_WEIGHTS_KEY):
+        log.warning("*** adapter %s holds RANDOM WEIGHTS: its scores are meaningless ***", path)
     _check_config(config)
     tensors = _read_tensors(path / WEIGHTS_FILE)
     r, alpha = config["r"], config.get("lora_alpha", 8)
@@ -390,3 +397,43 @@ def load_adapter(
         class_labels=class_labels,
         base_model=config.get("base_model_name_or_path"),
     )
+
+
+def write_random_adapter(
+    cfg: ModelConfig,
+    out: str | Path,
+    *,
+    rank: int = 16,
+    seed: int = 0,
+    modules: tuple[str, ...] = LORA_MODULES,
+    scale: float = 0.05,
+) -> Path:
+    """A RANDOM-WEIGHT LoRA adapter in peft's format (the files `load_adapter` reads and peft
+    writes), for benchmarks and demos on machines without torch or peft: every module's A and
+    B normal(0, scale), lora_alpha = 2 * rank. Its scores mean nothing."""
+    import safetensors.numpy
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for module in modules:
+            fan_in, fan_out = _features(cfg, module)
+            name = f"{_PREFIX}model.layers.{layer}.{_PARENT[module]}.{module}"
+            tensors[f"{name}.lora_A.weight"] = rng.normal(0, scale, (rank, fan_in))
+            tensors[f"{name}.lora_B.weight"] = rng.normal(0, scale, (fan_out, rank))
+    tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
+    safetensors.numpy.save_file(tensors, str(out / WEIGHTS_FILE))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        RANDOM_WEIGHTS_KEY: True,
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return out

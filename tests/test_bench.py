@@ -21,11 +21,14 @@ def _bench(ckpt: str, tmp_path, *extra: str, status: int = 0) -> dict:
 
 def test_bench_reports_every_mode_and_transformers(ckpts, tmp_path):
     png = tmp_path / "bench.png"
-    result = _bench(ckpts["qwen3"], tmp_path, "--plot", str(png))
+    result = _bench(ckpts["qwen3"], tmp_path, "--plot", str(png), "--adapters", "2")
     rows = {(r["mode"], r["chunk_size"]): r for r in result["rows"]}
+    adapters = ("prefix + 2 adapters, base only", "prefix + 2 adapters, mixed")
     assert set(rows) == {("serial", None)} | {
-        (m, c) for m in ("packed-dense", "packed-segment", "prefix") for c in (4, 16)
+        (m, c) for m in ("packed-dense", "packed-segment", "prefix", *adapters) for c in (4, 16)
     }
+    assert rows[adapters[1], 4]["gate_max_diff"] == 0.0  # mixed == each chunk alone, bitwise
+    assert rows[adapters[1], 4]["adapter_bytes"] > 0
     for r in result["rows"] + result["transformers"]:
         assert r["status"] == "ok", r
         assert r["items_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] > 0

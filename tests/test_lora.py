@@ -130,3 +130,15 @@ def test_a_failed_load_leaves_no_adapter_in_a_slot_it_did_not_fill(ckpts, adapte
     (got,) = engine.score([d_chunk])
     (as_a,) = engine.score([dataclasses.replace(d_chunk, adapter="a")])
     assert np.array_equal(got, as_a)  # d is a's adapter under another name
+
+
+def test_tensor_parallel_with_adapters(ckpts, adapters, references):
+    """tp_size 2 (the adapters' slots replicated, the projections split): within the parity
+    bounds of peft, as tp 1 is."""
+    config = EngineConfig(mode="prefix", tp_size=2, max_adapters=3, **TEST_ENGINE)
+    engine = ScoringEngine(ckpts["qwen3"], config, adapters)
+    requests = _requests()
+    for (adapter, query, _), got in zip(requests, engine.score(_chunks(requests)), strict=True):
+        soft, logp = references[adapter, query]
+        np.testing.assert_allclose(np.log(got), logp, atol=1e-3, err_msg=str(adapter))
+        np.testing.assert_allclose(got / got.sum(axis=1, keepdims=True), soft, atol=1e-4)
