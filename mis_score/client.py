@@ -100,7 +100,10 @@ def _score_body(
     apply_softmax: bool,
     item_first: bool,
     model: str | None,
+    **options: Any,
 ) -> dict[str, Any]:
+    """The /v1/score body; `options`: the Score API's other fields (long_items, item_prefix,
+    item_suffix), sent when not None."""
     if isinstance(items, str):  # one item, as the server reads a string (not its characters)
         items = [items]
     body: dict[str, Any] = {
@@ -113,7 +116,11 @@ def _score_body(
         body["label_token_ids"] = list(label_token_ids)
     if model is not None:
         body["model"] = model
-    return body
+    return body | {k: v for k, v in options.items() if v is not None}
+
+
+def _ids(frame: str | Sequence[int] | None) -> str | list[int] | None:
+    return frame if frame is None or isinstance(frame, str) else list(frame)
 
 
 def _parts(n_items: int, limit: int) -> list[slice]:
@@ -142,7 +149,10 @@ def _rerank_body(
     top_n: int | None,
     return_documents: bool,
     model: str | None,
+    **options: Any,
 ) -> dict[str, Any]:
+    """The /v1/rerank body; `options`: its other fields (long_documents, instruction), sent
+    when not None."""
     body: dict[str, Any] = {
         "query": query,
         "documents": list(documents),
@@ -152,7 +162,7 @@ def _rerank_body(
         body["top_n"] = top_n
     if model is not None:
         body["model"] = model
-    return body
+    return body | {k: v for k, v in options.items() if v is not None}
 
 
 class _Base:
@@ -249,10 +259,18 @@ class Client(_Base):
         apply_softmax: bool = False,
         item_first: bool = False,
         model: str | None = None,
+        long_items: dict[str, Any] | None = None,
+        item_prefix: str | Sequence[int] | None = None,
+        item_suffix: str | Sequence[int] | None = None,
     ) -> np.ndarray:
         """Scores [items, labels] in item order (`/v1/score`); longer item lists than the
-        deployment takes in one request are sent as several."""
-        body = _score_body(query, items, label_token_ids, apply_softmax, item_first, model)
+        deployment takes in one request are sent as several. `model`: the base's name or a
+        LoRA adapter's; `long_items`, `item_prefix`, `item_suffix`: the Score API's (README:
+        Long documents)."""
+        body = _score_body(
+            query, items, label_token_ids, apply_softmax, item_first, model,
+            long_items=long_items, item_prefix=_ids(item_prefix), item_suffix=_ids(item_suffix),
+        )  # fmt: skip
         parts = _parts(len(body["items"]), self.limits().max_items_per_request)
         answers = [
             self._call("POST", "/v1/score", body | {"items": body["items"][p]}) for p in parts
@@ -275,9 +293,16 @@ class Client(_Base):
         top_n: int | None = None,
         return_documents: bool = False,
         model: str | None = None,
+        long_documents: dict[str, Any] | None = None,
+        instruction: str | None = None,
     ) -> list[dict[str, Any]]:
-        """`/v1/rerank`'s results: {index, relevance_score[, document]}, best first."""
-        body = _rerank_body(query, documents, top_n, return_documents, model)
+        """`/v1/rerank`'s results: {index, relevance_score[, document]}, best first (a
+        document cut into windows is scored as its best unless `long_documents` says
+        otherwise; README: Long documents)."""
+        body = _rerank_body(
+            query, documents, top_n, return_documents, model,
+            long_documents=long_documents, instruction=instruction,
+        )  # fmt: skip
         return self._call("POST", "/v1/rerank", body)["results"]
 
 
@@ -355,8 +380,14 @@ class AsyncClient(_Base):
         apply_softmax: bool = False,
         item_first: bool = False,
         model: str | None = None,
+        long_items: dict[str, Any] | None = None,
+        item_prefix: str | Sequence[int] | None = None,
+        item_suffix: str | Sequence[int] | None = None,
     ) -> np.ndarray:
-        body = _score_body(query, items, label_token_ids, apply_softmax, item_first, model)
+        body = _score_body(
+            query, items, label_token_ids, apply_softmax, item_first, model,
+            long_items=long_items, item_prefix=_ids(item_prefix), item_suffix=_ids(item_suffix),
+        )  # fmt: skip
         parts = _parts(len(body["items"]), (await self.limits()).max_items_per_request)
         answers = await asyncio.gather(
             *(self._call("POST", "/v1/score", body | {"items": body["items"][p]}) for p in parts)
@@ -377,6 +408,11 @@ class AsyncClient(_Base):
         top_n: int | None = None,
         return_documents: bool = False,
         model: str | None = None,
+        long_documents: dict[str, Any] | None = None,
+        instruction: str | None = None,
     ) -> list[dict[str, Any]]:
-        body = _rerank_body(query, documents, top_n, return_documents, model)
+        body = _rerank_body(
+            query, documents, top_n, return_documents, model,
+            long_documents=long_documents, instruction=instruction,
+        )  # fmt: skip
         return (await self._call("POST", "/v1/rerank", body))["results"]

@@ -284,3 +284,24 @@ def test_rerank_errors_name_the_requests_own_options_anywhere_in_the_message():
     assert vllm("items[0]: a prompt of 12 tokens exceeds long_items.max_prompt_tokens=9") == (
         "documents[0]: a prompt of 12 tokens exceeds truncate_prompt_tokens=9"
     )
+
+
+def test_the_python_client_sends_the_long_item_options_the_server_reads():
+    """The client's score/rerank options are the request fields the server validates."""
+    from mis_api.schema import ScoreRequest
+    from mis_score.client import _rerank_body, _score_body
+    from serve_app.rerank import RerankRequest
+
+    body = _score_body(
+        "q", ["a", "b"], [1, 2], False, False, "ranker-de",
+        long_items={"mode": "chunk", "max_tokens": 8, "overlap": 2}, item_prefix=None,
+        item_suffix="<end>",
+    )  # fmt: skip
+    req = ScoreRequest.model_validate(body)
+    assert req.long_items.mode == "chunk" and req.item_suffix == "<end>" and req.item_prefix is None
+    assert req.model == "ranker-de"
+    rerank = _rerank_body(
+        "q", ["d"], None, False, None, long_documents={"mode": "truncate"}, instruction="Judge"
+    )
+    parsed = RerankRequest.model_validate(rerank)
+    assert parsed.long_documents.mode == "truncate" and parsed.instruction == "Judge"
