@@ -56,7 +56,12 @@ def service(models):
     apps = [("gemma2", "/gemma2", app(models["gemma2-tiny"]))]
     apps.append(("cls", "/cls", app(models["qwen3-tiny-cls"])))
     adapters = {name: models[name] for name in ADAPTERS}
-    lora = app(models["qwen3-tiny"], model={"path": models["qwen3-tiny"], "adapters": adapters})
+    # Compiled on first use: its requests need a few shapes, not the whole warm-up.
+    lora = app(
+        models["qwen3-tiny"],
+        model={"path": models["qwen3-tiny"], "adapters": adapters},
+        warmup=False,
+    )
     apps.append(("lora", "/lora", lora))
     with running_serve(*apps) as url:
         yield url
