@@ -149,7 +149,7 @@ class Offline:
     def __init__(self, app: AppArgs):
         path = app.model.path or str(ensure_demo_checkpoint(app.model.demo_preset))
         self.app = app
-        self.engine = ScoringEngine(path, app.engine)
+        self.engine = ScoringEngine(path, app.engine, app.model.adapters)
         self.engine.warmup()
 
     def score(self, bodies: list[dict]) -> list[np.ndarray]:
@@ -158,7 +158,8 @@ class Offline:
         per_body, chunks = [], []
         for b in bodies:
             req = ScoreRequest.model_validate(b)
-            cs = make_chunks(req, b["query"], b["items"], f.chunk_items, f.chunk_tokens)
+            adapter = req.model if req.model in self.app.model.adapters else None
+            cs = make_chunks(req, b["query"], b["items"], f.chunk_items, f.chunk_tokens, adapter)
             per_body.append(len(cs))
             chunks += cs
         out = self.engine.score(chunks)
@@ -234,6 +235,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
         bodies = [shape.body(seed) for seed in range(args.pool)]
+        if args.adapters:  # requests cycle over the config's adapters and the base
+            names = [None, *app.model.adapters]
+            for i, b in enumerate(bodies):
+                if names[i % len(names)] is not None:
+                    b["model"] = names[i % len(names)]
         encoded = [json.dumps(b).encode() for b in bodies]
         want = {i: s for i, s in enumerate(offline.score(bodies[: args.check]))}
         offline_rate = offline.items_per_s(bodies, args.offline_s)
@@ -357,6 +363,11 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=256, help="distinct requests per shape")
     p.add_argument("--check", type=int, default=32, help="requests checked bit for bit")
     p.add_argument("--ray-session", default="/tmp/ray/session_latest", help="for the logs")
+    p.add_argument(
+        "--adapters",
+        action="store_true",
+        help="requests cycle over the config's model.adapters and the base (`model`)",
+    )
     p.add_argument("--name", default="cpu")
     p.add_argument("--out", default="loadtests/results")
     args = p.parse_args()
