@@ -245,7 +245,7 @@ def _check_config(config: dict[str, Any]) -> None:
         )
 
 
-def _features(cfg: ModelConfig, module: str) -> tuple[int, int]:
+def lora_features(cfg: ModelConfig, module: str) -> tuple[int, int]:
     """(in, out) features of the HF Linear `module`."""
     d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     inter = cfg.intermediate_size
@@ -335,7 +335,7 @@ def load_adapter(
             raise ValueError(f"{rank_field}: {rank!r} must be a positive integer")
         if rank > max_rank:
             raise ValueError(f"{rank_field}: {rank} exceeds max_rank={max_rank}")
-        a_in, b_out = _features(cfg, module)
+        a_in, b_out = lora_features(cfg, module)
         for half, want in (("A", (rank, a_in)), ("B", (b_out, rank))):
             if ab[half].shape != want:
                 raise ValueError(
@@ -357,7 +357,7 @@ def load_adapter(
         layers = [(layer, v) for (m, layer), v in found.items() if m == module]
         if not layers:
             continue
-        a_in, b_out = _features(cfg, module)
+        a_in, b_out = lora_features(cfg, module)
         stack_a = np.zeros((cfg.num_layers, a_in, max_r), np.float32)
         stack_b = np.zeros((cfg.num_layers, max_r, b_out), np.float32)
         for layer, (a, b, rank, scale) in layers:
@@ -419,7 +419,7 @@ def write_random_adapter(
     tensors = {}
     for layer in range(cfg.num_layers):
         for module in modules:
-            fan_in, fan_out = _features(cfg, module)
+            fan_in, fan_out = lora_features(cfg, module)
             name = f"{_PREFIX}model.layers.{layer}.{_PARENT[module]}.{module}"
             tensors[f"{name}.lora_A.weight"] = rng.normal(0, scale, (rank, fan_in))
             tensors[f"{name}.lora_B.weight"] = rng.normal(0, scale, (fan_out, rank))

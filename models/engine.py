@@ -30,7 +30,7 @@ import numpy as np
 
 from mis_kernels.block_attention import KEY_TILES, BlockMeta
 from models.adapter_slots import AdapterSlots
-from models.adapters import LoraAdapter, load_adapter
+from models.adapters import LORA_MODULES, LoraAdapter, load_adapter, lora_features
 from models.buckets import pow2_bucket, pow2_upto
 from models.checkpoint import load_checkpoint
 from models.config import ModelConfig
@@ -255,19 +255,9 @@ class ScoringEngine:
         return dict(self._adapters)
 
     def _empty_lora(self) -> dict[str, tuple[jax.Array, jax.Array]]:
-        c, r = self.run_cfg, self.config.max_lora_rank
+        c, r = self.run_cfg, self.config.max_lora_rank  # run_cfg: KV heads as the devices hold
         slots = self.config.max_adapters + 1
-        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        d, inter = c.hidden_size, c.intermediate_size
-        features = {
-            "q_proj": (d, q),
-            "k_proj": (d, kv),
-            "v_proj": (d, kv),
-            "o_proj": (q, d),
-            "gate_proj": (d, inter),
-            "up_proj": (d, inter),
-            "down_proj": (inter, d),
-        }
+        features = {m: lora_features(c, m) for m in LORA_MODULES}
         sharding = None if self.mesh is None else replicated(self.mesh)
 
         def zeros(*shape):
@@ -324,7 +314,6 @@ class ScoringEngine:
                 for _, s in loads[k:]:
                     self.adapter_slots.drop(s)
                 raise
-            self._stats["adapter_loads"] += 1
         return [
             (0, 0)
             if c is None or c.adapter is None
