@@ -25,7 +25,11 @@ are read tile by tile in loops whose trip counts are data.
 Blocks are grouped in tiles of `tile` tokens, and each distinct prefix of a tile is walked once
 for all the tile's rows that take it: a query's item tokens score against its keys as one
 product per key tile (rows of other prefixes in the tile fold in nothing), so the more of a
-tile's blocks share a query, the fewer and bigger the products.
+tile's blocks share a query, the fewer and bigger the products. A sequence that spans blocks (a
+long item, a causal run) is walked the same way, once per tile from its start to its last row
+there, each of its rows to itself (its own range and the keys of its own block, causally): one
+product per key tile for all of its rows in the tile, not one per block; its rows skip the local
+step, which is left to the short items.
 
 Sliding windows (Mistral, Gemma 2/3's sliding layers): with `window` W, a token at position p of
 its sequence (`BlockMeta.pos`, its RoPE position) sees only keys at positions p-W+1..p of that
@@ -33,14 +37,16 @@ sequence. A prefix key's position is its offset in the prefix (a query starts at
 own key's is the range's first position (`own[b, 3]`) plus its offset, a local key's is p minus
 its distance from the token: still O(blocks + T) metadata.
 
-Exactness: a range is walked in big tiles and then small ones, counted from the range's own
-start, pool tiles and stream tiles by the same loop body, so a token's arithmetic does not
-depend on where its query's keys sit (pool or stream, at which offset) nor on which other
-sequences share the stream or its tile (a token not taking a range folds in nothing: its state
-is unchanged to the bit). A sequence that spans blocks starts at a block boundary, so how its
-keys split between its own range and its local keys depends on the sequence alone. Row sums are
-dots, not fused reduces (XLA:CPU rounds a fused reduce differently for different array shapes;
-its dot does not).
+Exactness: a prefix is walked in big tiles and then small ones (a rule on its length alone), a
+spanning sequence in small tiles only, each counted from the range's own start, pool tiles and
+stream tiles by the same loop body, so a token's arithmetic does not depend on where its query's
+keys sit (pool or stream, at which offset), on which other sequences share the stream or its
+tile (a token not taking a range folds in nothing: its state is unchanged to the bit), nor on
+which block of a tile its sequence starts in (a spanning sequence starts at a block boundary and
+its rows see keys 0..own offset of it, whatever the tile holds: only fully masked tiles come and
+go). Whether a sequence spans blocks depends on its length alone. Row sums are dots, not fused
+reduces (XLA:CPU rounds a fused reduce differently for different array shapes; its dot does
+not).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mis_kernels.layout import OWN, POOL, PREFIX, TAKES_AFTER_RUN, TAKES_ALL
+from mis_kernels.layout import OWN, POOL, PREFIX, STREAM, TAKES_AFTER_RUN, TAKES_ALL
 
 # Finite so that a fully masked row gives exp(NEG - NEG) = 1 instead of NaN; masked entries are
 # zeroed explicitly.
@@ -262,21 +268,23 @@ def _big_tiles(length, big: int):
     return whole + (rest > big // 2)
 
 
-def _walk(carry, q, read, start, length, live_rows, softcap, key_tiles, lowest=None):
+def _walk(carry, q, read, start, n_big, length, row_end, softcap, key_tiles, lowest=None):
     """Fold the keys [start, start + length) of a range into `carry` for the rows of q
-    [K, M, D] (scaled): whole big tiles (one more when more than half of one is left), then
-    small tiles for the rest; any rule works that depends on the range's length alone.
-    `read(i, size)` -> keys and values [K, size, D] from the range's index i on. `live_rows`
-    [M] bool: the rows that take the range (the others fold in nothing). `lowest` [M]: the
-    lowest range offset each row sees (sliding window), None for all."""
+    [K, M, D] (scaled): `n_big` big tiles, then small tiles for the rest. Row m sees the range's
+    keys [0, row_end[m]) (0: a row that does not take the range folds in nothing), so one walk
+    serves rows that see different lengths of the same range; a row's keys sit in the same
+    tiles, at the same places, whatever `length` is, as long as `n_big` depends on what the row
+    sees alone (a prefix: its length; a spanning sequence: 0). `read(i, size)` -> keys and values
+    [K, size, D] from the range's index i on. `lowest` [M]: the lowest range offset each row
+    sees (sliding window), None for all."""
     big, small = key_tiles
-    # Tiles whole inside the range run without a mask when every row takes them all (no other
-    # sequence's rows, no window cutting): most of a query's keys, for most tiles. Not with a
-    # soft-cap: XLA rounds tanh and exp differently in the two steps' fusions, and a row's bits
-    # would depend on whether its tile held other rows (Gemma 2's batching test found it).
-    unmasked = jnp.all(live_rows) & (softcap is None)
+    # Tiles every row sees whole run without a mask (no other sequence's rows, no window
+    # cutting): most of a query's keys, for most tiles. Not with a soft-cap: XLA rounds tanh and
+    # exp differently in the two steps' fusions, and a row's bits would depend on whether its
+    # tile held other rows (Gemma 2's batching test found it).
+    seen = jnp.min(row_end) if softcap is None else 0
     if lowest is not None:
-        unmasked &= jnp.all(lowest <= 0)
+        seen = jnp.where(jnp.all(lowest <= 0), seen, 0)
 
     def walk(carry, tile: int, first, n):
         offsets = jnp.arange(tile, dtype=jnp.int32)
@@ -289,7 +297,7 @@ def _walk(carry, q, read, start, length, live_rows, softcap, key_tiles, lowest=N
                 s = logits(s, 1.0, softcap)
                 live = None
                 if masked:
-                    live = live_rows[:, None] & (j + offsets < length)[None, :]  # [M, tile]
+                    live = (j + offsets)[None, :] < row_end[:, None]  # [M, tile]
                     if lowest is not None:
                         live &= (j + offsets)[None, :] >= lowest[:, None]
                     live = live[None]
@@ -297,11 +305,10 @@ def _walk(carry, q, read, start, length, live_rows, softcap, key_tiles, lowest=N
 
             return body
 
-        whole = jnp.where(unmasked, jnp.clip((length - first) // tile, 0, n), 0)
+        whole = jnp.clip((seen - first) // tile, 0, n)
         carry = jax.lax.fori_loop(0, whole, step(False), carry)
         return jax.lax.fori_loop(whole, n, step(True), carry)
 
-    n_big = _big_tiles(length, big)
     carry = walk(carry, big, 0, n_big)
     rest = jnp.maximum(length - n_big * big, 0)
     return walk(carry, small, n_big * big, -(-rest // small))
@@ -322,9 +329,9 @@ def block_attention(
     softcap: float | None = None,
     window: jax.Array | int | None = None,
 ) -> jax.Array:  # [T, K, G, D]
-    """Flash attention per tile: each distinct prefix of the tile's blocks for all of the rows
-    that take it, as one product per key tile; then per block its own range, then its own keys
-    causally.
+    """Flash attention per tile: each distinct prefix of the tile's blocks, and each sequence
+    that spans its blocks, for all of the rows that take it, as one product per key tile; then
+    per block the other rows' own keys causally.
     `scale` multiplies q.k (default 1/sqrt(head_dim)); `softcap` (Gemma 2) caps the scaled
     scores at +-softcap with tanh; `window` (an int32 scalar, may be traced): keys a token sees
     at most, itself included (needs `meta.pos`)."""
@@ -364,6 +371,7 @@ def block_attention(
     # last bits between a 256- and a 512-token forward). local_start >> 30 is 0 (< block).
     opaque = lambda n: jnp.maximum(n, meta.local_start[0] >> 30)  # noqa: E731
     pos = meta.pos if window is not None else jnp.zeros((t,), jnp.int32)
+    own_next = jnp.pad(meta.own[1:], [(0, 1), (0, 0)])  # each block's next block's own range
 
     # [T, K, G, D] -> [K, T*G, D] once: a kv head's query heads stacked, rows token-major, so
     # every product below reads a plain slice of it.
@@ -380,42 +388,81 @@ def block_attention(
         qh = jax.lax.dynamic_slice_in_dim(q_heads, j * tile * g, tile * g, 1)  # [K, R*G, D]
         per_row = lambda x: jnp.repeat(x, block * g, total_repeat_length=tile * g)  # noqa: E731
         takes = takes_prefix(per_row(own[:, 0]), jnp.repeat(local_start, g))  # [R*G]
-        lowest = None if window is None else jnp.repeat(tile_pos - window + 1, g)
+        rows_lowest = None if window is None else jnp.repeat(tile_pos - window + 1, g)
         init = (
             jnp.full((nk, tile * g), NEG, jnp.float32),
             jnp.zeros((nk, tile * g), jnp.float32),
             jnp.zeros((nk, tile * g, d), jnp.float32),
         )
 
-        def one_prefix(i, carry):
-            """Block i's prefix, for every row of the tile that takes it, unless an earlier
-            block of the tile has the same one (it was walked then)."""
-            same = (prefix == prefix[i]).all(axis=1)  # [per] blocks with this prefix
-            first = jnp.argmax(same) == i
+        # A block's first sequence spans blocks when it started in an earlier one (an own
+        # range) or goes on in the next (which then reads this block as its own range): a long
+        # item or a causal run. Whether a sequence spans depends on its length alone.
+        after = jax.lax.dynamic_slice_in_dim(own_next, j * per, per, 0)  # [per, 4]
+        spans = (own[:, 2] > 0) | ((after[:, 2] > 0) & (after[:, 1] == own[:, 1]))
+        # The rows of such a sequence see its keys from its start to themselves through the
+        # tile's walk of its range (the keys of their own block included, causally); the
+        # local step is for the other rows. Padding after a block's sequences (local start 0,
+        # position 0) is not the sequence: with a window it sees the own range by position and
+        # its block's keys by distance, as the reference says.
+        idx = jnp.tile(jnp.arange(block), per)  # [R] a token's place in its block
+        own_len = jnp.repeat(own[:, 2], block)
+        firsts = (local_start == 0) & jnp.repeat(spans, block)  # [R]
+        seq = firsts
+        if window is not None:
+            seq &= tile_pos == jnp.repeat(own[:, 3], block) + own_len + idx
+        seq_end = jnp.repeat(jnp.where(seq, own_len + idx + 1, jnp.where(firsts, own_len, 0)), g)
+
+        def one_range(r, carry):
+            """Range r of the tile: block r's prefix (r < per) or the sequence that spans
+            block r - per, for every row of the tile that takes it, unless an earlier block of
+            the tile has the same one (it was walked then). A spanning sequence is walked once
+            per tile from its start to its last row there, each row to itself, in small tiles
+            only (counted from the sequence's start, whatever the tile: a row's bits depend on
+            its place in its sequence alone)."""
+            is_own = r >= per
+            i = jnp.where(is_own, r - per, r)
+            same_prefix = (prefix == prefix[i]).all(axis=1)  # [per] blocks with this prefix
+            same_own = (own[:, 1] == own[i, 1]) & spans  # blocks of this sequence
+            same = jnp.where(is_own, same_own, same_prefix)
+            row_end = jnp.where(
+                is_own,
+                jnp.where(per_row(same), seq_end, 0),
+                jnp.where(takes & per_row(same), prefix[i, 2], 0),
+            )
+            length = jnp.max(row_end)
+            first = (jnp.argmax(same) == i) & (length > 0)
+            source = jnp.where(is_own, STREAM, prefix[i, 0])
+            start = jnp.where(is_own, own[i, 1], prefix[i, 1])
+            n_big = jnp.where(is_own, 0, _big_tiles(length, key_tiles[0]))
+            lowest = None
+            if window is not None:  # an own key's position: the range's first plus its offset
+                lowest = rows_lowest - jnp.where(is_own, own[i, 3], 0)
 
             def walk(carry):
-                live = takes & per_row(same)
-                read = read_prefix(prefix[i, 0])
+                read = read_prefix(source)
                 return _walk(
-                    carry, qh, read, prefix[i, 1], prefix[i, 2], live, softcap,
-                    key_tiles, lowest,
-                )  # fmt: skip
+                    carry, qh, read, start, n_big, length, row_end, softcap, key_tiles, lowest
+                )
 
-            return jax.lax.cond(first & (prefix[i, 2] > 0), walk, lambda c: c, carry)
+            return jax.lax.cond(first, walk, lambda c: c, carry)
 
-        carry = jax.lax.fori_loop(0, opaque(per), one_prefix, init)
+        carry = jax.lax.fori_loop(0, opaque(2 * per), one_range, init)
 
         def one_block(i, out):
             sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * block * g, block * g, 1)  # noqa: E731
             rb = lambda x: jax.lax.dynamic_slice_in_dim(x, i * block, block, 0)  # noqa: E731
             c = tuple(sl(x) for x in carry)
-            qb, ls, o_start, o_len, o_pos = sl(qh), rb(local_start), own[i, 1], own[i, 2], own[i, 3]
-            firsts = jnp.repeat(ls == 0, g)  # the rows of the block's first sequence
-            own_lowest = None
-            if window is not None:  # an own key's position: the range's first plus its offset
-                own_lowest = jnp.repeat(rb(tile_pos) - window + 1 - o_pos, g)
-            c = _walk(c, qb, read_stream, o_start, o_len, firsts, softcap, key_tiles, own_lowest)
-            _, l_sum, o = _local_step(c, qb, rb(kk), rb(vv), ls, softcap, window)
+            # A spanning sequence's rows have seen their keys: their local range is empty (a
+            # step that folds in nothing leaves a row's bits as they are).
+            ls = jnp.where(rb(seq), block, rb(local_start))
+            c = jax.lax.cond(
+                jnp.all(ls == block),
+                lambda c: c,
+                lambda c: _local_step(c, sl(qh), rb(kk), rb(vv), ls, softcap, window),
+                c,
+            )
+            _, l_sum, o = c
             res = (o / l_sum[..., None]).reshape(nk, block, g, d).transpose(1, 0, 2, 3)
             at = j * tile + i * block
             return jax.lax.dynamic_update_slice_in_dim(out, res.astype(out.dtype), at, 0)

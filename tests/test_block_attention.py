@@ -274,3 +274,46 @@ def test_a_row_does_not_depend_on_who_else_takes_its_prefix(softcap):
         return np.asarray(out)[:block]
 
     np.testing.assert_array_equal(run(TAKES_ALL), run(TAKES_NONE))
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_a_sequence_across_blocks_does_not_depend_on_its_tiles(softcap):
+    """A long item's later blocks read its earlier tokens as their own range, walked once per
+    tile for all of the item's blocks there: the item's rows give the same bits whichever block
+    of a tile it starts in, whatever runs before it (a causal run of another length) and after
+    it (a short item of the same query in its last block), and match the reference."""
+    rng = np.random.default_rng(5)
+    block, tile, d, q_len = 16, 64, 32, 40
+    n = 5 * block + 7  # the item: 6 blocks, the last one shared with a 9-token item
+    fixed = [rng.standard_normal(s).astype(np.float32) for s in ((n, 2, 2, d), (n, 2, d))]
+    pool_k = rng.standard_normal((2, 100, d)).astype(np.float32)
+    pool_v = rng.standard_normal((2, 100, d)).astype(np.float32)
+
+    def run(before: int) -> np.ndarray:
+        nb = -(-(before + 6) * block // tile) * tile // block
+        t = nb * block
+        q = rng.standard_normal((t, 2, 2, d)).astype(np.float32)
+        k, v = (rng.standard_normal((t, 2, d)).astype(np.float32) for _ in range(2))
+        at = before * block
+        q[at : at + n], k[at : at + n] = fixed
+        v[at : at + n] = fixed[1] * 0.5
+        prefix = [(POOL, 0, 0)] * nb
+        own = [(TAKES_NONE, b * block, 0, 0) for b in range(nb)]
+        for b in range(before):  # a causal run of `before` blocks
+            own[b] = (TAKES_NONE, 0, b * block, 0)
+        for m in range(6):  # the item, then the other item in its last block
+            prefix[before + m] = (POOL, 5, q_len)
+            own[before + m] = (TAKES_ALL, at, m * block, q_len)
+        ls = np.zeros(t, np.int32)
+        ls[at + n : at + 6 * block] = n - 5 * block
+        meta = BlockMeta(prefix_array(prefix), own_array(own), ls)
+        args = (q, k, v, pool_k, pool_v, meta)
+        out = block_attention(*args, block=block, tile=tile, key_tiles=(32, 8), softcap=softcap)
+        want = block_attention_reference(*args, block=block, softcap=softcap)
+        got = np.asarray(out)
+        np.testing.assert_allclose(got, np.asarray(want), atol=2e-6, rtol=1e-5)
+        return got[at : at + n]
+
+    base = run(0)
+    for before in (1, 2, 3, 5):
+        np.testing.assert_array_equal(run(before), base)
