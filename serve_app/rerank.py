@@ -120,6 +120,12 @@ class RerankRequest(BaseModel):
         names = {"items": "documents"}
         if self.truncate_prompt_tokens is not None:
             names["long_items.max_prompt_tokens"] = "truncate_prompt_tokens"
+        if self.max_chunks_per_doc is not None:
+            names["long_items.max_chunks"] = "max_chunks_per_doc"
+        elif self.long_documents is None:  # /v1/rerank's default windows: the client sent none
+            names["long_items.max_chunks"] = (
+                f"max_chunks_per_doc (default {COHERE_V1_CHUNKS}) or long_documents.max_chunks"
+            )
         names["long_items"] = "long_documents"
         return names
 

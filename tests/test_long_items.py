@@ -284,6 +284,16 @@ def test_rerank_errors_name_the_requests_own_options_anywhere_in_the_message():
     assert vllm("items[0]: a prompt of 12 tokens exceeds long_items.max_prompt_tokens=9") == (
         "documents[0]: a prompt of 12 tokens exceeds truncate_prompt_tokens=9"
     )
+    # Too many windows: the option the client sent, or /v1/rerank's default when it sent none.
+    cap = "items: 3 items cut into 30 windows exceed max_items_per_request=16 (fewer {}, or fewer"
+    for request, named in (
+        ({"max_chunks_per_doc": 10}, "max_chunks_per_doc"),
+        ({"long_documents": {"mode": "chunk"}}, "long_documents.max_chunks"),
+        ({}, "max_chunks_per_doc (default 10) or long_documents.max_chunks"),
+    ):
+        rename = _named(RerankRequest(query="q", documents=[], **request).renames())
+        message = rename(cap.format("long_items.max_chunks") + " items)")
+        assert message == "documents" + cap.format(named)[5:] + " items)", request
 
 
 def test_the_python_client_sends_the_long_item_options_the_server_reads():
