@@ -42,7 +42,7 @@ from mis_kernels.ragged_attention import ragged_block_attention
 from mis_score.bench import GATE_BOUND, matmul_peak_gflops, share_of_peak, useful_flops
 from mis_score.workload import Workload
 from models.config import PRESETS
-from models.engine import KEY_TILE, pool_rows
+from models.engine import KEY_TILES, pool_rows
 from models.plan import Mode
 
 PALLAS_SETTINGS = ("tile", "rows", "num_warps", "num_stages")
@@ -67,8 +67,8 @@ def parse_variant(spec: str) -> tuple[str, dict[str, int]]:
         if key not in PALLAS_SETTINGS or not value.isdigit():
             raise ValueError(f"variant {spec!r}: settings are {', '.join(PALLAS_SETTINGS)}=<int>")
         kw[key] = int(value)
-    if kw.get("tile", 0) > KEY_TILE:  # a tile is read past a range's end: the padding
-        raise ValueError(f"variant {spec!r}: the pool's padding holds tiles <= {KEY_TILE}")
+    if kw.get("tile", 0) > KEY_TILES[0]:  # a tile is read past a range's end: the padding
+        raise ValueError(f"variant {spec!r}: the pool's padding holds tiles <= {KEY_TILES[0]}")
     return name, kw
 
 
@@ -81,7 +81,7 @@ def attention_fn(name: str, settings: dict[str, int], block: int, tile: int):
     """The jitted attention of one variant: (q, k, v, pool_k, pool_v, meta) -> output."""
     if name == "xla":
         return jax.jit(
-            functools.partial(block_attention, block=block, tile=tile, key_tile=KEY_TILE)
+            functools.partial(block_attention, block=block, tile=tile, key_tiles=KEY_TILES)
         )
     return functools.partial(ragged_block_attention, block=block, **settings)
 

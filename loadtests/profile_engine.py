@@ -35,7 +35,7 @@ from models.checkpoint import ensure_demo_checkpoint
 from models.decoder import MLP, RMSNorm, label_logits_and_lse
 from models.engine import (
     HEAD_ROWS,
-    KEY_TILE,
+    KEY_TILES,
     POOL_ALIGN,
     ScoringEngine,
     pool_rows,
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     kernel = {
         Attention.XLA: jax.jit(
             lambda q, k, v, pk, pv, meta, tile: block_attention(
-                q, k, v, pk, pv, meta, block=block, tile=tile, key_tile=KEY_TILE
+                q, k, v, pk, pv, meta, block=block, tile=tile, key_tiles=KEY_TILES
             ),
             static_argnames="tile",
         ),

@@ -37,15 +37,16 @@ sequence. A prefix key's position is its offset in the prefix (a query starts at
 own key's is the range's first position (`own[b, 3]`) plus its offset, a local key's is p minus
 its distance from the token: still O(blocks + T) metadata.
 
-Exactness: a range is walked in key tiles of one size counted from the range's own start, pool
-tiles and stream tiles by the same loop body, so a token's arithmetic does not depend on where
-its query's keys sit (pool or stream, at which offset), on which other sequences share the
-stream or its tile (a token not taking a range folds in nothing: its state is unchanged to the
-bit), nor on which block of a tile its sequence starts in (a spanning sequence starts at a block
-boundary and its rows see keys 0..own offset of it, whatever the tile holds: only fully masked
-tiles come and go). Whether a sequence spans blocks depends on its length alone. Row sums are
-dots, not fused reduces (XLA:CPU rounds a fused reduce differently for different array shapes;
-its dot does not).
+Exactness: a prefix is walked in big tiles and then small ones (a rule on its length alone), a
+spanning sequence in small tiles only, each counted from the range's own start, pool tiles and
+stream tiles by the same loop body, so a token's arithmetic does not depend on where its query's
+keys sit (pool or stream, at which offset), on which other sequences share the stream or its
+tile (a token not taking a range folds in nothing: its state is unchanged to the bit), nor on
+which block of a tile its sequence starts in (a spanning sequence starts at a block boundary and
+its rows see keys 0..own offset of it, whatever the tile holds: only fully masked tiles come and
+go). Whether a sequence spans blocks depends on its length alone. Row sums are dots, not fused
+reduces (XLA:CPU rounds a fused reduce differently for different array shapes; its dot does
+not).
 """
 
 from __future__ import annotations
@@ -61,11 +62,9 @@ from mis_kernels.layout import OWN, POOL, PREFIX, STREAM, TAKES_AFTER_RUN, TAKES
 # Finite so that a fully masked row gives exp(NEG - NEG) = 1 instead of NaN; masked entries are
 # zeroed explicitly.
 NEG = -1e30
-# Keys per step of a range walk (tuned on CPU: one size for prefixes and sequences ran the
-# reference workload's attention 1.18x faster than big tiles of 512 then small ones of 128, and
-# halves the loop bodies to compile); a range is read up to a tile past its end, so the KV pool
-# and the stream carry that much padding.
-KEY_TILE = 256
+# Big and small key tiles of a range walk (tuned on CPU); a range is read up to a big tile past
+# its end, so the KV pool and the stream carry that much padding.
+KEY_TILES = (512, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,14 +263,21 @@ def _local_step(carry, q, k, v, local_start, softcap=None, window=None):
     return m_new, l_sum, o
 
 
-def _walk(carry, q, read, start, length, row_end, softcap, tile: int, lowest=None):
+def _big_tiles(length, big: int):
+    whole, rest = length // big, length % big
+    return whole + (rest > big // 2)
+
+
+def _walk(carry, q, read, start, n_big, length, row_end, softcap, key_tiles, lowest=None):
     """Fold the keys [start, start + length) of a range into `carry` for the rows of q
-    [K, M, D] (scaled), a key tile at a time. Row m sees the range's keys [0, row_end[m]) (0: a
-    row that does not take the range folds in nothing), so one walk serves rows that see
-    different lengths of the same range; a row's keys sit in the same tiles, at the same places,
-    whatever `length` is. `read(i, size)` -> keys and values [K, size, D] from the range's
-    index i on. `lowest` [M]: the lowest range offset each row sees (sliding window), None for
-    all."""
+    [K, M, D] (scaled): `n_big` big tiles, then small tiles for the rest. Row m sees the range's
+    keys [0, row_end[m]) (0: a row that does not take the range folds in nothing), so one walk
+    serves rows that see different lengths of the same range; a row's keys sit in the same
+    tiles, at the same places, whatever `length` is, as long as `n_big` depends on what the row
+    sees alone (a prefix: its length; a spanning sequence: 0). `read(i, size)` -> keys and values
+    [K, size, D] from the range's index i on. `lowest` [M]: the lowest range offset each row
+    sees (sliding window), None for all."""
+    big, small = key_tiles
     # Tiles every row sees whole run without a mask (no other sequence's rows, no window
     # cutting): most of a query's keys, for most tiles. Not with a soft-cap: XLA rounds tanh and
     # exp differently in the two steps' fusions, and a row's bits would depend on whether its
@@ -279,41 +285,46 @@ def _walk(carry, q, read, start, length, row_end, softcap, tile: int, lowest=Non
     seen = jnp.min(row_end) if softcap is None else 0
     if lowest is not None:
         seen = jnp.where(jnp.all(lowest <= 0), seen, 0)
-    offsets = jnp.arange(tile, dtype=jnp.int32)
 
-    def step(masked: bool):
-        def body(i, carry):
-            j = i * tile
-            kt, vt = read(start + j, tile)
-            s = jnp.einsum("kmd,kpd->kmp", q, kt, preferred_element_type=jnp.float32)
-            s = logits(s, 1.0, softcap)
-            live = None
-            if masked:
-                live = (j + offsets)[None, :] < row_end[:, None]  # [M, tile]
-                if lowest is not None:
-                    live &= (j + offsets)[None, :] >= lowest[:, None]
-                live = live[None]
-            return _online_step(carry, s, vt, live)
+    def walk(carry, tile: int, first, n):
+        offsets = jnp.arange(tile, dtype=jnp.int32)
 
-        return body
+        def step(masked: bool):
+            def body(i, carry):
+                j = first + i * tile
+                kt, vt = read(start + j, tile)
+                s = jnp.einsum("kmd,kpd->kmp", q, kt, preferred_element_type=jnp.float32)
+                s = logits(s, 1.0, softcap)
+                live = None
+                if masked:
+                    live = (j + offsets)[None, :] < row_end[:, None]  # [M, tile]
+                    if lowest is not None:
+                        live &= (j + offsets)[None, :] >= lowest[:, None]
+                    live = live[None]
+                return _online_step(carry, s, vt, live)
 
-    n = -(-length // tile)
-    whole = jnp.clip(seen // tile, 0, n)
-    carry = jax.lax.fori_loop(0, whole, step(False), carry)
-    return jax.lax.fori_loop(whole, n, step(True), carry)
+            return body
+
+        whole = jnp.clip((seen - first) // tile, 0, n)
+        carry = jax.lax.fori_loop(0, whole, step(False), carry)
+        return jax.lax.fori_loop(whole, n, step(True), carry)
+
+    carry = walk(carry, big, 0, n_big)
+    rest = jnp.maximum(length - n_big * big, 0)
+    return walk(carry, small, n_big * big, -(-rest // small))
 
 
 def block_attention(
     q: jax.Array,  # [T, K, G, D]  T a multiple of `tile`
     k: jax.Array,  # [T, K, D]
     v: jax.Array,  # [T, K, D]
-    pool_k: jax.Array,  # [K, P, D]  the KV pool, head-major; P >= every range's end + key tile
+    pool_k: jax.Array,  # [K, P, D]  the KV pool, head-major; P >= every range's end + big tile
     pool_v: jax.Array,  # [K, P, D]
     meta: BlockMeta,
     *,
     block: int,
     tile: int,
-    key_tile: int = KEY_TILE,
+    key_tiles: tuple[int, int] = KEY_TILES,
     scale: float | None = None,
     softcap: float | None = None,
     window: jax.Array | int | None = None,
@@ -328,12 +339,15 @@ def block_attention(
     _check(t, block, tile, meta, window)
     q, k, v, pool_k, pool_v = map(jnp.asarray, (q, k, v, pool_k, pool_v))
     meta = jax.tree.map(jnp.asarray, meta)
+    big, small = key_tiles
+    if big % small:
+        raise ValueError(f"key tiles {key_tiles}: the big tile must be a multiple of the small")
     nt, per = t // tile, tile // block
     scale = d**-0.5 if scale is None else scale
     # Head-major like the pool, so one tile read serves both; tiles past the end of the stream
     # read zeros, not a clamped (shifted) window.
-    k_pad = jnp.pad(_head_major(k), [(0, 0), (0, key_tile), (0, 0)])
-    v_pad = jnp.pad(_head_major(v), [(0, 0), (0, key_tile), (0, 0)])
+    k_pad = jnp.pad(_head_major(k), [(0, 0), (0, big), (0, 0)])
+    v_pad = jnp.pad(_head_major(v), [(0, 0), (0, big), (0, 0)])
 
     def read_stream(i, size: int):
         return tuple(jax.lax.dynamic_slice_in_dim(x, i, size, axis=1) for x in (k_pad, v_pad))
@@ -403,9 +417,9 @@ def block_attention(
             """Range r of the tile: block r's prefix (r < per) or the sequence that spans
             block r - per, for every row of the tile that takes it, unless an earlier block of
             the tile has the same one (it was walked then). A spanning sequence is walked once
-            per tile from its start to its last row there, each row to itself (key tiles
-            counted from the sequence's start, whatever the tile: a row's bits depend on its
-            place in its sequence alone)."""
+            per tile from its start to its last row there, each row to itself, in small tiles
+            only (counted from the sequence's start, whatever the tile: a row's bits depend on
+            its place in its sequence alone)."""
             is_own = r >= per
             i = jnp.where(is_own, r - per, r)
             same_prefix = (prefix == prefix[i]).all(axis=1)  # [per] blocks with this prefix
@@ -420,13 +434,16 @@ def block_attention(
             first = (jnp.argmax(same) == i) & (length > 0)
             source = jnp.where(is_own, STREAM, prefix[i, 0])
             start = jnp.where(is_own, own[i, 1], prefix[i, 1])
+            n_big = jnp.where(is_own, 0, _big_tiles(length, key_tiles[0]))
             lowest = None
             if window is not None:  # an own key's position: the range's first plus its offset
                 lowest = rows_lowest - jnp.where(is_own, own[i, 3], 0)
 
             def walk(carry):
                 read = read_prefix(source)
-                return _walk(carry, qh, read, start, length, row_end, softcap, key_tile, lowest)
+                return _walk(
+                    carry, qh, read, start, n_big, length, row_end, softcap, key_tiles, lowest
+                )
 
             return jax.lax.cond(first, walk, lambda c: c, carry)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mis_kernels.block_attention import KEY_TILE, BlockMeta, block_attention, dense_attention
+from mis_kernels.block_attention import KEY_TILES, BlockMeta, block_attention, dense_attention
 from mis_kernels.ragged_attention import ragged_block_attention
 from models.config import Head, ModelConfig, RopeScaling
 from models.engine_config import Attention
@@ -39,7 +39,7 @@ class StreamShape:
     block: int
     tile: int
     attention: Attention
-    key_tile: int = KEY_TILE  # XLA: keys per step of a range walk
+    key_tiles: tuple[int, int] = KEY_TILES  # XLA: big and small key tiles of a range
 
     def __post_init__(self) -> None:
         if self.attention is Attention.AUTO:
@@ -242,7 +242,7 @@ def _attend(
                 meta,
                 block=shape.block,
                 tile=shape.tile,
-                key_tile=shape.key_tile,
+                key_tiles=shape.key_tiles,
                 **kw,
             )
         case Attention.PALLAS:
@@ -460,7 +460,7 @@ def label_logits_and_lse(
 
 def init_shape(block: int = 8) -> StreamShape:
     """The smallest stream shape: what `init` and shape inspection trace."""
-    return StreamShape(block, block, block, Attention.XLA, key_tile=8)
+    return StreamShape(block, block, block, Attention.XLA, key_tiles=(8, 8))
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

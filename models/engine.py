@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mis_kernels.block_attention import KEY_TILE, BlockMeta
+from mis_kernels.block_attention import KEY_TILES, BlockMeta
 from models.adapter_slots import AdapterSlots
 from models.adapters import LORA_MODULES, LoraAdapter, load_adapter, lora_features
 from models.buckets import pow2_bucket, pow2_upto
@@ -131,8 +131,8 @@ def resolve_attention(requested: Attention) -> Attention:
 
 def pool_rows(config: EngineConfig) -> int:
     """Tokens of the device pool per layer and kv head: the prefix pool (prefix mode) and one
-    key tile of padding (packed and serial modes read no pool, and get the padding)."""
-    return (config.prefix_pool_tokens if config.mode is Mode.PREFIX else 0) + KEY_TILE
+    big key tile of padding (packed and serial modes read no pool, and get the padding)."""
+    return (config.prefix_pool_tokens if config.mode is Mode.PREFIX else 0) + KEY_TILES[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +198,7 @@ class ScoringEngine:
         )
         prefix = config.mode is Mode.PREFIX
         self.pool = PrefixPool(config.prefix_pool_tokens, POOL_ALIGN) if prefix else None
-        # Device pool: [layers, kv heads, tokens + one key tile of padding, head_dim]; packed
+        # Device pool: [layers, kv heads, tokens + one big tile of padding, head_dim]; packed
         # and serial modes read no pool, and get one tile of zeros.
         shape = (
             self.run_cfg.num_layers,
@@ -462,7 +462,7 @@ class ScoringEngine:
 
     def _body(self, tokens: int):
         tile = min(self.config.tile, tokens)  # a stream shorter than a tile is one
-        shape = StreamShape(tokens, self.config.block, tile, self.attention, KEY_TILE)
+        shape = StreamShape(tokens, self.config.block, tile, self.attention, KEY_TILES)
 
         pool_tokens = self.pool.tokens if self.pool is not None else 0
 

@@ -167,12 +167,12 @@ def test_random_cases_cover_every_kind_of_block():
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("key_tile", [8, 16, 64])
-def test_block_attention_matches_reference(seed, key_tile, record):
+@pytest.mark.parametrize("key_tiles", [(8, 8), (16, 8), (64, 16)])
+def test_block_attention_matches_reference(seed, key_tiles, record):
     c = random_case(seed)
     with jax.default_matmul_precision("highest"):  # GPUs default to TF32
         want = block_attention_reference(*c.arrays, block=c.block)
-        got = block_attention(*c.arrays, block=c.block, tile=c.tile, key_tile=key_tile)
+        got = block_attention(*c.arrays, block=c.block, tile=c.tile, key_tiles=key_tiles)
     diff = float(np.abs(np.asarray(got) - np.asarray(want)).max())
     record("block attention (XLA, tiled) vs reference", diff)
     assert diff <= 1e-5
@@ -234,7 +234,9 @@ def test_keys_from_pool_or_stream_give_the_same_bits():
         ls = np.zeros(t, np.int32)
         ls[-2 * block : -block] = local
         meta = BlockMeta(prefix_array(prefix), own_array(own), ls)
-        out = block_attention(q, k, v, pool_k, pool_v, meta, block=block, tile=tile, key_tile=8)
+        out = block_attention(
+            q, k, v, pool_k, pool_v, meta, block=block, tile=tile, key_tiles=(32, 8)
+        )
         return np.asarray(out)[-2 * block : -block]
 
     base = run(None, 0, rng.standard_normal((block, 2, 2, d)).astype(np.float32))
@@ -267,7 +269,7 @@ def test_a_row_does_not_depend_on_who_else_takes_its_prefix(softcap):
         own = own_array([(TAKES_ALL, 0, 0, 171)] + [(others, 0, 0, 171)] * 3)
         meta = BlockMeta(prefix_array([(POOL, 5, 171)] * 4), own, ls)
         out = block_attention(
-            q, k, k, pool, pool, meta, block=block, tile=t, key_tile=16, softcap=softcap
+            q, k, k, pool, pool, meta, block=block, tile=t, key_tiles=(64, 16), softcap=softcap
         )
         return np.asarray(out)[:block]
 
@@ -306,7 +308,7 @@ def test_a_sequence_across_blocks_does_not_depend_on_its_tiles(softcap):
         ls[at + n : at + 6 * block] = n - 5 * block
         meta = BlockMeta(prefix_array(prefix), own_array(own), ls)
         args = (q, k, v, pool_k, pool_v, meta)
-        out = block_attention(*args, block=block, tile=tile, key_tile=8, softcap=softcap)
+        out = block_attention(*args, block=block, tile=tile, key_tiles=(32, 8), softcap=softcap)
         want = block_attention_reference(*args, block=block, softcap=softcap)
         got = np.asarray(out)
         np.testing.assert_allclose(got, np.asarray(want), atol=2e-6, rtol=1e-5)

@@ -78,7 +78,7 @@ def test_kernels_match_reference(seed, window, record):
     with jax.default_matmul_precision("highest"):
         want = np.asarray(block_attention_reference(*c.arrays, **shape))
         got = {
-            "xla": block_attention(*c.arrays, tile=c.tile, key_tile=8, **shape),
+            "xla": block_attention(*c.arrays, tile=c.tile, key_tiles=(16, 8), **shape),
             **{
                 f"pallas-{b}": ragged_block_attention(
                     *c.arrays,
