@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from mis_score.cli import main
 from models.engine import ScoringEngine
@@ -101,6 +102,23 @@ def test_attention_bench_checks_and_times_each_variant(tmp_path):
     assert 0 < pallas["pct_of_peak"] < 100 and xla["speedup_vs_xla"] == 1
     assert bad["status"].startswith("failed") and "ms_per_layer" not in bad
     assert result["forwards"] == [256] and result["peak_gflops"] > 0
+
+
+def test_attention_comparison_of_two_trees(tmp_path):
+    """compare_attention against this very tree: the same bits, both timed, the JSON written;
+    a baseline without the kernel is refused."""
+    from pathlib import Path
+
+    from loadtests.compare_attention import main as compare
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "compare.json"
+    argv = ["--preset", "qwen3-tiny", "--mode", "packed", "--query-tokens", "40", "--items", "4"]
+    result = compare([*argv, "--item-tokens", "90", "--rounds", "2", "--baseline", str(root)])
+    assert result["max_abs_diff"] == 0 and result["forwards"] == [1024]
+    assert all(len(t) == 2 and min(t) > 0 for t in result["ms_per_round"].values())
+    with pytest.raises(SystemExit, match="block_attention.py does not exist"):
+        compare([*argv, "--baseline", str(tmp_path), "--json", str(out)])
 
 
 def test_rag_workload_bench_against_transformers(ckpts, tmp_path):
