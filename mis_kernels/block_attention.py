@@ -12,7 +12,9 @@ last tokens and then items of that run's query. A token attends to three kinds o
     own      the block's own range [own_start, own_start + own_len) of this stream: the keys of
              the block's first sequence before the block (a causal run's earlier blocks, a long
              item's earlier blocks), seen in full by that sequence's tokens only (the tokens
-             whose local keys start at the block's start: `local_start == 0`).
+             whose local keys start at the block's start: `local_start == 0`). It ends where
+             the block starts (own_start + own_len = block_start): the XLA walk reads a
+             spanning sequence from its start to each of its rows through the block.
     local    each token's own keys inside its block, causally: [block_start + local_start[t], t].
 
 For an item token that is serial `query ++ item` scoring (the query in full, then the item's own

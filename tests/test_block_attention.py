@@ -164,6 +164,14 @@ def test_random_cases_cover_every_kind_of_block():
         for b in range(0, len(c.meta.prefix), c.tile // c.block)
     ]
     assert any(mixed)
+    # An own range ends where its block starts (the XLA walk reads a spanning sequence's keys
+    # from its start to each row, through its own block): the planner's layout.
+    for c in cases:
+        blocks = np.arange(len(c.meta.own)) * c.block
+        spanning = c.meta.own[:, 2] > 0
+        np.testing.assert_array_equal(
+            (c.meta.own[:, 1] + c.meta.own[:, 2])[spanning], blocks[spanning]
+        )
 
 
 @pytest.mark.parametrize("seed", range(4))
