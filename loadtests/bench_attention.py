@@ -77,6 +77,26 @@ def relative_diff(got: np.ndarray, want: np.ndarray) -> float:
     return float((np.abs(got - want) / np.maximum(1.0, np.abs(want))).max())
 
 
+def random_inputs(cfg, forwards, pool_size: int, dtype) -> list[tuple]:
+    """Per forward: random q, k, v [T, ...] in the model's head shapes, a random pool [kv heads,
+    pool_size, head_dim] shared by all, and the forward's metadata (prefix, own, local_start)."""
+    kv, g, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    keys = iter(jax.random.split(jax.random.key(0), 2 + 3 * len(forwards)))
+    rnd = lambda *shape: jax.random.normal(next(keys), shape, dtype)  # noqa: E731
+    pool_k, pool_v = rnd(kv, pool_size, hd), rnd(kv, pool_size, hd)
+    return [
+        (
+            rnd(len(f.tokens), kv, g, hd),
+            rnd(len(f.tokens), kv, hd),
+            rnd(len(f.tokens), kv, hd),
+            pool_k,
+            pool_v,
+            (f.prefix, f.own, f.local_start),
+        )
+        for f in forwards
+    ]
+
+
 def attention_fn(name: str, settings: dict[str, int], block: int, tile: int):
     """The jitted attention of one variant: (q, k, v, pool_k, pool_v, meta) -> output."""
     if name == "xla":
@@ -111,20 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     config = workload_config(w, mode=Mode(args.mode), max_batch_tokens=args.max_batch_tokens)
     block = config.block
     forwards = request_forwards(w, config, seed=0)
-    kv, g, hd, dt = cfg.num_kv_heads, cfg.group_size, cfg.head_dim, jnp.dtype(dtype)
-    keys = iter(jax.random.split(jax.random.key(0), 2 + 3 * len(forwards)))
-    rnd = lambda *shape: jax.random.normal(next(keys), shape, dt)  # noqa: E731
-    pool_k, pool_v = rnd(kv, pool_rows(config), hd), rnd(kv, pool_rows(config), hd)
     inputs = [
-        (
-            rnd(len(f.tokens), kv, g, hd),
-            rnd(len(f.tokens), kv, hd),
-            rnd(len(f.tokens), kv, hd),
-            pool_k,
-            pool_v,
-            BlockMeta(*map(jnp.asarray, (f.prefix, f.own, f.local_start))),
-        )
-        for f in forwards
+        (*arrays, BlockMeta(*map(jnp.asarray, meta)))
+        for *arrays, meta in random_inputs(cfg, forwards, pool_rows(config), jnp.dtype(dtype))
     ]
     tiles = [f.tile for f in forwards]
     with jax.default_matmul_precision("highest"):

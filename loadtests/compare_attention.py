@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loadtests.bench_attention import random_inputs
 from loadtests.profile_engine import request_forwards, workload_config
 from mis_kernels import block_attention as current
 from mis_score.workload import Workload
@@ -37,7 +38,6 @@ from models.config import PRESETS
 from models.engine import pool_rows
 from models.plan import Mode
 
-# Pool rows past the engine's, so a baseline with longer key tiles reads padding, not past it.
 EXTRA_POOL = 512
 
 
@@ -77,22 +77,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     w = Workload(args.query_tokens, args.items, args.item_tokens)
     config = workload_config(w, mode=Mode(args.mode))
     forwards = request_forwards(w, config, seed=0)
-    kv, g, hd = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-    keys = iter(jax.random.split(jax.random.key(0), 2 + 3 * len(forwards)))
-    rnd = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
+    # Pool rows past the engine's, so a baseline with longer key tiles reads padding.
     rows = pool_rows(config) + EXTRA_POOL
-    pool_k, pool_v = rnd(kv, rows, hd), rnd(kv, rows, hd)
     inputs = [
-        (
-            rnd(len(f.tokens), kv, g, hd),
-            rnd(len(f.tokens), kv, hd),
-            rnd(len(f.tokens), kv, hd),
-            pool_k,
-            pool_v,
-            (f.prefix, f.own, f.local_start),
-            f.tile,
-        )
-        for f in forwards
+        (*x, f.tile)
+        for x, f in zip(random_inputs(cfg, forwards, rows, jnp.float32), forwards, strict=True)
     ]
     calls: dict[str, list] = {}
     for name, module in (("baseline", baseline), ("this tree", current)):
