@@ -1,15 +1,19 @@
 """Reliability and security of the running HTTP service (real Ray Serve, tiny checkpoint).
 
-Two applications in one Serve instance: "mis" at / (2 scorer replicas, API keys, tight limits)
-and "strict" at /strict (1 scorer replica, one request in flight, a 1 s deadline).
+Three applications in one Serve instance: "mis" at / (2 scorer replicas, API keys, tight
+limits), "strict" at /strict (1 scorer replica, one request in flight) and "deadline" at
+/deadline (1 scorer replica, one request in flight, a 1 s deadline). What each test shows
+holds however loaded the machine is: no request is expected to finish inside a deadline.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,17 +55,20 @@ def service(ckpts):
         scorer_options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}},
         ingress_options=small,
     )
+    one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}
+    big = {"limits.max_items_per_request": 8192}
     strict = build_graph(
-        common
-        | {
-            "limits.max_inflight_requests": 1,
-            "limits.request_timeout_s": 1.0,
-            "limits.max_items_per_request": 8192,
-        },
-        scorer_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+        common | big | {"limits.max_inflight_requests": 1},
+        scorer_options=one,
         ingress_options=small,
     )
-    with running_serve(("mis", "/", main), ("strict", "/strict", strict)) as url:
+    deadline = build_graph(
+        common | big | {"limits.max_inflight_requests": 1, "limits.request_timeout_s": 1.0},
+        scorer_options=one,
+        ingress_options=small,
+    )
+    apps = ("mis", "/", main), ("strict", "/strict", strict), ("deadline", "/deadline", deadline)
+    with running_serve(*apps) as url:
         yield url
 
 
@@ -183,22 +190,22 @@ def test_chunked_upload_is_read_once_and_size_checked(service, reference):
     _ok_request_is_answered_correctly(service, reference)
 
 
-def _strict_scorer_stats() -> dict[str, int]:
+def _scorer_stats(app: str = "strict") -> dict[str, int]:
     from ray import serve
 
-    return serve.get_deployment_handle("Scorer", app_name="strict").stats.remote().result()
+    return serve.get_deployment_handle("Scorer", app_name=app).stats.remote().result()
 
 
 def test_api_keys(service, reference):
     strict = f"{service}/strict"
-    before = _strict_scorer_stats()
+    before = _scorer_stats()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
         for url in (service, strict):
             r = requests.post(f"{url}/v1/score", json=OK_BODY, headers=headers, timeout=60)
             assert r.status_code == 401, r.text
             assert r.json()["message"].startswith("authorization:")
             assert r.headers["WWW-Authenticate"] == "Bearer"
-    assert _strict_scorer_stats() == before  # rejected requests touched no model
+    assert _scorer_stats() == before  # rejected requests touched no model
     # Each route's refusal in its protocol, decided by the path (the body is not read).
     protocols = {
         "/v2/rerank": lambda b: set(b) == {"message"} and b["message"],  # Cohere
@@ -213,7 +220,7 @@ def test_api_keys(service, reference):
     assert requests.get(f"{service}/health", timeout=10).status_code == 200
     lower = {"Authorization": f"bearer {KEY}"}
     assert requests.post(f"{strict}/v1/score", json=OK_BODY, headers=lower, timeout=60).ok
-    assert _strict_scorer_stats()["items"] == before["items"] + len(OK_BODY["items"])
+    assert _scorer_stats()["items"] == before["items"] + len(OK_BODY["items"])
     _ok_request_is_answered_correctly(service, reference)
 
 
@@ -221,82 +228,96 @@ def _big_body(n_items: int, seed: int = 0) -> dict:
     return Workload(40, n_items, 20, tuple(LABELS), apply_softmax=False).body(seed)
 
 
+@contextlib.contextmanager
+def _strict_busy(service: str) -> Iterator[concurrent.futures.Future]:
+    """/strict's one slot taken by a request of 600 items (seconds on one replica), entered
+    once its first chunk is scored: surely in flight then. The future is its response."""
+    before = _scorer_stats()["items"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        url = f"{service}/strict/v1/score"
+        big = pool.submit(requests.post, url, json=_big_body(600), headers=AUTH, timeout=120)
+        deadline = time.time() + 60
+        while _scorer_stats()["items"] == before:
+            assert time.time() < deadline and not big.done(), "the big request never started"
+            time.sleep(0.02)
+        yield big
+        assert big.result().status_code == 200, big.result().text
+
+
 def test_overload_gets_a_fast_503_with_retry_after(service):
-    """One request in flight at a time on /strict: the others are turned away at once."""
-    # ~0.1 s on one replica, inside /strict's 1 s deadline with room for a machine whose cores
-    # another test run is compiling on (100 items took > 1 s there: a 504, 2026-12-07); the
-    # others arrive within milliseconds, while it is in flight.
+    """One request in flight at a time on /strict: the others are turned away at once, and
+    the slot is free again once it is answered."""
     body = _big_body(30)
-
-    def post():
-        start = time.perf_counter()
-        r = requests.post(f"{service}/strict/v1/score", json=body, headers=AUTH, timeout=60)
-        return r, start, time.perf_counter()
-
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda _: post(), range(6)))
-    ok = [(r, s, e) for r, s, e in results if r.status_code == 200]
-    busy = [(r, s, e) for r, s, e in results if r.status_code == 503]
-    assert ok and busy and len(ok) + len(busy) == 6, [r.status_code for r, *_ in results]
-    for r, _, end in busy:
+    with _strict_busy(service) as big:
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            post = lambda _: requests.post(  # noqa: E731
+                f"{service}/strict/v1/score", json=body, headers=AUTH, timeout=60
+            )
+            busy = list(pool.map(post, range(5)))
+        assert not big.done()  # turned away while it was being scored, not queued behind it
+    for r in busy:
+        assert r.status_code == 503, r.text
         assert r.headers["Retry-After"] == "1" and r.json()["type"] == "ServiceUnavailable"
-        # Turned away while an admitted request was being scored, not queued behind it.
-        assert any(s < end < e for _, s, e in ok), (end, [(s, e) for _, s, e in ok])
-    scores = [np.asarray(r.json()["scores"]) for r, *_ in ok]
-    assert all(np.array_equal(s, scores[0]) for s in scores)
+    r = requests.post(f"{service}/strict/v1/score", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_python_client_honours_retry_after_and_api_keys(service):
-    """/strict takes one request at a time: four clients at once are turned away with 503 +
-    Retry-After, wait as told and try again, and all get the same exact scores; a client
-    without the API key gets a 401 raised at once (a 4xx is never retried)."""
+    """/strict takes one request at a time: four clients arriving while it is busy are turned
+    away with 503 + Retry-After, wait as told and try again, and all get the same exact
+    scores; a client without the API key gets a 401 raised at once (a 4xx is never retried)."""
     from mis_score.client import BadRequestError, Client
 
-    body = _big_body(30)  # well inside /strict's 1 s deadline
-    clients = [Client(f"{service}/strict", api_key=KEY, max_retries=30) for _ in range(4)]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    body = _big_body(30)
+    # Retries every second (Retry-After) while the big request and then the others are scored:
+    # far more allowed than an idle machine needs, for one whose cores other runs are using.
+    clients = [Client(f"{service}/strict", api_key=KEY, max_retries=300) for _ in range(4)]
+    with _strict_busy(service), concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(c.score, body["query"], body["items"], LABELS) for c in clients]
         scores = [f.result() for f in futures]
     assert all(np.array_equal(s, scores[0]) for s in scores)
-    assert sum(c.retries for c in clients) >= 1  # turned away, and answered after waiting
+    assert all(c.retries >= 1 for c in clients)  # turned away, and answered after waiting
     anonymous = Client(f"{service}/strict")
     with pytest.raises(BadRequestError) as e:
         anonymous.score(body["query"], body["items"], LABELS)
     assert e.value.status == 401 and anonymous.retries == 0
 
 
-def _strict_items_scored_after(before: int) -> int:
-    """Items /strict's one scorer has scored since `before`, once the forward that was running
+def _items_scored_after(app: str, before: int) -> int:
+    """Items the app's one scorer has scored since `before`, once the forward that was running
     has finished (the count still for 3 reads in a row)."""
     scored, settled = 0, 0
     while settled < 3:
         time.sleep(0.5)
-        now = _strict_scorer_stats()["items"] - before
+        now = _scorer_stats(app)["items"] - before
         settled = settled + 1 if now == scored else 0
         scored = now
     return scored
 
 
 def test_deadline_gives_504_and_cancels_the_rest(service):
-    """/strict has a 1 s deadline; 6000 items take far longer on one replica. The request
+    """/deadline has a 1 s deadline; 6000 items take far longer on one replica. The request
     gets a 504, and chunks that had not started are dropped, not scored. A batch has one
     deadline too: past it the batch itself is the 504 (not a 200 of entries' 504s), and all
     its entries' chunk calls are dropped."""
-    before = _strict_scorer_stats()["items"]
-    r = requests.post(f"{service}/strict/v1/score", json=_big_body(6000), headers=AUTH, timeout=60)
+    url = f"{service}/deadline/v1/score"
+    before = _scorer_stats("deadline")["items"]
+    r = requests.post(url, json=_big_body(6000), headers=AUTH, timeout=60)
     assert r.status_code == 504, r.text
     assert "request_timeout_s" in r.json()["message"]
-    scored = _strict_items_scored_after(before)
+    scored = _items_scored_after("deadline", before)
     assert scored < 6000 / 2, scored
-    quick = requests.post(f"{service}/strict/v1/score", json=OK_BODY, headers=AUTH, timeout=60)
-    assert quick.status_code == 200
+    # The timed-out request's slot is free again: the next one is admitted (answered in time
+    # or not, as the machine's load decides), not turned away as if it were still in flight.
+    r = requests.post(url, json=OK_BODY, headers=AUTH, timeout=60)
+    assert r.status_code in (200, 504), r.text
 
-    before = _strict_scorer_stats()["items"]
+    before = _scorer_stats("deadline")["items"]
     batch = {"requests": [_big_body(3000, seed) for seed in (1, 2)]}
-    r = requests.post(f"{service}/strict/v1/score/batch", json=batch, headers=AUTH, timeout=60)
+    r = requests.post(f"{url}/batch", json=batch, headers=AUTH, timeout=60)
     assert r.status_code == 504, r.text
     assert "request_timeout_s" in r.json()["message"]
-    scored = _strict_items_scored_after(before)
+    scored = _items_scored_after("deadline", before)
     assert scored < 6000 / 2, scored
 
 
@@ -363,7 +384,10 @@ def test_replica_killed_mid_run_never_gives_wrong_or_partial_scores(service, eng
         time.sleep(0.5)
     record("replica kill: chunk calls retried on another replica (count)", retried())
     # Serve replaces the killed replica; the new one joins and scores (requests of new
-    # queries are dealt over both replicas, so one of a few lands on it).
+    # queries are dealt over both replicas, so one of a few lands on it). A bound against a
+    # hang, not a start-up time: a new replica took over 100 s on a host whose 2 cores two
+    # test runs shared (2026-12-07).
+    deadline = time.time() + 600
     while len(new := set(scorers()) - set(before)) != 1:
         assert time.time() < deadline, scorers()
         time.sleep(0.5)
