@@ -89,11 +89,15 @@ class OfflineScorer:
                 vocab_size=self.engine.vocab_size,
                 engine=self.engine.config,
                 max_items=self.max_items,
-                head=(self.engine.head_kind, self.engine.class_labels),
+                head=(self.engine.head_kind, self._classes(request.model)),
             )
         except ScoringInputError as e:
             return error_body(str(e), 400)
         return Prepared(request, query, items, windows)
+
+    def _classes(self, model: str | None) -> tuple[str, ...]:
+        """The classes `model` (the base's name or an adapter's) scores with."""
+        return self.engine.classes(model if model in self.engine.adapters() else None)
 
     def score(self, prepared: Sequence[Prepared]) -> list[dict[str, Any]]:
         """Checked requests -> their response bodies (or error bodies), in order, from one
@@ -117,7 +121,7 @@ class OfflineScorer:
         out = []
         for p in prepared:
             if not p.items:
-                width = len(p.request.label_token_ids) or len(self.engine.class_labels)
+                width = len(p.request.label_token_ids) or len(self._classes(p.request.model))
                 out.append(response_body(np.zeros((0, width)), self.model_name, p.n_tokens))
                 continue
             scores = next(results)

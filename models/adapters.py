@@ -367,15 +367,35 @@ def load_adapter(
             stack_b[layer, :rank, :] = (b.astype(np.float64).T * scale).astype(np.float32)
         lora[module] = (stack_a, stack_b)
 
-    num_labels, class_labels = cfg.num_labels, cfg.class_labels
+    class_labels = _class_labels(None if head is None else head.shape, cfg, config)
     if head is not None:
-        if head.ndim != 2 or head.shape[1] != cfg.hidden_size or head.shape[0] < 1:
+        head = np.ascontiguousarray(head.astype(np.float32))
+    if not lora and head is None:
+        raise ValueError(f"{path / WEIGHTS_FILE}: holds no LoRA or classification head tensor")
+    return LoraAdapter(
+        path=path,
+        rank=max_r,
+        lora=lora,
+        head=head,
+        num_labels=len(class_labels),
+        class_labels=class_labels,
+        base_model=config.get("base_model_name_or_path"),
+    )
+
+
+def _class_labels(
+    head_shape: tuple[int, ...] | None, cfg: ModelConfig, config: dict[str, Any]
+) -> tuple[str, ...]:
+    """The classes an adapter scores with: its own head's (modules_to_save), named by its
+    id2label, or the base's."""
+    num_labels, class_labels = cfg.num_labels, cfg.class_labels
+    if head_shape is not None:
+        if len(head_shape) != 2 or head_shape[1] != cfg.hidden_size or head_shape[0] < 1:
             raise ValueError(
-                f"tensor {_HEAD_KEY!r} has shape {list(head.shape)}, expected "
+                f"tensor {_HEAD_KEY!r} has shape {list(head_shape)}, expected "
                 f"[num_labels, {cfg.hidden_size}]"
             )
-        head = np.ascontiguousarray(head.astype(np.float32))
-        num_labels = head.shape[0]
+        num_labels = head_shape[0]
         if num_labels != cfg.num_labels:  # the base's labels name other classes
             class_labels = tuple(f"LABEL_{i}" for i in range(num_labels))
     id2label = config.get("id2label")
@@ -386,17 +406,25 @@ def load_adapter(
                 f"{num_labels} classes"
             )
         class_labels = tuple(str(id2label[str(i)]) for i in range(num_labels))
-    if not lora and head is None:
-        raise ValueError(f"{path / WEIGHTS_FILE}: holds no LoRA or classification head tensor")
-    return LoraAdapter(
-        path=path,
-        rank=max_r,
-        lora=lora,
-        head=head,
-        num_labels=num_labels,
-        class_labels=class_labels,
-        base_model=config.get("base_model_name_or_path"),
-    )
+    return class_labels
+
+
+def adapter_classes(path: str | Path, cfg: ModelConfig) -> tuple[str, ...]:
+    """The class labels the adapter at `path` scores with on the base `cfg` (its own head's or
+    the base's; () for an LM head), from its config and its head's shape alone: what a
+    process that routes requests needs, without reading the weights."""
+    path = Path(path)
+    config = _read_config(path)
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise _missing(file)
+    try:
+        with safe_open(str(file), framework="np") as f:
+            names = set(f.keys())  # noqa: SIM118 (safe_open is not a mapping)
+            shape = tuple(f.get_slice(_HEAD_KEY).get_shape()) if _HEAD_KEY in names else None
+    except Exception as e:  # SafetensorError: a truncated or corrupt file
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+    return _class_labels(shape, cfg, config)
 
 
 def write_random_adapter(

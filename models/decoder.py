@@ -396,13 +396,16 @@ class Decoder(nn.Module):
         hidden: jax.Array,  # [T, hidden]
         score_idx: jax.Array,  # [S] int32: stream index whose next-token logits are scored
         label_ids: jax.Array,  # [U] int32 (LM head; a classification head reads none)
+        heads: tuple[jax.Array, jax.Array] | None = None,  # adapters' own classification heads
     ) -> tuple[jax.Array, jax.Array]:  # LM: label logits [S, U] f32, log-sum-exp [S] f32
-        # classification: class logits [S, num_labels] f32, zeros [S]
+        # classification: class logits [S, classes] f32, zeros [S]
         if self.cfg.head is Head.CLASSIFICATION:
             with jax.named_scope("score"):
                 # HF: score(hidden) pooled at the sequence's last token, no soft-cap.
                 h = self.norm(jnp.take(hidden, score_idx, axis=0))
                 logits = jnp.einsum("sd,cd->sc", h, self.score, preferred_element_type=jnp.float32)
+                if heads is not None:
+                    logits = adapter_heads(h, logits, *heads)
                 return logits, jnp.zeros(h.shape[:1], jnp.float32)
         with jax.named_scope("lm_head"):
             h = self.norm(jnp.take(hidden, score_idx, axis=0))
@@ -412,6 +415,23 @@ class Decoder(nn.Module):
     def __call__(self, tokens, pos, meta, pool_k, pool_v, score_idx, label_ids):
         hidden, _ = self.body(tokens, pos, meta, pool_k, pool_v)
         return self.head(hidden, score_idx, label_ids)
+
+
+def adapter_heads(
+    h: jax.Array,  # [S, hidden], normed
+    base: jax.Array,  # [S, num_labels] f32: the base's head on every row
+    stack: jax.Array,  # [slots, classes, hidden]: each slot's adapter head (zeros: none)
+    row_slot: jax.Array,  # [S] int32: the slot whose head scores the row (0: the base's)
+) -> jax.Array:  # [S, classes] f32, the base's rows padded with zeros past num_labels
+    """Class logits of rows scored by adapters' own heads (peft's modules_to_save `score`),
+    maybe with another number of classes than the base's. Every slot's head runs on every
+    row and each row takes its own: a row's logits are one product of its hidden state and
+    its head, whatever the other rows' adapters (bit for bit), and the base's rows keep the
+    base's product untouched."""
+    per_slot = jnp.einsum("sd,ncd->nsc", h, stack, preferred_element_type=jnp.float32)
+    own = jnp.take_along_axis(per_slot, row_slot[None, :, None], axis=0)[0]
+    base = jnp.pad(base, ((0, 0), (0, stack.shape[1] - base.shape[1])))
+    return jnp.where((row_slot > 0)[:, None], own, base)
 
 
 def vocab_blocks(vocab: int, target: int = 8192, smallest: int = 1024) -> int:

@@ -215,8 +215,15 @@ class ScoringEngine:
         self.adapter_slots = AdapterSlots(config.max_adapters)
         self._adapters: dict[str, LoraAdapter] = {}
         self._lora = self._empty_lora() if config.max_adapters else None
+        # Adapters' own classification heads (modules_to_save), a classifier base's only: per
+        # slot [slots + 1, classes, hidden], as wide as the widest head served at start (slot
+        # 0 and an adapter without a head: zeros, its rows read the base's head).
+        self._heads: jax.Array | None = None
+        self._slot_has_head = np.zeros(config.max_adapters + 1, bool)
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
+        if config.max_adapters and self.cfg.num_labels:
+            self._heads = self._empty_heads()
         self._stats: collections.Counter[str] = collections.Counter()
         self.broken: str | None = None  # why this engine must not score again (EngineBroken)
         self._compile_s = 0.0  # compile_seconds(): finished compiles, and since when one runs
@@ -231,10 +238,16 @@ class ScoringEngine:
         if not self.config.max_adapters:
             raise ValueError("max_adapters: 0, this engine runs no adapters")
         adapter = load_adapter(path, self.cfg, self.config.max_lora_rank)
-        if adapter.head is not None:
+        if adapter.head is not None and not self.cfg.num_labels:
             raise ValueError(
-                f"modules_to_save: {path} brings its own classification head, which this "
-                "engine does not run yet"
+                f"modules_to_save: {path} turns this LM into a classifier (its own `score` "
+                "head); an LM base serves adapters that score with its LM head only"
+            )
+        if self._heads is not None and adapter.num_labels > self._heads.shape[1]:
+            raise ValueError(
+                f"modules_to_save: {path}'s head has {adapter.num_labels} classes; this engine "
+                f"runs adapter heads of up to {self._heads.shape[1]} (the widest it started "
+                "with): restart it with this adapter configured"
             )
         self._adapters[name] = adapter
         self.adapter_slots.register(name)
@@ -246,6 +259,11 @@ class ScoringEngine:
             path,
         )
         return adapter
+
+    def classes(self, adapter: str | None = None) -> tuple[str, ...]:
+        """The class labels a chunk of `adapter` (None: the base) is scored with: its own
+        head's, or the base's (() for an LM head)."""
+        return self.class_labels if adapter is None else self._adapters[adapter].class_labels
 
     def remove_adapter(self, name: str) -> None:
         del self._adapters[name]
@@ -265,9 +283,23 @@ class ScoringEngine:
 
         return {m: (zeros(i, r), zeros(r, o)) for m, (i, o) in features.items()}
 
+    def _empty_heads(self) -> jax.Array:
+        heads = [a.num_labels for a in self._adapters.values() if a.head is not None]
+        width = max([self.cfg.num_labels, *heads])
+        shape = (self.config.max_adapters + 1, width, self.cfg.hidden_size)
+        sharding = None if self.mesh is None else replicated(self.mesh)
+        return jax.device_put(jnp.zeros(shape, self.dtype), sharding)
+
     def _load_slot(self, name: str, slot: int) -> None:
         """Write adapter `name`'s weights into device slot `slot` (zeros where it has none)."""
         adapter = self._adapters[name]
+        if self._heads is not None:
+            self._slot_has_head[slot] = False  # until its head is written
+            if adapter.head is not None:
+                head = np.zeros(self._heads.shape[1:], np.float32)
+                head[: adapter.num_labels] = adapter.head
+                self._heads = _set_head(self._heads, slot, jnp.asarray(head, self.dtype))
+                self._slot_has_head[slot] = True
         repeat = self.run_cfg.num_kv_heads // self.cfg.num_kv_heads  # tensor parallel's copies
         lora = {}
         for module, (a_dev, b_dev) in self._lora.items():
@@ -332,7 +364,7 @@ class ScoringEngine:
             return self._score_in_groups(chunks, named)
         out: list[np.ndarray | ScoringInputError | None] = [None] * len(chunks)
         valid: list[Chunk | None] = []
-        classes = self.cfg.num_labels
+        classes = self.cfg.num_labels  # the base's; an adapter's own head may have others
         for ci, c in enumerate(chunks):
             try:
                 check_chunk(c, self.vocab_size, self.config.limits, classification=classes > 0)
@@ -359,11 +391,13 @@ class ScoringEngine:
             raise
         self._stats["prefix_hits"] += p.prefix_hits
         self._stats["prefix_misses"] += p.prefix_misses
+        width = {
+            ci: len(self.classes(c.adapter)) if classes else len(c.label_ids)
+            for ci, c in enumerate(valid)
+            if c is not None
+        }
         results = {
-            ci: (
-                np.zeros((len(c.items), classes or len(c.label_ids)), np.float32),
-                np.zeros(len(c.items)),
-            )
+            ci: (np.zeros((len(c.items), width[ci]), np.float32), np.zeros(len(c.items)))
             for ci, c in enumerate(valid)
             if c is not None
         }
@@ -381,7 +415,7 @@ class ScoringEngine:
             for ci in map(int, np.unique(dest[:, 0])):  # one copy per chunk, not per item
                 rows = np.flatnonzero(dest[:, 0] == ci)
                 items = dest[rows, 1]
-                cols = np.arange(classes) if classes else f.label_cols[ci]
+                cols = np.arange(width[ci]) if classes else f.label_cols[ci]
                 results[ci][0][items] = ll[np.ix_(rows, cols)]
                 results[ci][1][items] = lse[rows]
         for ci, (ll, lse) in results.items():
@@ -510,13 +544,19 @@ class ScoringEngine:
 
     def _head(self, rows: int):
         labels = self.config.max_labels
+        heads = None if self._heads is None else self._heads.shape
 
         def build():
             model = Decoder(self.run_cfg, init_shape(), self.dtype, self.mesh)
 
-            def head(params, hidden, score_idx, label_ids):
+            def head(params, hidden, score_idx, label_ids, *adapter_heads):
                 return model.apply(
-                    {"params": params}, hidden, score_idx, label_ids, method=Decoder.head
+                    {"params": params},
+                    hidden,
+                    score_idx,
+                    label_ids,
+                    adapter_heads or None,
+                    method=Decoder.head,
                 )
 
             hidden = (self.config.max_batch_tokens, self.cfg.hidden_size)
@@ -526,9 +566,15 @@ class ScoringEngine:
                 jax.ShapeDtypeStruct((rows,), jnp.int32),
                 jax.ShapeDtypeStruct((labels,), jnp.int32),
             )
+            if heads is not None:  # the heads' stack, and each row's slot
+                args += (
+                    jax.ShapeDtypeStruct(heads, self.dtype),
+                    jax.ShapeDtypeStruct((rows,), jnp.int32),
+                )
             return self._compile(head, args, outs=2, pool_args=())
 
-        return self._program("head", (rows, labels, self.config.max_batch_tokens), build)
+        key = (rows, labels, self.config.max_batch_tokens, heads)
+        return self._program("head", key, build)
 
     def _compile(self, fn, args, *, outs: int, pool_args: tuple[int, ...]):
         """jit -> lower -> compile, with the mesh's shardings (host inputs replicated, the
@@ -592,17 +638,31 @@ class ScoringEngine:
             rows = pow2_bucket(len(idx), MIN_ROWS)
             padded = np.zeros(rows, np.int32)
             padded[: len(idx)] = idx
-            ll, lse = self._head(rows)(self.params, hidden, padded, f.labels)
+            heads = ()
+            if self._heads is not None:  # a row's slot: its block's, where that has a head
+                slot = f.block_slot[padded // self.config.block]
+                row_slot = np.where(self._slot_has_head[slot], slot, 0).astype(np.int32)
+                row_slot[len(idx) :] = 0
+                heads = (self._heads, row_slot)
+            ll, lse = self._head(rows)(self.params, hidden, padded, f.labels, *heads)
             pieces.append((ll, lse, len(idx)))
         self._stats["forwards"] += 1
         self._stats["tokens"] += f.real_tokens
         self._stats["padded_tokens"] += t - f.real_tokens
         if not pieces:
             width = self.cfg.num_labels or len(f.labels)
+            if self._heads is not None:
+                width = self._heads.shape[1]
             return np.zeros((0, width), np.float32), np.zeros(0, np.float32)
         ll = np.concatenate([to_host(a)[:n] for a, _, n in pieces])
         lse = np.concatenate([to_host(b)[:n] for _, b, n in pieces])
         return ll, lse
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_head(stack: jax.Array, slot, head: jax.Array) -> jax.Array:
+    """The heads' stack [slots, classes, hidden] with slot `slot` set, in place."""
+    return stack.at[slot].set(head)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

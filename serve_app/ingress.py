@@ -41,6 +41,7 @@ from mis_api.scoring import (
     prompt_tokens,
     response_body,
 )
+from models.adapters import adapter_classes
 from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_hf_config
 from models.config import from_hf_config
 from models.inputs import Chunk, ScoringInputError
@@ -261,9 +262,15 @@ class ScoreIngress:
         self.vocab_size = model.vocab_size
         # "lm" (scores at label tokens) or "classification" (class scores, no label ids).
         self.head = (model.head.value, model.class_labels)
-        k, n = self.args.rerank.class_index, len(model.class_labels)
-        if n and not -n <= k < n:
-            raise ValueError(f"rerank.class_index {k} is not a class of {list(model.class_labels)}")
+        # An adapter with its own classification head (modules_to_save) scores its classes.
+        self.adapter_heads = {
+            name: (model.head.value, adapter_classes(adapter, model))
+            for name, adapter in self.args.model.adapters.items()
+        }
+        k = self.args.rerank.class_index
+        for name, (_, classes) in {self.model_name: self.head, **self.adapter_heads}.items():
+            if classes and not -len(classes) <= k < len(classes):
+                raise ValueError(f"rerank.class_index {k} is not a class of {name}: {classes}")
         self.random_weights = has_random_weights(path)
         try:
             self.tokenizer: TextTokenizer | None = TextTokenizer.from_model_dir(path)
@@ -408,7 +415,7 @@ class ScoreIngress:
                     raise answer.renamed(functools.partial(request.name_fields, group=group))
         except _Refused as e:
             return e.response(Protocol.VLLM)
-        relevance = [self._relevance(a) for a in answers]  # type: ignore[arg-type]
+        relevance = [self._relevance(a, request.model) for a in answers]  # type: ignore[arg-type]
         scores = [relevance[r][0][d][0] for r, d in where]
         tokens = sum(r[1] for r in relevance)
         model = request.model or self.model_name
@@ -489,8 +496,9 @@ class ScoreIngress:
             raise _Refused("query: reranking needs the model's tokenizer.json")
         long_items = request.long_items(default)
         relevant = 0  # the score column of relevance: P(yes), or the relevant class's
-        if self.head[0] == "classification":
-            relevant = self.args.rerank.class_index % len(self.head[1])
+        kind, classes = self._head(request.model)
+        if kind == "classification":
+            relevant = self.args.rerank.class_index % len(classes)
         try:
             return self.rerank_prompt.score_request(
                 request, self.rerank_labels, long_items, relevant
@@ -498,11 +506,13 @@ class ScoreIngress:
         except ValidationError as e:  # what the documents make of the Score API's checks
             raise _Refused(validation_message(e)) from e
 
-    def _relevance(self, scored: _Scored) -> tuple[list[list[float]], int, list[int] | None]:
-        """(P(yes), P(no)) of each document of a rerank's answer, its prompt tokens, and the
-        windows each document was scored as (when some were cut into windows)."""
+    def _relevance(
+        self, scored: _Scored, model: str | None
+    ) -> tuple[list[list[float]], int, list[int] | None]:
+        """(P(yes), P(no)) of each document of a rerank's answer (by `model`), its prompt
+        tokens, and the windows each document was scored as (when some were cut into windows)."""
         scores, tokens = scored.response["scores"], scored.response["usage"]["prompt_tokens"]
-        if self.head[0] == "classification":  # the relevant class's probability, and the rest
+        if self._head(model)[0] == "classification":  # the relevant class's probability, the rest
             k = self.args.rerank.class_index
             scores = [[row[k], 1.0 - row[k]] for row in scores]
         return scores, tokens, scored.response.get("windows")
@@ -513,7 +523,7 @@ class ScoreIngress:
         """(P(yes), P(no)) of each document in the rerank prompt, the prompt tokens, the
         X-MIS headers (chunks, replicas) and the windows per document (or None)."""
         scored = await self._score_one(self._rerank_request(request, default), "rerank", start)
-        scores, tokens, windows = self._relevance(scored)
+        scores, tokens, windows = self._relevance(scored, request.model)
         return scores, tokens, scored.headers, windows
 
     async def _score_one(self, body: ScoreRequest, route: str, start: float) -> _Scored:
@@ -538,7 +548,7 @@ class ScoreIngress:
                 vocab_size=self.vocab_size,
                 engine=self.args.engine,
                 max_items=self.args.limits.max_items_per_request,
-                head=self.head,
+                head=self._head(body.model),
             )
         except ScoringInputError as e:
             raise _Refused(str(e)) from e
@@ -546,6 +556,10 @@ class ScoreIngress:
         adapter = body.model if body.model in adapters else None
         chunks = make_chunks(body, query, items, fanout.chunk_items, fanout.chunk_tokens, adapter)
         return _Prepared(body, query, items, chunks, windows)
+
+    def _head(self, model: str | None) -> tuple[str, tuple[str, ...]]:
+        """The head scoring `model`'s requests: "lm" or "classification", and its classes."""
+        return self.adapter_heads.get(model, self.head)  # type: ignore[arg-type]
 
     def _try_prepare(self, body: ScoreRequest) -> _Prepared | _Refused:
         try:
@@ -601,7 +615,7 @@ class ScoreIngress:
                 return _Refused(f"items: {result}", ErrorKind.FAILED)
             case Exception():
                 raise result  # not a job's own failure: FanOut raises those
-        columns = len(job.body.label_token_ids) or len(self.head[1])
+        columns = len(job.body.label_token_ids) or len(self._head(job.body.model)[1])
         scores = merge_scores([r.scores for r in result], columns)
         replicas = sorted({r.replica for r in result})
         n_tokens = prompt_tokens(job.query, job.items)
@@ -654,25 +668,28 @@ class ScoreIngress:
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         """The served model, once per name it answers to (model.name, model.served_names),
-        and each LoRA adapter (its `parent` the base)."""
-        head, classes = self.head
-        card = {
-            "object": "model",
-            "owned_by": "mis-serve",
-            "random_weights": self.random_weights,
-            # "lm": scores at label_token_ids; "classification": every class, no labels.
-            "head": head,
-            **({"class_labels": list(classes)} if classes else {}),
-            # What one request may hold (clients split longer item lists by it).
-            "limits": {
-                "max_items_per_request": self.args.limits.max_items_per_request,
-                "max_body_bytes": self.args.limits.max_body_bytes,
-                **self.args.engine.limits,
-            },
-        }
-        base = [{"id": name, "root": self.model_name, **card} for name in self.served_names]
+        and each LoRA adapter (its `parent` the base; its own head's classes where it has one)."""
+
+        def card(model: str | None) -> dict[str, Any]:
+            head, classes = self._head(model)
+            return {
+                "object": "model",
+                "owned_by": "mis-serve",
+                "random_weights": self.random_weights,
+                # "lm": scores at label_token_ids; "classification": every class, no labels.
+                "head": head,
+                **({"class_labels": list(classes)} if classes else {}),
+                # What one request may hold (clients split longer item lists by it).
+                "limits": {
+                    "max_items_per_request": self.args.limits.max_items_per_request,
+                    "max_body_bytes": self.args.limits.max_body_bytes,
+                    **self.args.engine.limits,
+                },
+            }
+
+        base = [{"id": name, "root": self.model_name, **card(None)} for name in self.served_names]
         adapters = [
-            {"id": name, "root": path, "parent": self.model_name, "adapter": "lora", **card}
+            {"id": name, "root": path, "parent": self.model_name, "adapter": "lora", **card(name)}
             for name, path in self.args.model.adapters.items()
         ]
         return {"object": "list", "data": base + adapters}

@@ -123,3 +123,48 @@ def peft_scores(
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter).eval()
     return hf_scores(model, list(query), [list(it) for it in items], labels)
+
+
+def write_cls_adapter(base: str, out, seed: int, num_labels: int | None = None, **lora) -> str:
+    """A peft adapter on the sequence classifier `base`: LoRA (B random), and with
+    task_type SEQ_CLS its own `score` head (modules_to_save), drawn at random; `num_labels`:
+    the head's classes when they differ from the base's (a new head, as transformers makes
+    with ignore_mismatched_sizes)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    other = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
+    model = AutoModelForSequenceClassification.from_pretrained(base, dtype=torch.float32, **other)
+    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": TARGETS, **lora})
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_(0.0, 0.05 if "lora_B" in name else 1.0)
+    peft_model.save_pretrained(str(out))
+    return str(out)
+
+
+def peft_class_logits(base: str, adapter: str | None, query, items) -> np.ndarray:
+    """transformers' `*ForSequenceClassification` (+ peft, unmerged) on each `query ++ item`
+    whole: class logits [items, classes] (float64), the adapter's own head where it has one."""
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification
+
+    other = {}
+    if adapter is not None:
+        with safe_open(str(Path(adapter) / "adapter_model.safetensors"), "np") as f:
+            if "base_model.model.score.weight" in f.keys():  # noqa: SIM118
+                classes = f.get_slice("base_model.model.score.weight").get_shape()[0]
+                other = {"num_labels": classes, "ignore_mismatched_sizes": True}
+    model = AutoModelForSequenceClassification.from_pretrained(base, dtype=torch.float32, **other)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    with torch.no_grad():
+        rows = [model(torch.tensor([list(query) + list(it)])).logits[0] for it in items]
+    return torch.stack(rows).double().numpy()

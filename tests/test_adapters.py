@@ -26,6 +26,7 @@ from models.adapters import (
     LORA_MODULES,
     REFUSED_FIELDS,
     adapter_bytes,
+    adapter_classes,
     load_adapter,
 )
 from models.checkpoint import make_random_checkpoint, read_hf_config
@@ -253,6 +254,9 @@ def test_classification_head_with_other_class_count(saved, cfgs):
     adapter = load_adapter(s.path, cfg)
     assert cfg.num_labels == 1 and adapter.num_labels == 3
     assert adapter.class_labels == ("LABEL_0", "LABEL_1", "LABEL_2")
+    # What the ingress reads of it (the config and the head's shape, not the weights).
+    assert adapter_classes(s.path, cfg) == adapter.class_labels
+    assert adapter_classes(saved["full"].path, cfgs["qwen3"]) == ()
     np.testing.assert_array_equal(adapter.head, s.head)
     assert adapter.head.shape == (3, 64) and adapter.head.dtype == np.float32
     _check_against_peft(adapter, s, cfg)
@@ -262,6 +266,7 @@ def test_classification_head_with_other_class_count(saved, cfgs):
     # A base with as many classes keeps its label names.
     named = dataclasses.replace(cfg, num_labels=3, class_labels=("x", "y", "z"))
     assert load_adapter(s.path, named).class_labels == ("x", "y", "z")
+    assert adapter_classes(s.path, named) == ("x", "y", "z")
 
 
 def test_lm_base_turned_classifier(saved, cfgs):

@@ -15,7 +15,13 @@ from models.engine import ScoringEngine
 from models.engine_config import EngineConfig
 from models.inputs import Chunk, UnknownAdapter
 from tests.conftest import LABELS, MODES, TEST_ENGINE, mode_name
-from tests.hf_families import peft_scores, write_adapter
+from tests.hf_families import (
+    peft_class_logits,
+    peft_scores,
+    write_adapter,
+    write_cls_adapter,
+    write_with_transformers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +148,67 @@ def test_tensor_parallel_with_adapters(ckpts, adapters, references):
         soft, logp = references[adapter, query]
         np.testing.assert_allclose(np.log(got), logp, atol=1e-3, err_msg=str(adapter))
         np.testing.assert_allclose(got / got.sum(axis=1, keepdims=True), soft, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> tuple[str, dict[str, str]]:
+    """A 3-class Qwen3 classifier transformers wrote, and peft adapters on it: its own head
+    of 3 classes, its own head of 2, LoRA alone (the base's head)."""
+    root = tmp_path_factory.mktemp("cls-adapters")
+    base = write_with_transformers("qwen3-tiny-cls", root / "base", seed=40)
+    seq_cls = {"task_type": "SEQ_CLS"}  # peft adds the head to modules_to_save
+    return base, {
+        "three": write_cls_adapter(base, root / "three", 41, r=4, **seq_cls),
+        "two": write_cls_adapter(
+            base, root / "two", 42, num_labels=2, target_modules=["q_proj", "down_proj"], **seq_cls
+        ),
+        "plain": write_cls_adapter(base, root / "plain", 43, target_modules=["v_proj"]),
+    }
+
+
+@pytest.mark.parametrize("mode", ["packed", "prefix"])
+def test_adapters_own_classification_heads_equal_peft(classifier, mode):
+    """Adapters with their own `score` head (peft's modules_to_save; 3 classes as the base, or
+    2) and one without, mixed in one call with the base: each chunk's class logits equal to
+    transformers + peft's, with its head's number of classes; each chunk alone bit-identical;
+    the base's bit-identical to an engine without adapters."""
+    base, adapters = classifier
+    config = EngineConfig(mode=mode, max_adapters=2, **TEST_ENGINE)  # 3 adapters: 2 groups
+    engine = ScoringEngine(base, config, adapters)
+    assert engine.classes("two") == ("LABEL_0", "LABEL_1")
+    assert engine.classes("three") == engine.classes() == ("negative", "neutral", "positive")
+    rng = np.random.default_rng(7)
+    ids = lambda n: tuple(rng.integers(1, 150_000, int(n)).tolist())  # noqa: E731
+    query = ids(30)
+    requests = [(a, tuple(ids(rng.integers(2, 30)) for _ in range(4))) for a in
+                (None, "two", "three", "plain", "two")]  # fmt: skip
+    chunks = [Chunk(query, items, (), False, adapter=a) for a, items in requests]
+    mixed = engine.score(chunks)
+    for (adapter, items), got in zip(requests, mixed, strict=True):
+        want = peft_class_logits(base, adapters.get(adapter), query, items)
+        assert got.shape == want.shape, adapter
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= 1e-4 * scale, (adapter, got, want)
+    for chunk, want in zip(chunks, mixed, strict=True):
+        (alone,) = engine.score([chunk])
+        assert np.array_equal(alone, want), chunk.adapter
+    plain = ScoringEngine(base, EngineConfig(mode=mode, **TEST_ENGINE))
+    (without,) = plain.score([chunks[0]])
+    assert np.array_equal(without, mixed[0])
+
+
+def test_adapter_heads_the_engine_cannot_run_are_refused(classifier, ckpts, tmp_path):
+    """An adapter turning an LM base into a classifier, and one whose head is wider than any
+    the engine started with (its head program's width), are refused naming modules_to_save."""
+    base, adapters = classifier
+    lm = ScoringEngine(ckpts["qwen3"], EngineConfig(max_adapters=1, **TEST_ENGINE))
+    to_cls = write_cls_adapter(base, tmp_path / "to-cls", 44, task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match=r"^modules_to_save: .* turns this LM into a classifier"):
+        lm.add_adapter("cls", to_cls)
+    engine = ScoringEngine(
+        base, EngineConfig(max_adapters=1, **TEST_ENGINE), {"two": adapters["two"]}
+    )
+    wide = write_cls_adapter(base, tmp_path / "wide", 45, num_labels=5, task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match=r"^modules_to_save: .* 5 classes; .* up to 3"):
+        engine.add_adapter("wide", wide)
+    assert "wide" not in engine.adapters()

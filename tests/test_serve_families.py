@@ -1,7 +1,8 @@
 """The service on other families and heads (real Ray Serve, checkpoints written by HF
 transformers): a Gemma 2 causal LM and a Qwen3 sequence classifier answer /v1/score and
 /v1/rerank through HTTP as the offline engine scores the same requests; a Qwen3 with LoRA
-adapters written by peft answers each request with the adapter its `model` names."""
+adapters written by peft answers each request with the adapter its `model` names, and the
+classifier's adapter with its own head of other classes answers with them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from models.engine import EngineConfig, ScoringEngine
 from serve_app.config import RerankArgs
 from serve_app.rerank import label_ids
 from tests.conftest import LABELS, random_request, running_serve
-from tests.hf_families import write_adapter, write_with_transformers
+from tests.hf_families import write_adapter, write_cls_adapter, write_with_transformers
 
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
@@ -36,6 +37,9 @@ def models(tmp_path_factory) -> dict[str, str]:
         "lora-a": write_adapter(base, root / "lora-a", seed=1),
         "lora-b": write_adapter(base, root / "lora-b", seed=2, r=4, target_modules=["v_proj"]),
     }
+    # The classifier retrained with 2 classes: LoRA and its own head (peft's modules_to_save).
+    cls = out["qwen3-tiny-cls"]
+    out["cls-two"] = write_cls_adapter(cls, root / "cls-two", 3, num_labels=2, task_type="SEQ_CLS")
     return out
 
 
@@ -54,7 +58,9 @@ def service(models):
         )
 
     apps = [("gemma2", "/gemma2", app(models["gemma2-tiny"]))]
-    apps.append(("cls", "/cls", app(models["qwen3-tiny-cls"])))
+    cls = models["qwen3-tiny-cls"]
+    cls_adapter = {"path": cls, "adapters": {"cls-two": models["cls-two"]}}
+    apps.append(("cls", "/cls", app(cls, model=cls_adapter, warmup=False)))
     adapters = {name: models[name] for name in ADAPTERS}
     # Compiled on first use: its requests need a few shapes, not the whole warm-up.
     lora = app(
@@ -147,6 +153,38 @@ def test_classification_model_answers_class_scores_and_rerank(service, models):
     assert r.status_code == 200, r.text
     got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
     assert np.abs(np.array([got[i] for i in range(3)]) - want).max() <= 1e-6
+
+
+def test_classifier_adapter_with_its_own_head(service, models):
+    """The adapter's own head of 2 classes (the base has 3): its requests answer 2 class
+    scores as the offline engine with the adapter gives them (the base's, 3, beside them),
+    /v1/models lists its classes, and /v1/rerank with it ranks by its last class."""
+    from models.inputs import Chunk
+
+    path, adapters = models["qwen3-tiny-cls"], {"cls-two": models["cls-two"]}
+    engine = ScoringEngine(path, EngineConfig(**ENGINE, max_adapters=1), adapters)
+    query, items = random_request(seed=5, n_items=12, q_len=30)
+    for model, classes in (("cls-two", 2), (None, 3)):
+        body = {"query": query, "items": items, "apply_softmax": True, "model": model}
+        r = requests.post(f"{service}/cls/v1/score", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        chunk = Chunk(tuple(query), tuple(map(tuple, items)), (), True, adapter=model)
+        (want,) = engine.score([chunk])
+        got = np.asarray(r.json()["scores"])
+        assert got.shape == (12, classes) and np.abs(got - want).max() <= 1e-6, model
+    cards = {
+        c["id"]: c for c in requests.get(f"{service}/cls/v1/models", timeout=30).json()["data"]
+    }
+    assert cards["cls-two"]["class_labels"] == ["LABEL_0", "LABEL_1"]
+    assert cards["cls-two"]["head"] == "classification" and cards["cls-two"]["parent"] != "cls-two"
+    q, docs = _rerank_request(engine, path)
+    chunk = Chunk(tuple(q), tuple(map(tuple, docs)), (), True, adapter="cls-two")
+    (want,) = engine.score([chunk])
+    rerank = {"query": QUERY, "documents": DOCS, "model": "cls-two"}
+    r = requests.post(f"{service}/cls/v1/rerank", json=rerank, timeout=120)
+    assert r.status_code == 200, r.text
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    assert np.abs(np.array([got[i] for i in range(3)]) - want[:, -1]).max() <= 1e-6
 
 
 def test_lora_adapters_per_request_as_the_engine_scores_each_alone(service, models):
