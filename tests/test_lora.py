@@ -150,6 +150,40 @@ def test_tensor_parallel_with_adapters(ckpts, adapters, references):
         np.testing.assert_allclose(got / got.sum(axis=1, keepdims=True), soft, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama3-tiny", "gemma2-tiny"])
+def test_adapters_on_other_families_equal_peft(family, tmp_path):
+    """Llama 3 (an untied LM head, scaled RoPE) and Gemma 2 (soft-capped attention and logits,
+    sliding windows, GeGLU, scaled embeddings, norms of 1 + w): an adapter on every projection
+    and one on two, mixed with the base in one call, each within the bounds of transformers +
+    peft, and bit-identical alone."""
+    base = write_with_transformers(family, tmp_path / "base", seed=50)
+    adapters = {
+        "all": write_adapter(base, tmp_path / "all", seed=51),
+        "two": write_adapter(
+            base, tmp_path / "two", seed=52, r=4, target_modules=["k_proj", "up_proj"]
+        ),
+    }
+    config = EngineConfig(mode="prefix", max_adapters=2, **TEST_ENGINE)
+    engine = ScoringEngine(base, config, adapters)
+    rng = np.random.default_rng(8)
+    ids = lambda n: tuple(rng.integers(1, 150_000, int(n)).tolist())  # noqa: E731
+    query = ids(40)
+    requests = [(a, tuple(ids(rng.integers(2, 30)) for _ in range(4))) for a in
+                (None, "all", "two")]  # fmt: skip
+    chunks = [Chunk(query, items, tuple(LABELS), False, adapter=a) for a, items in requests]
+    mixed = engine.score(chunks)
+    for (adapter, items), got in zip(requests, mixed, strict=True):
+        soft, logp = peft_scores(base, adapters.get(adapter), query, items, LABELS)
+        np.testing.assert_allclose(np.log(got), logp, atol=1e-3, err_msg=str(adapter))
+        np.testing.assert_allclose(got / got.sum(axis=1, keepdims=True), soft, atol=1e-4)
+    for chunk, want in zip(chunks, mixed, strict=True):
+        (alone,) = engine.score([chunk])
+        assert np.array_equal(alone, want), chunk.adapter
+    # The adapters matter: each moves the scores of the same query and items.
+    (as_all,) = engine.score([dataclasses.replace(chunks[0], adapter="all")])
+    assert np.abs(np.log(as_all) - np.log(mixed[0])).max() > 0.1
+
+
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory) -> tuple[str, dict[str, str]]:
     """A 3-class Qwen3 classifier transformers wrote, and peft adapters on it: its own head
