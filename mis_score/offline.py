@@ -120,15 +120,16 @@ class OfflineScorer:
         results = iter(self.engine.score(chunks) if chunks else [])
         out = []
         for p in prepared:
+            model = p.request.model or self.model_name  # as the service answers: the name asked
             if not p.items:
                 width = len(p.request.label_token_ids) or len(self._classes(p.request.model))
-                out.append(response_body(np.zeros((0, width)), self.model_name, p.n_tokens))
+                out.append(response_body(np.zeros((0, width)), model, p.n_tokens))
                 continue
             scores = next(results)
             if isinstance(scores, ScoringInputError):
                 out.append(error_body(str(scores), 400))
             else:
-                out.append(response_body(scores, self.model_name, p.n_tokens, p.windows))
+                out.append(response_body(scores, model, p.n_tokens, p.windows))
         return out
 
 

@@ -79,6 +79,45 @@ def _score_nothing(tmp_path, model_path: str, *extra: str):
     return run_cli("score", "--model-path", model_path, *extra, *inputs)
 
 
+def test_score_with_a_classifier_adapter_of_its_own_head(tmp_path):
+    """`mis-score score --adapter NAME=DIR` on a 3-class classifier, the adapter peft saved
+    with its own 2-class head: a line naming it answers its 2 classes under its name, as the
+    engine scores them in-process; the base's line its 3; an unknown model a 404 line."""
+    from models.engine import EngineConfig, ScoringEngine
+    from models.inputs import Chunk
+    from tests.hf_families import write_cls_adapter, write_with_transformers
+
+    base = write_with_transformers("qwen3-tiny-cls", tmp_path / "base", seed=60)
+    adapter = write_cls_adapter(base, tmp_path / "two", 61, num_labels=2, task_type="SEQ_CLS")
+    query, items = random_request(seed=9, n_items=5, q_len=20)
+    lines = [
+        {"query": query, "items": items, "model": "two", "apply_softmax": True},
+        {"query": query, "items": items},
+        {"query": query, "items": [], "model": "two"},
+        {"query": query, "items": items, "model": "three"},
+    ]
+    (tmp_path / "req.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "resp.jsonl"
+    engine = {"max_batch_tokens": 1024, "max_item_tokens": 64, "max_query_tokens": 256}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items()]
+    res = run_cli(
+        "score", "--model-path", base, "--adapter", f"two={adapter}", *flags,
+        "--input", str(tmp_path / "req.jsonl"), "--output", str(out),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    resp = [json.loads(line) for line in out.read_text().splitlines()]
+    scorer = ScoringEngine(base, EngineConfig(max_adapters=1, **engine), {"two": adapter})
+    for r, (name, soft) in zip(resp, (("two", True), (None, False)), strict=False):
+        (want,) = scorer.score(
+            [Chunk(tuple(query), tuple(map(tuple, items)), (), soft, adapter=name)]
+        )
+        assert r["model"] == (name or "base") and np.array_equal(np.asarray(r["scores"]), want)
+    assert np.asarray(resp[0]["scores"]).shape == (5, 2)
+    assert np.asarray(resp[1]["scores"]).shape == (5, 3)
+    assert resp[2]["scores"] == [] and resp[2]["model"] == "two"
+    assert resp[3]["code"] == 404 and "'three'" in resp[3]["message"]
+
+
 def test_missing_model_dir_is_a_clear_error(tmp_path):
     res = _score_nothing(tmp_path, str(tmp_path / "nope"))
     assert res.returncode == 2
