@@ -209,6 +209,7 @@ class RowScorer:
             elif pair:
                 r = prepared.request
                 key = (
+                    self.scorer.adapter_of(r.model),  # one request runs one adapter
                     tuple(prepared.query),
                     tuple(r.label_token_ids),
                     r.apply_softmax,
@@ -260,7 +261,7 @@ def _no_nulls(value: Any) -> Any:
 
 
 def _one_request(pairs: list[Prepared]) -> Prepared:
-    """Pair rows of one query (and labels and flags) as one request of their items."""
+    """Pair rows of one query (and adapter, labels and flags) as one request of their items."""
     items = [it for p in pairs for it in p.items]
     counts = tuple(len(p.items) for p in pairs)
     cut = next((p.windows for p in pairs if p.windows is not None), None)

@@ -89,22 +89,21 @@ class OfflineScorer:
                 vocab_size=self.engine.vocab_size,
                 engine=self.engine.config,
                 max_items=self.max_items,
-                head=(self.engine.head_kind, self._classes(request.model)),
+                head=self.engine.head_of(self.adapter_of(request.model)),
             )
         except ScoringInputError as e:
             return error_body(str(e), 400)
         return Prepared(request, query, items, windows)
 
-    def _classes(self, model: str | None) -> tuple[str, ...]:
-        """The classes `model` (the base's name or an adapter's) scores with."""
-        return self.engine.classes(model if model in self.engine.adapters() else None)
+    def adapter_of(self, model: str | None) -> str | None:
+        """The adapter `model` names (None: the base, by any of its names)."""
+        return model if model in self.engine.adapters() else None
 
     def score(self, prepared: Sequence[Prepared]) -> list[dict[str, Any]]:
         """Checked requests -> their response bodies (or error bodies), in order, from one
         engine call: the engine packs the requests' items into shared forwards, and an item's
         scores do not depend on what else a forward holds (bit for bit)."""
         # One chunk of every item per request: the engine packs them into forwards itself.
-        adapters = self.engine.adapters()
         chunks = [
             make_chunks(
                 p.request,
@@ -112,7 +111,7 @@ class OfflineScorer:
                 p.items,
                 len(p.items),
                 p.n_tokens,
-                p.request.model if p.request.model in adapters else None,
+                self.adapter_of(p.request.model),
             )[0]
             for p in prepared
             if p.items
@@ -122,7 +121,9 @@ class OfflineScorer:
         for p in prepared:
             model = p.request.model or self.model_name  # as the service answers: the name asked
             if not p.items:
-                width = len(p.request.label_token_ids) or len(self._classes(p.request.model))
+                width = len(p.request.label_token_ids) or len(
+                    self.engine.classes(self.adapter_of(p.request.model))
+                )
                 out.append(response_body(np.zeros((0, width)), model, p.n_tokens))
                 continue
             scores = next(results)

@@ -397,7 +397,8 @@ class Decoder(nn.Module):
         score_idx: jax.Array,  # [S] int32: stream index whose next-token logits are scored
         label_ids: jax.Array,  # [U] int32 (LM head; a classification head reads none)
         heads: tuple[jax.Array, jax.Array] | None = None,  # adapters' own classification heads
-    ) -> tuple[jax.Array, jax.Array]:  # LM: label logits [S, U] f32, log-sum-exp [S] f32
+    ) -> tuple[jax.Array, ...]:  # LM: label logits [S, U] f32, log-sum-exp [S] f32 (and with
+        # `heads`, the class logits [S, classes] f32 of rows an adapter's head scores);
         # classification: class logits [S, classes] f32, zeros [S]
         if self.cfg.head is Head.CLASSIFICATION:
             with jax.named_scope("score"):
@@ -410,7 +411,11 @@ class Decoder(nn.Module):
         with jax.named_scope("lm_head"):
             h = self.norm(jnp.take(hidden, score_idx, axis=0))
             w = self.embed_tokens.embedding if self.cfg.tie_word_embeddings else self.lm_head
-            return label_logits_and_lse(h, w, label_ids, self.cfg.final_softcap)
+            out = label_logits_and_lse(h, w, label_ids, self.cfg.final_softcap)
+        if heads is None:
+            return out
+        with jax.named_scope("score"):  # adapters turning the LM into a classifier
+            return (*out, adapter_heads(h, jnp.zeros((h.shape[0], 0), jnp.float32), *heads))
 
     def __call__(self, tokens, pos, meta, pool_k, pool_v, score_idx, label_ids):
         hidden, _ = self.body(tokens, pos, meta, pool_k, pool_v)

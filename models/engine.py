@@ -32,7 +32,7 @@ from mis_kernels.block_attention import KEY_TILES, BlockMeta
 from models.adapter_slots import AdapterSlots
 from models.adapters import LORA_MODULES, LoraAdapter, load_adapter, lora_features
 from models.buckets import pow2_bucket, pow2_upto
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, read_hf_config
 from models.config import ModelConfig
 from models.decoder import Decoder, Lora, StreamShape, init_shape
 from models.engine_config import MIN_ROWS, Attention, EngineConfig
@@ -215,15 +215,27 @@ class ScoringEngine:
         self.adapter_slots = AdapterSlots(config.max_adapters)
         self._adapters: dict[str, LoraAdapter] = {}
         self._lora = self._empty_lora() if config.max_adapters else None
-        # Adapters' own classification heads (modules_to_save), a classifier base's only: per
-        # slot [slots + 1, classes, hidden], as wide as the widest head served at start (slot
-        # 0 and an adapter without a head: zeros, its rows read the base's head).
+        # Adapters' own classification heads (modules_to_save): per slot [slots + 1, classes,
+        # hidden], as wide as the widest head served at start (slot 0 and an adapter without
+        # a head: zeros, its rows read the base's head). On a classifier base always (its
+        # adapters may bring one later); on an LM base when an adapter at start turns it into
+        # a classifier.
         self._heads: jax.Array | None = None
+        self._heads_fixed = False  # the heads' width is set: wider heads are refused
         self._slot_has_head = np.zeros(config.max_adapters + 1, bool)
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
-        if config.max_adapters and self.cfg.num_labels:
+        has_heads = any(a.head is not None for a in self._adapters.values())
+        if config.max_adapters and (self.cfg.num_labels or has_heads):
             self._heads = self._empty_heads()
+        self._heads_fixed = True
+        # The pad token a classification head's pooling skips (models/plan.py): the base's, or
+        # for an LM base's classifier adapters its config.json's, as transformers reads it
+        # when it builds the sequence classifier from that checkpoint.
+        self._pad_id = self.cfg.pad_token_id
+        if not self.cfg.num_labels and has_heads:
+            pad = read_hf_config(self.model_dir).get("pad_token_id")
+            self._pad_id = pad if isinstance(pad, int) else None
         self._stats: collections.Counter[str] = collections.Counter()
         self.broken: str | None = None  # why this engine must not score again (EngineBroken)
         self._compile_s = 0.0  # compile_seconds(): finished compiles, and since when one runs
@@ -238,16 +250,13 @@ class ScoringEngine:
         if not self.config.max_adapters:
             raise ValueError("max_adapters: 0, this engine runs no adapters")
         adapter = load_adapter(path, self.cfg, self.config.max_lora_rank)
-        if adapter.head is not None and not self.cfg.num_labels:
-            raise ValueError(
-                f"modules_to_save: {path} turns this LM into a classifier (its own `score` "
-                "head); an LM base serves adapters that score with its LM head only"
-            )
-        if self._heads is not None and adapter.num_labels > self._heads.shape[1]:
+        width = 0 if self._heads is None else self._heads.shape[1]
+        if self._heads_fixed and adapter.head is not None and adapter.num_labels > width:
+            room = f"adapter heads of up to {width} classes" if width else "no adapter heads"
             raise ValueError(
                 f"modules_to_save: {path}'s head has {adapter.num_labels} classes; this engine "
-                f"runs adapter heads of up to {self._heads.shape[1]} (the widest it started "
-                "with): restart it with this adapter configured"
+                f"started with {room} (its head program's width): restart it with this adapter "
+                "configured"
             )
         self._adapters[name] = adapter
         self.adapter_slots.register(name)
@@ -264,6 +273,18 @@ class ScoringEngine:
         """The class labels a chunk of `adapter` (None: the base) is scored with: its own
         head's, or the base's (() for an LM head)."""
         return self.class_labels if adapter is None else self._adapters[adapter].class_labels
+
+    def head_of(self, adapter: str | None = None) -> tuple[str, tuple[str, ...]]:
+        """("lm", ()) or ("classification", classes): how chunks of `adapter` are scored (an
+        LM base's adapter with a head of its own scores classes)."""
+        classes = self.classes(adapter)
+        return ("classification" if classes else "lm"), classes
+
+    def _classifies(self, adapter: str | None) -> bool:
+        """Whether `adapter`'s chunks are scored by a classification head (no label ids)."""
+        return bool(self.cfg.num_labels) or (
+            adapter in self._adapters and self._adapters[adapter].head is not None
+        )
 
     def remove_adapter(self, name: str) -> None:
         del self._adapters[name]
@@ -364,10 +385,10 @@ class ScoringEngine:
             return self._score_in_groups(chunks, named)
         out: list[np.ndarray | ScoringInputError | None] = [None] * len(chunks)
         valid: list[Chunk | None] = []
-        classes = self.cfg.num_labels  # the base's; an adapter's own head may have others
         for ci, c in enumerate(chunks):
+            classes = self._classifies(c.adapter)
             try:
-                check_chunk(c, self.vocab_size, self.config.limits, classification=classes > 0)
+                check_chunk(c, self.vocab_size, self.config.limits, classification=classes)
                 # A classification head reads no label ids: none take label columns.
                 valid.append(dataclasses.replace(c, label_ids=()) if classes else c)
             except ScoringInputError as e:
@@ -383,7 +404,7 @@ class ScoringEngine:
                 max_blocks=self.config.max_blocks,
                 max_labels=self.config.max_labels,
                 pool=self.pool,
-                pad_id=self.cfg.pad_token_id,  # a classification head's pooling
+                pad_id=self._pad_id,  # a classification head's pooling
                 adapters=adapters,
             )
         except BaseException:
@@ -391,8 +412,9 @@ class ScoringEngine:
             raise
         self._stats["prefix_hits"] += p.prefix_hits
         self._stats["prefix_misses"] += p.prefix_misses
+        classify = {ci: self._classifies(c.adapter) for ci, c in enumerate(valid) if c is not None}
         width = {
-            ci: len(self.classes(c.adapter)) if classes else len(c.label_ids)
+            ci: len(self.classes(c.adapter)) if classify[ci] else len(c.label_ids)
             for ci, c in enumerate(valid)
             if c is not None
         }
@@ -403,7 +425,7 @@ class ScoringEngine:
         }
         for f in p.forwards:
             try:
-                ll, lse = self._run(f)
+                ll, lse, own = self._run(f)
             except BaseException:
                 # This forward's queries and every later one's were allocated in the pool but
                 # not (all) written: a later call must prefill them again, never read them.
@@ -415,12 +437,15 @@ class ScoringEngine:
             for ci in map(int, np.unique(dest[:, 0])):  # one copy per chunk, not per item
                 rows = np.flatnonzero(dest[:, 0] == ci)
                 items = dest[rows, 1]
-                cols = np.arange(width[ci]) if classes else f.label_cols[ci]
-                results[ci][0][items] = ll[np.ix_(rows, cols)]
+                logits = ll
+                if classify[ci] and own is not None:  # an LM base's adapter's own head
+                    logits = own
+                cols = np.arange(width[ci]) if classify[ci] else f.label_cols[ci]
+                results[ci][0][items] = logits[np.ix_(rows, cols)]
                 results[ci][1][items] = lse[rows]
         for ci, (ll, lse) in results.items():
             soft = valid[ci].apply_softmax  # type: ignore[union-attr]
-            out[ci] = finish_classes(ll, soft) if classes else finish_scores(ll, lse, soft)
+            out[ci] = finish_classes(ll, soft) if classify[ci] else finish_scores(ll, lse, soft)
             self._stats["items"] += len(ll)
         return out  # type: ignore[return-value]
 
@@ -571,7 +596,9 @@ class ScoringEngine:
                     jax.ShapeDtypeStruct(heads, self.dtype),
                     jax.ShapeDtypeStruct((rows,), jnp.int32),
                 )
-            return self._compile(head, args, outs=2, pool_args=())
+            # An LM base's adapter heads: a third output, their class logits.
+            outs = 3 if heads is not None and not self.cfg.num_labels else 2
+            return self._compile(head, args, outs=outs, pool_args=())
 
         key = (rows, labels, self.config.max_batch_tokens, heads)
         return self._program("head", key, build)
@@ -603,7 +630,9 @@ class ScoringEngine:
         if self.pool is not None and (dropped := self.pool.rollback()):
             log.warning("a failed engine call: %d queries it meant to cache dropped", len(dropped))
 
-    def _run(self, f: Forward) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, f: Forward) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The forward's (label or class logits [S, width], log-sum-exp [S], and on an LM base
+        with adapter heads their class logits [S, classes], else None), per score."""
         t = len(f.tokens)
         body = self._body(t)  # a compile error here has touched nothing
         pool_in = self._pool_kv
@@ -644,19 +673,19 @@ class ScoringEngine:
                 row_slot = np.where(self._slot_has_head[slot], slot, 0).astype(np.int32)
                 row_slot[len(idx) :] = 0
                 heads = (self._heads, row_slot)
-            ll, lse = self._head(rows)(self.params, hidden, padded, f.labels, *heads)
-            pieces.append((ll, lse, len(idx)))
+            ll, lse, *own = self._head(rows)(self.params, hidden, padded, f.labels, *heads)
+            pieces.append((ll, lse, own[0] if own else None, len(idx)))
         self._stats["forwards"] += 1
         self._stats["tokens"] += f.real_tokens
         self._stats["padded_tokens"] += t - f.real_tokens
         if not pieces:
-            width = self.cfg.num_labels or len(f.labels)
-            if self._heads is not None:
-                width = self._heads.shape[1]
-            return np.zeros((0, width), np.float32), np.zeros(0, np.float32)
-        ll = np.concatenate([to_host(a)[:n] for a, _, n in pieces])
-        lse = np.concatenate([to_host(b)[:n] for _, b, n in pieces])
-        return ll, lse
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.float32), None
+        ll = np.concatenate([to_host(a)[:n] for a, _, _, n in pieces])
+        lse = np.concatenate([to_host(b)[:n] for _, b, _, n in pieces])
+        own = None
+        if pieces[0][2] is not None:
+            own = np.concatenate([to_host(c)[:n] for _, _, c, n in pieces])
+        return ll, lse, own
 
 
 @functools.partial(jax.jit, donate_argnums=0)

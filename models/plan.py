@@ -268,9 +268,10 @@ def plan(
     """Forwards scoring every item of every chunk (None: a chunk to skip), in order. In prefix
     mode it allocates pool ranges for the queries it prefills; the caller commits each
     forward's (`Forward.fills`) once that forward has run, or rolls them back (PrefixPool).
-    `pad_id`: a classification head's pad token: each sequence is scored where transformers
-    pools it (`pooled`), and an item of pad tokens only is pooled inside its query, so it runs
-    as a causal run of the query's pooled part. `adapters`: per chunk (device slot, key), the
+    `pad_id`: a classification head's pad token: each sequence of a chunk without label ids
+    (one a classification head scores) is scored where transformers pools it (`pooled`), and
+    an item of pad tokens only is pooled inside its query, so it runs as a causal run of the
+    query's pooled part. `adapters`: per chunk (device slot, key), the
     LoRA adapter its tokens run with (default: the base, (0, 0)); a query is cached and shared
     per (adapter key, query), so K/V computed under one adapter never serve another."""
     if tile % block:
@@ -297,18 +298,19 @@ def plan(
         if c is None or not c.items:
             continue
         slot, adapter = adapters[ci] if adapters is not None else (0, 0)
+        pad = None if c.label_ids else pad_id  # an LM head scores the last token, pad or not
         query = list(c.query)
         if c.item_first or mode is Mode.SERIAL:
             for ii, item in enumerate(c.items):
                 run = list(item) + query if c.item_first else query + list(item)
-                add_run(ci, ii, pooled(run, pad_id), c.label_ids)
+                add_run(ci, ii, pooled(run, pad), c.label_ids)
             continue
-        items = {ii: pooled(it, pad_id) for ii, it in enumerate(c.items)}
-        if pad_id is not None:
+        items = {ii: pooled(it, pad) for ii, it in enumerate(c.items)}
+        if pad is not None:
             for ii, item in enumerate(c.items):
-                if all(t == pad_id for t in item):  # pooled inside the query: a run of its own
+                if all(t == pad for t in item):  # pooled inside the query: a run of its own
                     del items[ii]
-                    add_run(ci, ii, pooled(query, pad_id), c.label_ids)
+                    add_run(ci, ii, pooled(query, pad), c.label_ids)
         todo = list(items)
         while todo:
             first = len(items[todo[0]])

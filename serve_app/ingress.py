@@ -262,10 +262,12 @@ class ScoreIngress:
         self.vocab_size = model.vocab_size
         # "lm" (scores at label tokens) or "classification" (class scores, no label ids).
         self.head = (model.head.value, model.class_labels)
-        # An adapter with its own classification head (modules_to_save) scores its classes.
+        # An adapter with its own classification head (modules_to_save) scores its classes,
+        # also on an LM base (which it turns into a classifier).
         self.adapter_heads = {
-            name: (model.head.value, adapter_classes(adapter, model))
+            name: ("classification" if classes else "lm", classes)
             for name, adapter in self.args.model.adapters.items()
+            for classes in [adapter_classes(adapter, model)]
         }
         k = self.args.rerank.class_index
         for name, (_, classes) in {self.model_name: self.head, **self.adapter_heads}.items():
@@ -497,12 +499,11 @@ class ScoreIngress:
         long_items = request.long_items(default)
         relevant = 0  # the score column of relevance: P(yes), or the relevant class's
         kind, classes = self._head(request.model)
-        if kind == "classification":
-            relevant = self.args.rerank.class_index % len(classes)
+        labels = self.rerank_labels
+        if kind == "classification":  # the class is read, no label token
+            relevant, labels = self.args.rerank.class_index % len(classes), ()
         try:
-            return self.rerank_prompt.score_request(
-                request, self.rerank_labels, long_items, relevant
-            )
+            return self.rerank_prompt.score_request(request, labels, long_items, relevant)
         except ValidationError as e:  # what the documents make of the Score API's checks
             raise _Refused(validation_message(e)) from e
 

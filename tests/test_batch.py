@@ -268,6 +268,35 @@ def test_pairs_jsonl_to_parquet_one_prefill_per_query_per_engine(jobs, scorer):
     assert summary.items == 47 and eng["compiles_during_job"] == 0
 
 
+def test_pairs_of_one_query_under_two_adapters_are_two_requests(ckpts, tmp_path):
+    """Pair rows share a query but not a `model`: each scored with its own adapter (one
+    request per query and adapter), equal to its one-item request; the base's name and no
+    `model` are one group."""
+    from models.adapters import write_random_adapter
+    from models.checkpoint import read_hf_config
+    from models.config import from_hf_config
+    from models.engine import ScoringEngine
+
+    cfg = from_hf_config(read_hf_config(ckpts["qwen3"]))
+    adapter = write_random_adapter(cfg, tmp_path / "a", rank=4, seed=3)
+    config = EngineConfig(mode="prefix", max_adapters=1, **TEST_ENGINE)
+    scorer = OfflineScorer(ScoringEngine(ckpts["qwen3"], config, {"a": str(adapter)}), "qwen3", 64)
+    rows = [
+        {"query": [5, 6, 7, 8], "item": [9, 10 + k], **({"model": m} if m else {})}
+        for k, m in enumerate([None, "a", "qwen3", "a"])
+    ]
+    rs = batch.RowScorer(scorer, RowDefaults(label_token_ids=LABELS), batch.Layout.PAIRS)
+    got = rs.score_rows(rows)
+    for row, (scores, error) in zip(rows, got, strict=True):
+        assert error is None, error
+        body = {"query": row["query"], "items": [row["item"]], "label_token_ids": LABELS}
+        (want,) = scorer.score_body(body | ({"model": row["model"]} if "model" in row else {}))[
+            "scores"
+        ]
+        assert scores == want, row
+    assert got[1][0] != got[0][0]  # the adapter moved the score
+
+
 def _actor_table(rows: list, results: list) -> pa.Table:
     """A batch as a JSONL input's engine actor hands it to the writer."""
     return pa.table(

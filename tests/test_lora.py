@@ -231,18 +231,50 @@ def test_adapters_own_classification_heads_equal_peft(classifier, mode):
     assert np.array_equal(without, mixed[0])
 
 
+def test_an_lm_turned_classifier_by_its_adapter(ckpts, adapters, references, tmp_path):
+    """An adapter peft saved on the LM as a 2-class sequence classifier (SEQ_CLS: LoRA and a
+    `score` head of its own) answers class logits equal to transformers + peft's, in one call
+    with the LM's own chunks and an LM adapter's (those still equal to peft's label scores);
+    each chunk alone bit-identical; the LM's scores bit-identical to an engine without
+    adapters."""
+    base = ckpts["qwen3"]
+    to_cls = write_cls_adapter(base, tmp_path / "to-cls", 44, num_labels=2, task_type="SEQ_CLS")
+    config = EngineConfig(mode="prefix", max_adapters=2, **TEST_ENGINE)
+    engine = ScoringEngine(base, config, {"a": adapters["a"], "cls": to_cls})
+    assert engine.head_of("cls") == ("classification", ("LABEL_0", "LABEL_1"))
+    assert engine.head_of("a") == engine.head_of() == ("lm", ())
+    lm = [r for r in _requests() if r[0] in (None, "a")]
+    query, items = lm[0][1], lm[0][2]
+    chunks = [*_chunks(lm), Chunk(query, items, (), False, adapter="cls")]
+    mixed = engine.score(chunks)
+    for (adapter, q, _), got in zip(lm, mixed, strict=False):
+        soft, logp = references[adapter, q]
+        np.testing.assert_allclose(np.log(got), logp, atol=1e-3, err_msg=str(adapter))
+        np.testing.assert_allclose(got / got.sum(axis=1, keepdims=True), soft, atol=1e-4)
+    want = peft_class_logits(base, to_cls, query, items)
+    assert mixed[-1].shape == want.shape == (len(items), 2)
+    assert np.abs(mixed[-1] - want).max() <= 1e-4 * np.abs(want).max(), (mixed[-1], want)
+    for chunk, got in zip(chunks, mixed, strict=True):
+        (alone,) = engine.score([chunk])
+        assert np.array_equal(alone, got), chunk.adapter
+    plain = ScoringEngine(base, EngineConfig(mode="prefix", **TEST_ENGINE))
+    base_chunks = [c for c in chunks if c.adapter is None]
+    for got, want in zip(plain.score(base_chunks), mixed, strict=False):
+        assert np.array_equal(got, want)
+
+
 def test_adapter_heads_the_engine_cannot_run_are_refused(classifier, ckpts, tmp_path):
-    """An adapter turning an LM base into a classifier, and one whose head is wider than any
-    the engine started with (its head program's width), are refused naming modules_to_save."""
+    """A head wider than any the engine started with (its head program's width), or one on
+    an LM engine that started without adapter heads, is refused naming modules_to_save."""
     base, adapters = classifier
     lm = ScoringEngine(ckpts["qwen3"], EngineConfig(max_adapters=1, **TEST_ENGINE))
-    to_cls = write_cls_adapter(base, tmp_path / "to-cls", 44, task_type="SEQ_CLS")
-    with pytest.raises(ValueError, match=r"^modules_to_save: .* turns this LM into a classifier"):
+    to_cls = write_cls_adapter(ckpts["qwen3"], tmp_path / "to-cls", 44, task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match=r"^modules_to_save: .* started with no adapter heads"):
         lm.add_adapter("cls", to_cls)
     engine = ScoringEngine(
         base, EngineConfig(max_adapters=1, **TEST_ENGINE), {"two": adapters["two"]}
     )
     wide = write_cls_adapter(base, tmp_path / "wide", 45, num_labels=5, task_type="SEQ_CLS")
-    with pytest.raises(ValueError, match=r"^modules_to_save: .* 5 classes; .* up to 3"):
+    with pytest.raises(ValueError, match=r"^modules_to_save: .* 5 classes; .* up to 3 classes"):
         engine.add_adapter("wide", wide)
     assert "wide" not in engine.adapters()

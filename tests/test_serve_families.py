@@ -6,8 +6,6 @@ classifier's adapter with its own head of other classes answers with them."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import requests
@@ -37,13 +35,15 @@ def models(tmp_path_factory) -> dict[str, str]:
         "lora-a": write_adapter(base, root / "lora-a", seed=1),
         "lora-b": write_adapter(base, root / "lora-b", seed=2, r=4, target_modules=["v_proj"]),
     }
-    # The classifier retrained with 2 classes: LoRA and its own head (peft's modules_to_save).
+    # The classifier retrained with 2 classes: LoRA and its own head (peft's modules_to_save);
+    # the LM turned into a 2-class classifier by its adapter.
     cls = out["qwen3-tiny-cls"]
     out["cls-two"] = write_cls_adapter(cls, root / "cls-two", 3, num_labels=2, task_type="SEQ_CLS")
+    out["lm-cls"] = write_cls_adapter(base, root / "lm-cls", 4, num_labels=2, task_type="SEQ_CLS")
     return out
 
 
-ADAPTERS = ("lora-a", "lora-b")
+ADAPTERS = ("lora-a", "lora-b")  # and "lm-cls", the LM's classifier adapter
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def service(models):
     cls = models["qwen3-tiny-cls"]
     cls_adapter = {"path": cls, "adapters": {"cls-two": models["cls-two"]}}
     apps.append(("cls", "/cls", app(cls, model=cls_adapter, warmup=False)))
-    adapters = {name: models[name] for name in ADAPTERS}
+    adapters = {name: models[name] for name in (*ADAPTERS, "lm-cls")}
     # Compiled on first use: its requests need a few shapes, not the whole warm-up.
     lora = app(
         models["qwen3-tiny"],
@@ -188,41 +188,60 @@ def test_classifier_adapter_with_its_own_head(service, models):
 
 
 def test_lora_adapters_per_request_as_the_engine_scores_each_alone(service, models):
-    """Concurrent requests for two adapters and the base (their chunks share forwards on the
-    one replica) each bit-identical to the offline engine scoring it alone with its adapter;
-    /v1/rerank picks one by `model` too; /v1/models lists them; an unknown name is a 404
-    listing what is served."""
+    """Concurrent requests for two adapters, the LM's classifier adapter and the base (their
+    chunks share forwards on the one replica) each bit-identical to the offline engine scoring
+    it alone with its adapter (the classifier adapter's: its 2 class logits, no label ids);
+    /v1/rerank picks one by `model` too; /v1/models lists them with their heads; an unknown
+    name is a 404 listing what is served."""
     import concurrent.futures
 
+    from models.inputs import Chunk
+
     url = f"{service}/lora"
-    adapters = {name: models[name] for name in ADAPTERS}
-    engine = ScoringEngine(models["qwen3-tiny"], EngineConfig(**ENGINE, max_adapters=2), adapters)
-    names = [None, *ADAPTERS] * 3
+    served = (*ADAPTERS, "lm-cls")
+    adapters = {name: models[name] for name in served}
+    engine = ScoringEngine(models["qwen3-tiny"], EngineConfig(**ENGINE, max_adapters=3), adapters)
+    names = [None, *served] * 2
     bodies = []
     for i, name in enumerate(names):
-        query, items = random_request(seed=40 + i // 3, n_items=7, q_len=30)  # each under all 3
-        bodies.append({"query": query, "items": items, "label_token_ids": LABELS})
+        query, items = random_request(seed=40 + i // 4, n_items=7, q_len=30)  # each under all 4
+        bodies.append({"query": query, "items": items})
+        if name != "lm-cls":  # a classification head reads no label ids
+            bodies[-1]["label_token_ids"] = LABELS
         if name is not None:
             bodies[-1]["model"] = name
     post = lambda b: requests.post(f"{url}/v1/score", json=b, timeout=120)  # noqa: E731
-    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(post, bodies))
     for name, body, r in zip(names, bodies, answers, strict=True):
         assert r.status_code == 200, r.text
-        from models.inputs import Chunk
-
-        chunk = Chunk(tuple(body["query"]), tuple(map(tuple, body["items"])), tuple(LABELS))
-        (want,) = engine.score([dataclasses.replace(chunk, adapter=name)])
+        query, items = tuple(body["query"]), tuple(map(tuple, body["items"]))
+        labels = tuple(body.get("label_token_ids", ()))
+        (want,) = engine.score([Chunk(query, items, labels, adapter=name)])
         assert np.array_equal(np.asarray(r.json()["scores"]), want), name
-    # The same query under the base and each adapter: different scores (the adapter matters).
+    assert np.asarray(answers[3].json()["scores"]).shape == (7, 2)
+    # The same query under the base and each LoRA adapter: different scores (it matters).
     for i in (1, 2):
         assert (
             np.abs(np.log(answers[0].json()["scores"]) - np.log(answers[i].json()["scores"])).max()
             > 0.1
         )
+    r = requests.post(f"{url}/v1/score", json={**bodies[3], "label_token_ids": LABELS})
+    assert r.status_code == 400, r.text
+    assert r.json()["message"].startswith("label_token_ids: this model has a classification head")
     listed = requests.get(f"{url}/v1/models", timeout=30).json()["data"]
-    assert [m["id"] for m in listed][1:] == list(ADAPTERS)
-    assert all(m["parent"] == listed[0]["id"] and m["head"] == "lm" for m in listed[1:])
+    assert [m["id"] for m in listed][1:] == list(served)
+    assert all(m["parent"] == listed[0]["id"] for m in listed[1:])
+    assert [m["head"] for m in listed] == ["lm", "lm", "lm", "classification"]
+    assert listed[-1]["class_labels"] == ["LABEL_0", "LABEL_1"]
+    # The classifier adapter reranks by its last class's probability (rerank.class_index).
+    q, docs = _rerank_request(engine, models["qwen3-tiny"])
+    (want,) = engine.score([Chunk(tuple(q), tuple(map(tuple, docs)), (), True, adapter="lm-cls")])
+    rerank = {"query": QUERY, "documents": DOCS, "model": "lm-cls"}
+    r = requests.post(f"{url}/v1/rerank", json=rerank, timeout=120)
+    assert r.status_code == 200, r.text
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    assert np.abs(np.array([got[i] for i in range(3)]) - want[:, -1]).max() <= 1e-6
     rerank = {"query": QUERY, "documents": DOCS, "model": "lora-b"}
     r = requests.post(f"{url}/v1/rerank", json=rerank, timeout=120)
     assert r.status_code == 200 and r.json()["model"] == "lora-b", r.text
@@ -230,4 +249,5 @@ def test_lora_adapters_per_request_as_the_engine_scores_each_alone(service, mode
     assert base.json()["results"] != r.json()["results"]
     r = requests.post(f"{url}/v1/score", json={**bodies[0], "model": "lora-c"}, timeout=30)
     assert r.status_code == 404, r.text
-    assert "'lora-c'" in r.json()["message"] and "['lora-a', 'lora-b']" in r.json()["message"]
+    assert "'lora-c'" in r.json()["message"]
+    assert "['lora-a', 'lora-b', 'lm-cls']" in r.json()["message"]
