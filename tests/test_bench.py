@@ -52,10 +52,10 @@ def test_a_mode_that_disagrees_with_serial_is_failed_not_ranked(ckpts, tmp_path,
     real = ScoringEngine._run
 
     def labels_swapped(self, forward):
-        label_logits, lse = real(self, forward)
+        label_logits, lse, own = real(self, forward)
         if self.config.mode.value != "serial":
             label_logits = label_logits[:, ::-1]
-        return label_logits, lse
+        return label_logits, lse, own
 
     monkeypatch.setattr(ScoringEngine, "_run", labels_swapped)
     result = _bench(
