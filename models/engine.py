@@ -235,7 +235,9 @@ class ScoringEngine:
         self._pad_id = self.cfg.pad_token_id
         if not self.cfg.num_labels and has_heads:
             pad = read_hf_config(self.model_dir).get("pad_token_id")
-            self._pad_id = pad if isinstance(pad, int) else None
+            if pad is not None and not isinstance(pad, int):  # as for a classifier's config
+                raise ValueError(f"pad_token_id {pad}: expected one token id")
+            self._pad_id = pad
         self._stats: collections.Counter[str] = collections.Counter()
         self.broken: str | None = None  # why this engine must not score again (EngineBroken)
         self._compile_s = 0.0  # compile_seconds(): finished compiles, and since when one runs
