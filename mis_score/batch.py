@@ -250,7 +250,13 @@ class RowScorer:
             body.pop("items", None)
             if row.get("item") is not None:
                 body["items"] = [row["item"]]
-        return self.defaults | body
+        out = self.defaults | body
+        model = out.get("model")
+        if "label_token_ids" not in body and (model is None or isinstance(model, str)):
+            kind, _ = self.scorer.engine.head_of(self.scorer.adapter_of(model))
+            if kind == "classification":  # its head reads classes: the default labels are not its
+                out.pop("label_token_ids", None)
+        return out
 
 
 def _no_nulls(value: Any) -> Any:

@@ -297,6 +297,25 @@ def test_pairs_of_one_query_under_two_adapters_are_two_requests(ckpts, tmp_path)
     assert got[1][0] != got[0][0]  # the adapter moved the score
 
 
+def test_default_labels_are_not_a_classifier_adapters(ckpts, tmp_path):
+    """The job's default label_token_ids go to the LM's rows, not to the rows of an adapter
+    that turns it into a classifier (its head reads classes): both kinds in one job."""
+    from models.engine import ScoringEngine
+    from tests.hf_families import write_cls_adapter
+
+    adapter = write_cls_adapter(
+        ckpts["qwen3"], tmp_path / "cls", 5, num_labels=2, task_type="SEQ_CLS"
+    )
+    config = EngineConfig(mode="prefix", max_adapters=1, **TEST_ENGINE)
+    scorer = OfflineScorer(ScoringEngine(ckpts["qwen3"], config, {"cls": adapter}), "qwen3", 64)
+    rows = [{"query": [5, 6, 7], "items": [[8, 9], [10]]}, {"query": [5, 6, 7], "items": [[8, 9]]}]
+    rows[1]["model"] = "cls"
+    rs = batch.RowScorer(scorer, RowDefaults(label_token_ids=LABELS), batch.Layout.REQUESTS)
+    (lm, lm_error), (cls, cls_error) = rs.score_rows(rows)
+    assert lm_error is None and cls_error is None, (lm_error, cls_error)
+    assert np.asarray(lm).shape == (2, len(LABELS)) and np.asarray(cls).shape == (1, 2)
+
+
 def _actor_table(rows: list, results: list) -> pa.Table:
     """A batch as a JSONL input's engine actor hands it to the writer."""
     return pa.table(
