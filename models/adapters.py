@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -425,6 +426,24 @@ def adapter_classes(path: str | Path, cfg: ModelConfig) -> tuple[str, ...]:
     except Exception as e:  # SafetensorError: a truncated or corrupt file
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
     return _class_labels(shape, cfg, config)
+
+
+def head_width(cfg: ModelConfig, heads: Iterable[int]) -> int:
+    """The classes an engine's adapter heads program is as wide as, started on the base `cfg`
+    with adapters whose own heads have `heads` classes: the base's or the widest (0: none)."""
+    return max([cfg.num_labels, *heads])
+
+
+def check_head_room(adapter: LoraAdapter, width: int) -> None:
+    """ValueError unless `adapter`'s own head (if any) fits an engine whose head program is
+    `width` classes wide (fixed at its start: a wider head needs a restart)."""
+    if adapter.head is not None and adapter.num_labels > width:
+        room = f"adapter heads of up to {width} classes" if width else "no adapter heads"
+        raise ValueError(
+            f"modules_to_save: {adapter.path}'s head has {adapter.num_labels} classes; the "
+            f"engine started with {room} (its head program's width): restart it with this "
+            "adapter configured"
+        )
 
 
 def write_random_adapter(

@@ -30,7 +30,14 @@ import numpy as np
 
 from mis_kernels.block_attention import KEY_TILES, BlockMeta
 from models.adapter_slots import AdapterSlots
-from models.adapters import LORA_MODULES, LoraAdapter, load_adapter, lora_features
+from models.adapters import (
+    LORA_MODULES,
+    LoraAdapter,
+    check_head_room,
+    head_width,
+    load_adapter,
+    lora_features,
+)
 from models.buckets import pow2_bucket, pow2_upto
 from models.checkpoint import load_checkpoint, read_hf_config
 from models.config import ModelConfig
@@ -249,17 +256,22 @@ class ScoringEngine:
     def add_adapter(self, name: str, path: str | Path) -> LoraAdapter:
         """Serve the LoRA adapter at `path` (peft's files) as `name`, replacing one of that
         name; a bad adapter raises ValueError naming the field and changes nothing."""
+        adapter = self.check_adapter(path)
+        self.register_adapter(name, adapter)
+        return adapter
+
+    def check_adapter(self, path: str | Path) -> LoraAdapter:
+        """The adapter at `path` read and checked against this engine, not yet served: no
+        engine state changes, so a replica can read one in a thread while it scores."""
         if not self.config.max_adapters:
             raise ValueError("max_adapters: 0, this engine runs no adapters")
         adapter = load_adapter(path, self.cfg, self.config.max_lora_rank)
-        width = 0 if self._heads is None else self._heads.shape[1]
-        if self._heads_fixed and adapter.head is not None and adapter.num_labels > width:
-            room = f"adapter heads of up to {width} classes" if width else "no adapter heads"
-            raise ValueError(
-                f"modules_to_save: {path}'s head has {adapter.num_labels} classes; this engine "
-                f"started with {room} (its head program's width): restart it with this adapter "
-                "configured"
-            )
+        if self._heads_fixed:
+            check_head_room(adapter, 0 if self._heads is None else self._heads.shape[1])
+        return adapter
+
+    def register_adapter(self, name: str, adapter: LoraAdapter) -> None:
+        """Serve `adapter` (check_adapter's) as `name`; between engine calls only."""
         self._adapters[name] = adapter
         self.adapter_slots.register(name)
         log.info(
@@ -267,9 +279,8 @@ class ScoringEngine:
             name,
             adapter.rank,
             ", ".join(sorted(adapter.lora)),
-            path,
+            adapter.path,
         )
-        return adapter
 
     def classes(self, adapter: str | None = None) -> tuple[str, ...]:
         """The class labels a chunk of `adapter` (None: the base) is scored with: its own
@@ -307,8 +318,8 @@ class ScoringEngine:
         return {m: (zeros(i, r), zeros(r, o)) for m, (i, o) in features.items()}
 
     def _empty_heads(self) -> jax.Array:
-        heads = [a.num_labels for a in self._adapters.values() if a.head is not None]
-        width = max([self.cfg.num_labels, *heads])
+        heads = (a.num_labels for a in self._adapters.values() if a.head is not None)
+        width = head_width(self.cfg, heads)
         shape = (self.config.max_adapters + 1, width, self.cfg.hidden_size)
         sharding = None if self.mesh is None else replicated(self.mesh)
         return jax.device_put(jnp.zeros(shape, self.dtype), sharding)

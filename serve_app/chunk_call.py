@@ -31,3 +31,8 @@ class ChunkFailure(RuntimeError):
     """This chunk failed on its own, on a replica that scores other chunks fine (an engine bug
     on one input shape, a host-memory error on one huge chunk): its request gets a 500 that
     says so, and nothing else is affected. Not retried: it would fail the same way elsewhere."""
+
+
+class AdapterLoading(RuntimeError):
+    """The chunk's adapter, added at run time, is being read on the replica the chunk reached:
+    its request gets a 503 with Retry-After (never a wait of unknown length)."""

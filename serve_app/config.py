@@ -269,6 +269,21 @@ class IngressArgs(ModelEngine):
     limits: LimitsArgs
     auth: AuthArgs
     rerank: RerankArgs
+    hosts_per_replica: int = 1  # placement's: adapters run on single-host replicas only
+
+
+class IngressUserConfig(_Group):
+    """The ScoreIngress deployment's `user_config` (config.yaml `deployments:`), applied in
+    place: `serve deploy` of a config where only it changed restarts no replica."""
+
+    adapters: dict[str, str] = Field(
+        default={},
+        description="LoRA adapters added at run time, by name (as model.adapters): each is "
+        "checked by the ingress (a bad one is refused, logged and named in its 404s; the rest "
+        "are served), read by each scorer replica on its first request (that request gets a "
+        "503 with Retry-After meanwhile) and dropped from the replicas once no longer listed. "
+        "Needs engine.max_adapters >= 1 (the adapters resident on the device at once).",
+    )
 
 
 class AppArgs(ModelEngine):
@@ -344,4 +359,5 @@ class AppArgs(ModelEngine):
             limits=self.limits,
             auth=self.auth,
             rerank=self.rerank,
+            hosts_per_replica=self.placement.hosts_per_replica,
         )

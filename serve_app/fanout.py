@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from models.inputs import Chunk, ScoringInputError
 from serve_app import metrics, routing
-from serve_app.chunk_call import ChunkFailure, ChunkResult, EngineFailure
+from serve_app.chunk_call import AdapterLoading, ChunkFailure, ChunkResult, EngineFailure
 from serve_app.errors import ErrorKind
 
 log = logging.getLogger("ray.serve")
@@ -77,6 +77,9 @@ class ChunkCaller:
     scorer: DeploymentHandle
     key: str  # the scoring key a scorer checks (serve_app.config.scoring_key)
     retries: int
+    # The adapters added at run time ((name, directory), sorted), sent with every chunk: a
+    # scorer reads one it has not yet, and drops those no longer listed.
+    adapters: tuple[tuple[str, str], ...] = ()
 
     async def __call__(
         self, chunk: Chunk, part: tuple[int, int], pending: list[DeploymentResponse]
@@ -86,13 +89,20 @@ class ChunkCaller:
         for attempt in range(tries):
             ticket = routing.new_ticket()
             response = self.scorer.score.remote(
-                chunk, part=part, key=self.key, avoid=tuple(avoid), ticket=ticket
+                chunk,
+                part=part,
+                key=self.key,
+                avoid=tuple(avoid),
+                ticket=ticket,
+                adapters=self.adapters,
             )
             pending.append(response)
             try:
                 result = await response
             except BackPressureError as e:
                 raise ReplicaFailure(f"scorers overloaded ({e})", ErrorKind.OVERLOADED) from e
+            except AdapterLoading as e:
+                raise ReplicaFailure(str(cause(e)), ErrorKind.UNAVAILABLE) from e
             except ChunkFailure as e:
                 i, k = part
                 raise ChunkFailure(f"chunk {i + 1} of {k}: {cause(e)}") from e

@@ -41,14 +41,14 @@ from mis_api.scoring import (
     prompt_tokens,
     response_body,
 )
-from models.adapters import adapter_classes
+from models.adapters import adapter_classes, check_head_room, head_width, load_adapter
 from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_hf_config
 from models.config import from_hf_config
 from models.inputs import Chunk, ScoringInputError
 from models.tokenizer import TextTokenizer
 from serve_app import errors, guard, metrics, shapes
 from serve_app.chunk_call import ChunkFailure, ChunkResult
-from serve_app.config import IngressArgs, deployment_identity, scoring_key
+from serve_app.config import IngressArgs, IngressUserConfig, deployment_identity, scoring_key
 from serve_app.errors import ErrorKind, Protocol
 from serve_app.fanout import ChunkCaller, DeadlineExceeded, FanOut, ReplicaFailure, cause
 from serve_app.rerank import (
@@ -242,6 +242,11 @@ def _answered(answer: Any) -> Any:
     return answer
 
 
+def _head_of(classes: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """An adapter's head: "classification" with its classes, or "lm"."""
+    return ("classification" if classes else "lm"), classes
+
+
 _ANY_BODY = Body(default=None)  # parsed by the route (_parse): its shape depends on its fields
 
 # Keys, body size, admission, before any parsing; counts every error answer (its own too).
@@ -260,15 +265,24 @@ class ScoreIngress:
             raise ValueError(f"model.adapters: {sorted(clash)} also name the base model")
         model = from_hf_config(read_hf_config(path))  # what the scorers load, checked the same
         self.vocab_size = model.vocab_size
+        self._model_cfg = model
         # "lm" (scores at label tokens) or "classification" (class scores, no label ids).
         self.head = (model.head.value, model.class_labels)
         # An adapter with its own classification head (modules_to_save) scores its classes,
         # also on an LM base (which it turns into a classifier).
         self.adapter_heads = {
-            name: ("classification" if classes else "lm", classes)
+            name: _head_of(adapter_classes(adapter, model))
             for name, adapter in self.args.model.adapters.items()
-            for classes in [adapter_classes(adapter, model)]
         }
+        # The scorers' adapter heads program width (fixed at their start): a head added at
+        # run time must fit it.
+        self._head_width = head_width(model, (len(c) for _, c in self.adapter_heads.values()))
+        # Adapters by name: model.adapters, and those added at run time (reconfigure); names
+        # being checked, and those refused with why.
+        self.adapters = dict(self.args.model.adapters)
+        self._runtime: dict[str, str] = {}
+        self._checking: set[str] = set()
+        self._refused: dict[str, str] = {}
         k = self.args.rerank.class_index
         for name, (_, classes) in {self.model_name: self.head, **self.adapter_heads}.items():
             if classes and not -len(classes) <= k < len(classes):
@@ -313,6 +327,57 @@ class ScoreIngress:
             len(front.api_keys),
             self.args.model_dump(mode="json", exclude={"auth"}),
         )
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's user_config (IngressUserConfig), at start and whenever only it changes: the
+        adapters added at run time. Each new or re-pointed one is checked in full (a request
+        naming a new one meanwhile gets a 503 with Retry-After; a re-pointed one is served
+        from its old directory until its new one is checked); a bad one is refused and logged,
+        never failing the deployment; one no longer listed is no longer served."""
+        wanted = IngressUserConfig.model_validate(user_config or {}).adapters
+        changed = {n: d for n, d in wanted.items() if self._runtime.get(n) != d}
+        for name in set(self._runtime) - set(wanted):
+            self._drop(name)
+            log.info("adapter %r: removed (no longer in user_config)", name)
+        self._checking = set(changed)
+        try:
+            for name, directory in changed.items():
+                try:
+                    head = await asyncio.to_thread(self._check_runtime, name, directory)
+                except (ValueError, OSError) as e:
+                    self._drop(name)
+                    self._refused[name] = f"{directory}: {e}"
+                    log.error("adapter %r refused: %s: %s", name, directory, e)
+                    continue
+                self._refused.pop(name, None)
+                self._runtime[name] = self.adapters[name] = directory
+                self.adapter_heads[name] = head
+                log.info("adapter %r: served from %s (added at run time)", name, directory)
+        finally:
+            self._checking = set()
+        self._refused = {n: r for n, r in self._refused.items() if n in wanted}
+        table = tuple(sorted(self._runtime.items()))
+        self._call = dataclasses.replace(self._call, adapters=table)
+
+    def _drop(self, name: str) -> None:
+        if self._runtime.pop(name, None) is not None:
+            del self.adapters[name], self.adapter_heads[name]
+
+    def _check_runtime(self, name: str, directory: str) -> tuple[str, tuple[str, ...]]:
+        """The head of adapter `directory` to be served as `name`, checked as the scorers will
+        (its files in full, its head against their head program); ValueError says why not."""
+        if name in self.served_names or name in self.args.model.adapters:
+            raise ValueError(f"adapters: {name!r} already names the base or a model.adapters one")
+        if not self.args.engine.max_adapters:
+            raise ValueError("engine.max_adapters: 0 device slots; set it to serve adapters")
+        if self.args.hosts_per_replica > 1:
+            raise ValueError("placement.hosts_per_replica: adapters run on single-host replicas")
+        adapter = load_adapter(directory, self._model_cfg, self.args.engine.max_lora_rank)
+        check_head_room(adapter, self._head_width)
+        k = self.args.rerank.class_index
+        if (classes := adapter.class_labels) and not -len(classes) <= k < len(classes):
+            raise ValueError(f"rerank.class_index {k} is not a class of it: {classes}")
+        return _head_of(classes)
 
     def _check_rerank_template(self, tokenizer: TextTokenizer) -> None:
         """A document template whose frame leaves no room for a document fails the start; one
@@ -535,10 +600,16 @@ class ScoreIngress:
     def _prepare(self, body: ScoreRequest) -> _Prepared:
         """The request's model name, token ids and limits checked (raises _Refused naming the
         field), and its items cut into chunks."""
-        adapters = self.args.model.adapters
+        adapters = self.adapters
         if body.model is not None and body.model not in self.served_names + tuple(adapters):
+            if body.model in self._checking:
+                message = f"model: adapter {body.model!r} is being loaded"
+                raise self._busy(message, ErrorKind.UNAVAILABLE)
+            why = self._refused.get(body.model)
             raise _Refused(
-                f"model: unknown model {body.model!r}; serving {list(self.served_names)}"
+                f"model: unknown model {body.model!r}"
+                + (f" (its adapter was refused: {why})" if why else "")
+                + f"; serving {list(self.served_names)}"
                 + (f" and adapters {list(adapters)}" if adapters else ""),
                 ErrorKind.NOT_FOUND,
             )
@@ -691,6 +762,7 @@ class ScoreIngress:
         base = [{"id": name, "root": self.model_name, **card(None)} for name in self.served_names]
         adapters = [
             {"id": name, "root": path, "parent": self.model_name, "adapter": "lora", **card(name)}
-            for name, path in self.args.model.adapters.items()
+            for name, path in self.adapters.items()
         ]
-        return {"object": "list", "data": base + adapters}
+        refused = {"refused": dict(self._refused)} if self._refused else {}
+        return {"object": "list", "data": base + adapters, **refused}

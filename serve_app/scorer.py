@@ -25,7 +25,13 @@ from models.checkpoint import cache_root, ensure_demo_checkpoint, has_random_wei
 from models.engine import Engine, ScoringEngine, use_compilation_cache
 from models.inputs import Chunk, EngineBroken, ScoringInputError
 from serve_app import metrics
-from serve_app.chunk_call import ChunkFailure, ChunkResult, EngineFailure, Misdelivered
+from serve_app.chunk_call import (
+    AdapterLoading,
+    ChunkFailure,
+    ChunkResult,
+    EngineFailure,
+    Misdelivered,
+)
 from serve_app.config import ScorerArgs, deployment_identity, scoring_key
 from serve_app.routing import QueryAffinityRouter
 from serve_app.slice import SliceEngine
@@ -41,6 +47,71 @@ def _route_engine_logs() -> None:
         if handler not in engine_log.handlers:
             engine_log.addHandler(handler)
     engine_log.propagate = False
+
+
+class _RuntimeAdapters:
+    """The adapters added at run time (the ingress's user_config), as this replica serves them.
+
+    Every chunk call lists them, (name, directory) each. A chunk naming one the engine does not
+    hold yet starts reading it in a thread and is refused (AdapterLoading: its request gets a
+    503 with Retry-After); the batcher adds it to the engine between two engine calls. The
+    engine serves each under `name (directory)`, so a name pointed at another directory is
+    another adapter (its own prefix-cache key), and a chunk queued for the old one is never
+    scored with the new weights. One no longer listed leaves the engine once no queued chunk
+    names it."""
+
+    def __init__(self) -> None:
+        self.table: tuple[tuple[str, str], ...] = ()
+        self._served: set[str] = set()  # engine names of the run-time adapters it holds
+        self._reading: dict[str, asyncio.Future] = {}  # engine name -> its check_adapter
+
+    @staticmethod
+    def engine_name(name: str, directory: str) -> str:
+        return f"{name} ({directory})"
+
+    def admit(self, chunk: Chunk, table: tuple, engine: Engine, wake) -> Chunk:
+        """`chunk` renamed to its adapter's engine name; AdapterLoading (or the adapter's
+        load error, a ChunkFailure) while the engine does not hold it."""
+        if table != self.table:
+            self.table = table
+            # A failed read is tried again once the table changes (a directory fixed).
+            self._reading = {k: f for k, f in self._reading.items() if not f.done()}
+        directory = dict(table).get(chunk.adapter) if chunk.adapter is not None else None
+        if directory is None:
+            return chunk
+        name = self.engine_name(chunk.adapter, directory)  # type: ignore[arg-type]
+        if name in self._served:
+            return dataclasses.replace(chunk, adapter=name)
+        reading = self._reading.get(name)
+        if reading is None:
+            log.info("adapter %r: reading %s", chunk.adapter, directory)
+            check = getattr(engine, "check_adapter", None)
+            if check is None:  # a slice's engine (the ingress refuses these; kept safe)
+                raise ChunkFailure(f"model: {chunk.adapter!r}: this replica runs no adapters")
+            reading = asyncio.ensure_future(asyncio.to_thread(check, directory))
+            reading.add_done_callback(lambda _: wake())
+            self._reading[name] = reading
+        elif reading.done() and reading.exception() is not None:
+            e = reading.exception()
+            raise ChunkFailure(f"model: adapter {chunk.adapter!r} ({directory}): {e}")
+        raise AdapterLoading(
+            f"model: adapter {chunk.adapter!r} is being loaded on a scorer replica"
+        )
+
+    def apply(self, engine: Engine, chunks: list[Chunk]) -> None:
+        """Run-time adapters read since the last call join `engine`; those no longer listed
+        and named by none of `chunks` (queued) leave it."""
+        for name, reading in list(self._reading.items()):
+            if reading.done() and reading.exception() is None:
+                engine.register_adapter(name, reading.result())  # type: ignore[attr-defined]
+                self._served.add(name)
+                del self._reading[name]
+        listed = {self.engine_name(n, d) for n, d in self.table}
+        needed = {c.adapter for c in chunks}
+        for name in self._served - listed - needed:
+            engine.remove_adapter(name)  # type: ignore[attr-defined]
+            self._served.discard(name)
+            log.info("adapter %s: removed (no longer in the ingress's user_config)", name)
 
 
 # A chunk every engine can score (one query token, one item token, one label): after a batch
@@ -115,6 +186,7 @@ class Scorer:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._batcher: asyncio.Task | None = None
+        self._runtime = _RuntimeAdapters()
         log.info("replica %s ready: %s, warm-up %s", self.replica, self.args.engine, self.warmup)
 
     async def score(
@@ -124,12 +196,14 @@ class Scorer:
         key: str | None = None,
         avoid: tuple[str, ...] = (),
         ticket: int | None = None,
+        adapters: tuple[tuple[str, str], ...] = (),
     ) -> ChunkResult:
         """The chunk's scores, from the next forward that has room for it. `part`: which of
         its request's chunks it is, (i, k), `avoid`: replicas that failed it already, and
         `ticket`: the call's, under which the router keeps the replica it picked; all read by
         the router (routing.py), not here. `key`: the sender's scoring_key (its deployment and
-        settings); a chunk for another key is refused (Misdelivered)."""
+        settings); a chunk for another key is refused (Misdelivered). `adapters`: those added
+        at run time, (name, directory) each (_RuntimeAdapters)."""
         if key is not None and key != self.key:
             log.warning(
                 "replica %s: refused a chunk for key %s (this replica's: %s): sent by another "
@@ -145,6 +219,8 @@ class Scorer:
         if self._batcher is None:  # started here: __init__ runs outside the event loop
             self._wake = asyncio.Event()
             self._batcher = loop.create_task(self._run_batches())
+        if adapters or self._runtime.table:
+            chunk = self._runtime.admit(chunk, adapters, self.engine, self._wake.set)  # type: ignore[union-attr]
         pending = _Pending(chunk, loop.create_future(), time.perf_counter())
         self._queue.append(pending)
         self._wake.set()  # type: ignore[union-attr]
@@ -175,7 +251,11 @@ class Scorer:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            self._runtime.apply(self.engine, [p.chunk for p in self._queue])
             while batch := self._take():
+                # Between engine calls: adapters read since the last one join the engine,
+                # those no longer listed and no queued chunk names leave it.
+                self._runtime.apply(self.engine, [p.chunk for p in (*batch, *self._queue)])
                 m, start = metrics.scorer(), time.perf_counter()
                 for p in batch:
                     m.queue_wait.observe(start - p.arrived)

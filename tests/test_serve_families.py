@@ -6,6 +6,8 @@ classifier's adapter with its own head of other classes answers with them."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import requests
@@ -13,7 +15,7 @@ import requests
 from models.engine import EngineConfig, ScoringEngine
 from serve_app.config import RerankArgs
 from serve_app.rerank import label_ids
-from tests.conftest import LABELS, random_request, running_serve
+from tests.conftest import LABELS, REPO, random_request, running_serve
 from tests.hf_families import write_adapter, write_cls_adapter, write_with_transformers
 
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
@@ -40,6 +42,11 @@ def models(tmp_path_factory) -> dict[str, str]:
     cls = out["qwen3-tiny-cls"]
     out["cls-two"] = write_cls_adapter(cls, root / "cls-two", 3, num_labels=2, task_type="SEQ_CLS")
     out["lm-cls"] = write_cls_adapter(base, root / "lm-cls", 4, num_labels=2, task_type="SEQ_CLS")
+    # Added at run time (the ingress's user_config): two, and one that is no adapter.
+    out["lora-c"] = write_adapter(base, root / "lora-c", seed=5)
+    out["lora-d"] = write_adapter(base, root / "lora-d", seed=6, r=4)
+    (root / "not-an-adapter").mkdir()
+    out["not-an-adapter"] = str(root / "not-an-adapter")
     return out
 
 
@@ -61,16 +68,49 @@ def service(models):
     cls = models["qwen3-tiny-cls"]
     cls_adapter = {"path": cls, "adapters": {"cls-two": models["cls-two"]}}
     apps.append(("cls", "/cls", app(cls, model=cls_adapter, warmup=False)))
-    adapters = {name: models[name] for name in (*ADAPTERS, "lm-cls")}
-    # Compiled on first use: its requests need a few shapes, not the whole warm-up.
-    lora = app(
-        models["qwen3-tiny"],
-        model={"path": models["qwen3-tiny"], "adapters": adapters},
-        warmup=False,
-    )
-    apps.append(("lora", "/lora", lora))
+    from ray import serve
+
     with running_serve(*apps) as url:
-        yield url
+        _deploy_lora(models, {})  # as `serve deploy` does: its user_config changes in place
+        try:
+            deadline = time.monotonic() + 600
+            while serve.status().applications["lora"].status != "RUNNING":
+                assert time.monotonic() < deadline, serve.status().applications["lora"]
+                time.sleep(1)
+            yield url
+        finally:
+            serve.delete("lora")
+
+
+def _deploy_lora(models, runtime: dict[str, str]) -> None:
+    """The "lora" app (LoRA adapters of the Qwen3 LM) deployed from a config, as `serve
+    deploy` does, with `runtime` as the adapters of its ingress's user_config: deployed again
+    with only those changed, no replica restarts."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    adapters = {name: models[name] for name in (*ADAPTERS, "lm-cls")}
+    app = {
+        "name": "lora",
+        "route_prefix": "/lora",
+        "import_path": "serve_app.app:build_app",
+        "runtime_env": {"env_vars": {"PYTHONPATH": str(REPO)}},
+        # Compiled on first use: its requests need a few shapes, not the whole warm-up.
+        "args": {
+            "model": {"path": models["qwen3-tiny"], "adapters": adapters},
+            "engine": ENGINE,
+            "warmup": False,
+        },
+        "deployments": [
+            {"name": "Scorer", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+            {
+                "name": "ScoreIngress",
+                "ray_actor_options": {"num_cpus": 0.1},
+                "user_config": {"adapters": runtime},
+            },
+        ],
+    }
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
 
 
 def _engine(path: str) -> ScoringEngine:
@@ -251,3 +291,84 @@ def test_lora_adapters_per_request_as_the_engine_scores_each_alone(service, mode
     assert r.status_code == 404, r.text
     assert "'lora-c'" in r.json()["message"]
     assert "['lora-a', 'lora-b', 'lm-cls']" in r.json()["message"]
+
+
+def test_adapters_added_repointed_and_removed_at_run_time_without_a_restart(service, models):
+    """The ingress's user_config deployed again with other adapters: the scorer replica is not
+    restarted; a new adapter's first requests get a 503 with Retry-After while the replica
+    reads it, then its scores are bit-identical to the offline engine's with it; a name
+    pointed at another directory scores with the new weights (no K/V cached under the old
+    ones is read); a directory that is no adapter is refused and named in its 404 while the
+    rest are served; an adapter removed while its requests are in flight: each of them is
+    its exact scores or a clean 404/503, and later ones are 404s."""
+    import concurrent.futures
+
+    from models.inputs import Chunk
+
+    url = f"{service}/lora"
+    query, items = random_request(seed=60, n_items=9, q_len=30)
+    body = {"query": query, "items": items, "label_token_ids": LABELS, "model": "lora-c"}
+    base = requests.post(f"{url}/v1/score", json={**body, "model": None}, timeout=120)
+    assert base.status_code == 200, base.text
+    replica = base.headers["X-MIS-Replicas"]
+
+    def want(directory: str) -> np.ndarray:
+        engine = ScoringEngine(
+            models["qwen3-tiny"], EngineConfig(**ENGINE, max_adapters=1), {"x": directory}
+        )
+        chunk = Chunk(tuple(query), tuple(map(tuple, items)), tuple(LABELS), adapter="x")
+        return engine.score([chunk])[0]
+
+    def served(name: str, directory: str | None) -> dict:
+        """/v1/models once it lists `name` from `directory` (None: no longer lists it)."""
+        deadline = time.monotonic() + 300
+        while True:
+            listed = requests.get(f"{url}/v1/models", timeout=30).json()
+            roots = {m["id"]: m["root"] for m in listed["data"]}
+            if roots.get(name) == directory:
+                return listed
+            assert time.monotonic() < deadline, listed
+            time.sleep(0.5)
+
+    def scores_once_loaded(b: dict) -> np.ndarray:
+        """The answer to `b`, after the 503s (Retry-After) of a replica reading its adapter:
+        the first request that reaches it always gets one."""
+        for attempt in range(600):
+            r = requests.post(f"{url}/v1/score", json=b, timeout=120)
+            if r.status_code == 200:
+                assert attempt > 0, "the replica served an adapter it had not read"
+                assert r.headers["X-MIS-Replicas"] == replica  # the same, never restarted
+                return np.asarray(r.json()["scores"])
+            assert r.status_code == 503 and r.headers["Retry-After"], r.text
+            assert "adapter 'lora-c' is being loaded" in r.json()["message"], r.text
+            time.sleep(0.1)
+        raise AssertionError("never loaded")
+
+    _deploy_lora(models, {"lora-c": models["lora-c"], "bad": models["not-an-adapter"]})
+    listed = served("lora-c", models["lora-c"])
+    assert "adapter_config.json" in listed["refused"]["bad"]
+    r = requests.post(f"{url}/v1/score", json={**body, "model": "bad"}, timeout=30)
+    assert r.status_code == 404 and "refused" in r.json()["message"], r.text
+    c = scores_once_loaded(body)
+    assert np.array_equal(c, want(models["lora-c"]))
+    # The same name, another directory: its new weights, not the old ones' cached K/V.
+    _deploy_lora(models, {"lora-c": models["lora-d"]})
+    served("lora-c", models["lora-d"])
+    d = scores_once_loaded(body)
+    assert np.array_equal(d, want(models["lora-d"])) and np.abs(np.log(d) - np.log(c)).max() > 0.1
+    assert "refused" not in requests.get(f"{url}/v1/models", timeout=30).json()
+    # Removed while requests for it are in flight.
+    post = lambda b: requests.post(f"{url}/v1/score", json=b, timeout=120)  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        flying = [pool.submit(post, body) for _ in range(12)]
+        _deploy_lora(models, {})
+        answers = [f.result() for f in flying]
+    for r in answers:
+        if r.status_code == 200:
+            assert np.array_equal(np.asarray(r.json()["scores"]), d)
+        else:
+            assert r.status_code in (404, 503), r.text
+    served("lora-c", None)
+    r = requests.post(f"{url}/v1/score", json=body, timeout=30)
+    assert r.status_code == 404 and "'lora-c'" in r.json()["message"], r.text
+    assert requests.post(f"{url}/v1/score", json={**body, "model": "lora-a"}).status_code == 200
