@@ -15,6 +15,7 @@ numpy and safetensors only: the engine loads adapters without torch or peft.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -426,6 +427,38 @@ def adapter_classes(path: str | Path, cfg: ModelConfig) -> tuple[str, ...]:
     except Exception as e:  # SafetensorError: a truncated or corrupt file
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
     return _class_labels(shape, cfg, config)
+
+
+def adapter_digest(path: str | Path) -> str:
+    """SHA-256 of an adapter directory's two files: what a replica reads is what was checked
+    (a directory rewritten in place is another adapter)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(path / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checked_adapter(
+    path: str | Path, cfg: ModelConfig, max_rank: int, digest: str | None = None
+) -> tuple[LoraAdapter, str]:
+    """load_adapter, and the digest of the files it read (ValueError if they changed while
+    read, or differ from `digest`)."""
+    try:
+        before: str | None = adapter_digest(path)
+    except OSError:
+        before = None  # load_adapter says which file is missing or unreadable
+    if digest is not None and before is not None and before != digest:
+        raise ValueError(
+            f"{path}: its files changed since the ingress checked them (sha256 {digest[:12]}, "
+            f"now {before[:12]}); name it again in the user_config to serve the new files"
+        )
+    adapter = load_adapter(path, cfg, max_rank)
+    if before is None or adapter_digest(path) != before:
+        raise ValueError(f"{path}: its files changed while being read")
+    return adapter, before
 
 
 def head_width(cfg: ModelConfig, heads: Iterable[int]) -> int:

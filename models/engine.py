@@ -36,6 +36,7 @@ from models.adapters import (
     check_head_room,
     head_width,
     load_adapter,
+    load_checked_adapter,
     lora_features,
 )
 from models.buckets import pow2_bucket, pow2_upto
@@ -260,12 +261,16 @@ class ScoringEngine:
         self.register_adapter(name, adapter)
         return adapter
 
-    def check_adapter(self, path: str | Path) -> LoraAdapter:
+    def check_adapter(self, path: str | Path, digest: str | None = None) -> LoraAdapter:
         """The adapter at `path` read and checked against this engine, not yet served: no
-        engine state changes, so a replica can read one in a thread while it scores."""
+        engine state changes, so a replica can read one in a thread while it scores. `digest`:
+        its files' adapter_digest, checked (ValueError if they changed)."""
         if not self.config.max_adapters:
             raise ValueError("max_adapters: 0, this engine runs no adapters")
-        adapter = load_adapter(path, self.cfg, self.config.max_lora_rank)
+        if digest is None:
+            adapter = load_adapter(path, self.cfg, self.config.max_lora_rank)
+        else:
+            adapter, _ = load_checked_adapter(path, self.cfg, self.config.max_lora_rank, digest)
         if self._heads_fixed:
             check_head_room(adapter, 0 if self._heads is None else self._heads.shape[1])
         return adapter

@@ -77,9 +77,9 @@ class ChunkCaller:
     scorer: DeploymentHandle
     key: str  # the scoring key a scorer checks (serve_app.config.scoring_key)
     retries: int
-    # The adapters added at run time ((name, directory), sorted), sent with every chunk: a
-    # scorer reads one it has not yet, and drops those no longer listed.
-    adapters: tuple[tuple[str, str], ...] = ()
+    # The adapters added at run time ((name, directory, digest), sorted), sent with every
+    # chunk: a scorer reads one it has not yet, and drops those no longer listed.
+    adapters: tuple[tuple[str, str, str], ...] = ()
 
     async def __call__(
         self, chunk: Chunk, part: tuple[int, int], pending: list[DeploymentResponse]

@@ -41,7 +41,7 @@ from mis_api.scoring import (
     prompt_tokens,
     response_body,
 )
-from models.adapters import adapter_classes, check_head_room, head_width, load_adapter
+from models.adapters import adapter_classes, check_head_room, head_width, load_checked_adapter
 from models.checkpoint import ensure_demo_checkpoint, has_random_weights, read_hf_config
 from models.config import from_hf_config
 from models.inputs import Chunk, ScoringInputError
@@ -198,6 +198,9 @@ class _Prepared:
     items: list[list[int]]  # as scored: cut, suffixed, windows
     chunks: list[Chunk]
     windows: Windows | None  # long_items chunk: which scored items are whose windows
+    # Its model's head when it was checked: read back after scoring, whatever a reconfigure
+    # changed meanwhile.
+    head: tuple[str, tuple[str, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +209,7 @@ class _Scored:
 
     response: dict[str, Any]
     headers: dict[str, str]
+    head: tuple[str, tuple[str, ...]]  # the head that scored it (_Prepared.head)
 
 
 def _parse(model: type[BaseModel], body: Any) -> Any:
@@ -280,7 +284,7 @@ class ScoreIngress:
         # Adapters by name: model.adapters, and those added at run time (reconfigure); names
         # being checked, and those refused with why.
         self.adapters = dict(self.args.model.adapters)
-        self._runtime: dict[str, str] = {}
+        self._runtime: dict[str, tuple[str, str]] = {}  # name -> (directory, digest)
         self._checking: set[str] = set()
         self._refused: dict[str, str] = {}
         k = self.args.rerank.class_index
@@ -328,56 +332,73 @@ class ScoreIngress:
             self.args.model_dump(mode="json", exclude={"auth"}),
         )
 
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: Any) -> None:
         """Serve's user_config (IngressUserConfig), at start and whenever only it changes: the
         adapters added at run time. Each new or re-pointed one is checked in full (a request
         naming a new one meanwhile gets a 503 with Retry-After; a re-pointed one is served
-        from its old directory until its new one is checked); a bad one is refused and logged,
-        never failing the deployment; one no longer listed is no longer served."""
-        wanted = IngressUserConfig.model_validate(user_config or {}).adapters
-        changed = {n: d for n, d in wanted.items() if self._runtime.get(n) != d}
+        from its old files until the new ones pass); a bad one is refused and logged, and so
+        is a user_config of the wrong shape (the adapters stay as they were): it never fails
+        the deployment. One no longer listed is no longer served."""
+        try:
+            wanted = IngressUserConfig.model_validate(user_config or {}).adapters
+        except ValidationError as e:
+            log.error("user_config refused, adapters unchanged: %s", validation_message(e))
+            return
         for name in set(self._runtime) - set(wanted):
             self._drop(name)
             log.info("adapter %r: removed (no longer in user_config)", name)
+        self._refused = {n: r for n, r in self._refused.items() if n in wanted}
+        changed = [n for n, d in wanted.items() if self._runtime.get(n, ("",))[0] != d]
         self._checking = set(changed)
         try:
-            for name, directory in changed.items():
+            for name in changed:
+                directory = wanted[name]
                 try:
-                    head = await asyncio.to_thread(self._check_runtime, name, directory)
-                except (ValueError, OSError) as e:
-                    self._drop(name)
-                    self._refused[name] = f"{directory}: {e}"
-                    log.error("adapter %r refused: %s: %s", name, directory, e)
+                    head, digest = await asyncio.to_thread(self._check_runtime, name, directory)
+                except Exception as e:  # whatever a directory holds, never the deployment
+                    self._refused[name] = f"{directory}: {type(e).__name__}: {e}"
+                    log.error("adapter %r refused: %s", name, self._refused[name])
                     continue
+                finally:
+                    self._checking.discard(name)
                 self._refused.pop(name, None)
-                self._runtime[name] = self.adapters[name] = directory
+                self._runtime[name] = (directory, digest)
+                self.adapters[name] = directory
                 self.adapter_heads[name] = head
-                log.info("adapter %r: served from %s (added at run time)", name, directory)
+                self._publish()
+                log.info("adapter %r: served from %s (sha256 %s)", name, directory, digest[:12])
         finally:
             self._checking = set()
-        self._refused = {n: r for n, r in self._refused.items() if n in wanted}
-        table = tuple(sorted(self._runtime.items()))
-        self._call = dataclasses.replace(self._call, adapters=table)
 
     def _drop(self, name: str) -> None:
         if self._runtime.pop(name, None) is not None:
             del self.adapters[name], self.adapter_heads[name]
+            self._publish()
 
-    def _check_runtime(self, name: str, directory: str) -> tuple[str, tuple[str, ...]]:
-        """The head of adapter `directory` to be served as `name`, checked as the scorers will
-        (its files in full, its head against their head program); ValueError says why not."""
+    def _publish(self) -> None:
+        """The run-time adapters the scorers are told of, as the ingress now serves them: in
+        the same step as the change, so a request never names one the scorers are not told
+        of, nor meets another head than its adapter's."""
+        table = tuple(sorted((n, d, digest) for n, (d, digest) in self._runtime.items()))
+        self._call = dataclasses.replace(self._call, adapters=table)
+
+    def _check_runtime(self, name: str, directory: str) -> tuple[tuple[str, tuple[str, ...]], str]:
+        """The head and digest of adapter `directory` to be served as `name`, checked as the
+        scorers will (its files in full, its head against their head program); raises why
+        not."""
         if name in self.served_names or name in self.args.model.adapters:
             raise ValueError(f"adapters: {name!r} already names the base or a model.adapters one")
         if not self.args.engine.max_adapters:
             raise ValueError("engine.max_adapters: 0 device slots; set it to serve adapters")
         if self.args.hosts_per_replica > 1:
             raise ValueError("placement.hosts_per_replica: adapters run on single-host replicas")
-        adapter = load_adapter(directory, self._model_cfg, self.args.engine.max_lora_rank)
+        max_rank = self.args.engine.max_lora_rank
+        adapter, digest = load_checked_adapter(directory, self._model_cfg, max_rank)
         check_head_room(adapter, self._head_width)
         k = self.args.rerank.class_index
         if (classes := adapter.class_labels) and not -len(classes) <= k < len(classes):
             raise ValueError(f"rerank.class_index {k} is not a class of it: {classes}")
-        return _head_of(classes)
+        return _head_of(classes), digest
 
     def _check_rerank_template(self, tokenizer: TextTokenizer) -> None:
         """A document template whose frame leaves no room for a document fails the start; one
@@ -482,7 +503,7 @@ class ScoreIngress:
                     raise answer.renamed(functools.partial(request.name_fields, group=group))
         except _Refused as e:
             return e.response(Protocol.VLLM)
-        relevance = [self._relevance(a, request.model) for a in answers]  # type: ignore[arg-type]
+        relevance = [self._relevance(a) for a in answers]  # type: ignore[arg-type]
         scores = [relevance[r][0][d][0] for r, d in where]
         tokens = sum(r[1] for r in relevance)
         model = request.model or self.model_name
@@ -572,13 +593,11 @@ class ScoreIngress:
         except ValidationError as e:  # what the documents make of the Score API's checks
             raise _Refused(validation_message(e)) from e
 
-    def _relevance(
-        self, scored: _Scored, model: str | None
-    ) -> tuple[list[list[float]], int, list[int] | None]:
-        """(P(yes), P(no)) of each document of a rerank's answer (by `model`), its prompt
-        tokens, and the windows each document was scored as (when some were cut into windows)."""
+    def _relevance(self, scored: _Scored) -> tuple[list[list[float]], int, list[int] | None]:
+        """(P(yes), P(no)) of each document of a rerank's answer, its prompt tokens, and the
+        windows each document was scored as (when some were cut into windows)."""
         scores, tokens = scored.response["scores"], scored.response["usage"]["prompt_tokens"]
-        if self._head(model)[0] == "classification":  # the relevant class's probability, the rest
+        if scored.head[0] == "classification":  # the relevant class's probability, the rest
             k = self.args.rerank.class_index
             scores = [[row[k], 1.0 - row[k]] for row in scores]
         return scores, tokens, scored.response.get("windows")
@@ -589,7 +608,7 @@ class ScoreIngress:
         """(P(yes), P(no)) of each document in the rerank prompt, the prompt tokens, the
         X-MIS headers (chunks, replicas) and the windows per document (or None)."""
         scored = await self._score_one(self._rerank_request(request, default), "rerank", start)
-        scores, tokens, windows = self._relevance(scored, request.model)
+        scores, tokens, windows = self._relevance(scored)
         return scores, tokens, scored.headers, windows
 
     async def _score_one(self, body: ScoreRequest, route: str, start: float) -> _Scored:
@@ -620,14 +639,14 @@ class ScoreIngress:
                 vocab_size=self.vocab_size,
                 engine=self.args.engine,
                 max_items=self.args.limits.max_items_per_request,
-                head=self._head(body.model),
+                head=(head := self._head(body.model)),
             )
         except ScoringInputError as e:
             raise _Refused(str(e)) from e
         fanout = self.args.fanout
         adapter = body.model if body.model in adapters else None
         chunks = make_chunks(body, query, items, fanout.chunk_items, fanout.chunk_tokens, adapter)
-        return _Prepared(body, query, items, chunks, windows)
+        return _Prepared(body, query, items, chunks, windows, head)
 
     def _head(self, model: str | None) -> tuple[str, tuple[str, ...]]:
         """The head scoring `model`'s requests: "lm" or "classification", and its classes."""
@@ -687,7 +706,7 @@ class ScoreIngress:
                 return _Refused(f"items: {result}", ErrorKind.FAILED)
             case Exception():
                 raise result  # not a job's own failure: FanOut raises those
-        columns = len(job.body.label_token_ids) or len(self._head(job.body.model)[1])
+        columns = len(job.body.label_token_ids) or len(job.head[1])
         scores = merge_scores([r.scores for r in result], columns)
         replicas = sorted({r.replica for r in result})
         n_tokens = prompt_tokens(job.query, job.items)
@@ -708,7 +727,7 @@ class ScoreIngress:
             m.tokens.inc(n_tokens, tags={"route": route})
         headers = {"X-MIS-Replicas": ",".join(replicas), "X-MIS-Chunks": str(len(job.chunks))}
         model = job.body.model or self.model_name
-        return _Scored(response_body(scores, model, n_tokens, job.windows), headers)
+        return _Scored(response_body(scores, model, n_tokens, job.windows), headers, job.head)
 
     def _busy(self, message: str, kind: ErrorKind) -> _Refused:
         retry = str(self.args.limits.retry_after_s)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -52,48 +53,51 @@ def _route_engine_logs() -> None:
 class _RuntimeAdapters:
     """The adapters added at run time (the ingress's user_config), as this replica serves them.
 
-    Every chunk call lists them, (name, directory) each. A chunk naming one the engine does not
-    hold yet starts reading it in a thread and is refused (AdapterLoading: its request gets a
-    503 with Retry-After); the batcher adds it to the engine between two engine calls. The
-    engine serves each under `name (directory)`, so a name pointed at another directory is
-    another adapter (its own prefix-cache key), and a chunk queued for the old one is never
-    scored with the new weights. One no longer listed leaves the engine once no queued chunk
-    names it."""
+    Every chunk call lists them, (name, directory, sha256 of its files) each. A chunk naming
+    one the engine does not hold yet starts reading it (a thread of its own, beside the
+    forwards) and is refused (AdapterLoading: its request gets a 503 with Retry-After); the
+    batcher adds it to the engine between two engine calls. The engine serves each under
+    `name (directory, digest)`, so a name pointed at other files is another adapter (its own
+    prefix-cache key), and a chunk queued for the old one is never scored with the new
+    weights; files that differ from those the ingress checked are refused, never served. One
+    no longer listed leaves the engine once no queued chunk names it."""
+
+    FAILED_READ_S = 10.0  # a failed read is tried again after this (a passing I/O error)
 
     def __init__(self) -> None:
-        self.table: tuple[tuple[str, str], ...] = ()
+        self.table: tuple[tuple[str, str, str], ...] = ()
         self._served: set[str] = set()  # engine names of the run-time adapters it holds
         self._reading: dict[str, asyncio.Future] = {}  # engine name -> its check_adapter
+        self._failed: dict[str, tuple[float, str]] = {}  # engine name -> (when, why)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "adapter-read")
 
     @staticmethod
-    def engine_name(name: str, directory: str) -> str:
-        return f"{name} ({directory})"
+    def engine_name(name: str, directory: str, digest: str) -> str:
+        return f"{name} ({directory}, sha256 {digest[:12]})"
 
     def admit(self, chunk: Chunk, table: tuple, engine: Engine, wake) -> Chunk:
         """`chunk` renamed to its adapter's engine name; AdapterLoading (or the adapter's
-        load error, a ChunkFailure) while the engine does not hold it."""
-        if table != self.table:
-            self.table = table
-            # A failed read is tried again once the table changes (a directory fixed).
-            self._reading = {k: f for k, f in self._reading.items() if not f.done()}
-        directory = dict(table).get(chunk.adapter) if chunk.adapter is not None else None
-        if directory is None:
+        read error, a ChunkFailure) while the engine does not hold it."""
+        self.table = table
+        entry = next((e for e in table if e[0] == chunk.adapter), None)
+        if entry is None:
             return chunk
-        name = self.engine_name(chunk.adapter, directory)  # type: ignore[arg-type]
+        name = self.engine_name(*entry)
         if name in self._served:
             return dataclasses.replace(chunk, adapter=name)
-        reading = self._reading.get(name)
-        if reading is None:
-            log.info("adapter %r: reading %s", chunk.adapter, directory)
+        failed = self._failed.get(name)
+        if failed is not None and time.monotonic() - failed[0] < self.FAILED_READ_S:
+            raise ChunkFailure(f"model: adapter {chunk.adapter!r}: {failed[1]}")
+        if name not in self._reading:
+            self._failed.pop(name, None)
             check = getattr(engine, "check_adapter", None)
             if check is None:  # a slice's engine (the ingress refuses these; kept safe)
                 raise ChunkFailure(f"model: {chunk.adapter!r}: this replica runs no adapters")
-            reading = asyncio.ensure_future(asyncio.to_thread(check, directory))
+            log.info("adapter %s: reading", name)
+            loop = asyncio.get_running_loop()
+            reading = loop.run_in_executor(self._pool, check, entry[1], entry[2])
             reading.add_done_callback(lambda _: wake())
             self._reading[name] = reading
-        elif reading.done() and reading.exception() is not None:
-            e = reading.exception()
-            raise ChunkFailure(f"model: adapter {chunk.adapter!r} ({directory}): {e}")
         raise AdapterLoading(
             f"model: adapter {chunk.adapter!r} is being loaded on a scorer replica"
         )
@@ -102,11 +106,16 @@ class _RuntimeAdapters:
         """Run-time adapters read since the last call join `engine`; those no longer listed
         and named by none of `chunks` (queued) leave it."""
         for name, reading in list(self._reading.items()):
-            if reading.done() and reading.exception() is None:
-                engine.register_adapter(name, reading.result())  # type: ignore[attr-defined]
-                self._served.add(name)
-                del self._reading[name]
-        listed = {self.engine_name(n, d) for n, d in self.table}
+            if not reading.done():
+                continue
+            del self._reading[name]
+            if (error := reading.exception()) is not None:
+                self._failed[name] = (time.monotonic(), f"{type(error).__name__}: {error}")
+                log.error("adapter %s: read failed: %s", name, error)
+                continue
+            engine.register_adapter(name, reading.result())  # type: ignore[attr-defined]
+            self._served.add(name)
+        listed = {self.engine_name(*e) for e in self.table}
         needed = {c.adapter for c in chunks}
         for name in self._served - listed - needed:
             engine.remove_adapter(name)  # type: ignore[attr-defined]
@@ -196,14 +205,14 @@ class Scorer:
         key: str | None = None,
         avoid: tuple[str, ...] = (),
         ticket: int | None = None,
-        adapters: tuple[tuple[str, str], ...] = (),
+        adapters: tuple[tuple[str, str, str], ...] = (),
     ) -> ChunkResult:
         """The chunk's scores, from the next forward that has room for it. `part`: which of
         its request's chunks it is, (i, k), `avoid`: replicas that failed it already, and
         `ticket`: the call's, under which the router keeps the replica it picked; all read by
         the router (routing.py), not here. `key`: the sender's scoring_key (its deployment and
         settings); a chunk for another key is refused (Misdelivered). `adapters`: those added
-        at run time, (name, directory) each (_RuntimeAdapters)."""
+        at run time, (name, directory, digest) each (_RuntimeAdapters)."""
         if key is not None and key != self.key:
             log.warning(
                 "replica %s: refused a chunk for key %s (this replica's: %s): sent by another "
@@ -251,11 +260,11 @@ class Scorer:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            self._runtime.apply(self.engine, [p.chunk for p in self._queue])
+            if not self._apply_adapters([]):
+                return
             while batch := self._take():
-                # Between engine calls: adapters read since the last one join the engine,
-                # those no longer listed and no queued chunk names leave it.
-                self._runtime.apply(self.engine, [p.chunk for p in (*batch, *self._queue)])
+                if not self._apply_adapters(batch):
+                    return
                 m, start = metrics.scorer(), time.perf_counter()
                 for p in batch:
                     m.queue_wait.observe(start - p.arrived)
@@ -272,6 +281,17 @@ class Scorer:
                 for p, result in zip(batch, out, strict=True):
                     if not p.future.done():
                         p.future.set_result(result)
+
+    def _apply_adapters(self, batch: list[_Pending]) -> bool:
+        """Between engine calls: run-time adapters read since the last one join the engine,
+        those no longer listed that no queued chunk names leave it. False (the replica
+        failed) if that raised: the engine's adapter state is then unknown."""
+        try:
+            self._runtime.apply(self.engine, [p.chunk for p in (*batch, *self._queue)])
+        except Exception as e:
+            self._fail(e, batch)
+            return False
+        return True
 
     async def _forward_in_time(self, chunks: list[Chunk]) -> list:
         """One engine call in a worker thread, within forward_timeout_s not counting the time

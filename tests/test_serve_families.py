@@ -7,6 +7,7 @@ classifier's adapter with its own head of other classes answers with them."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,13 +294,16 @@ def test_lora_adapters_per_request_as_the_engine_scores_each_alone(service, mode
     assert "['lora-a', 'lora-b', 'lm-cls']" in r.json()["message"]
 
 
-def test_adapters_added_repointed_and_removed_at_run_time_without_a_restart(service, models):
+def test_adapters_added_repointed_and_removed_at_run_time_without_a_restart(
+    service, models, tmp_path
+):
     """The ingress's user_config deployed again with other adapters: the scorer replica is not
     restarted; a new adapter's first requests get a 503 with Retry-After while the replica
     reads it, then its scores are bit-identical to the offline engine's with it; a name
     pointed at another directory scores with the new weights (no K/V cached under the old
     ones is read); a directory that is no adapter is refused and named in its 404 while the
-    rest are served; an adapter removed while its requests are in flight: each of them is
+    rest are served; files rewritten after the ingress checked them are refused by the
+    replica (500); an adapter removed while its requests are in flight: each of them is
     its exact scores or a clean 404/503, and later ones are 404s."""
     import concurrent.futures
 
@@ -357,6 +361,19 @@ def test_adapters_added_repointed_and_removed_at_run_time_without_a_restart(serv
     d = scores_once_loaded(body)
     assert np.array_equal(d, want(models["lora-d"])) and np.abs(np.log(d) - np.log(c)).max() > 0.1
     assert "refused" not in requests.get(f"{url}/v1/models", timeout=30).json()
+    # Files rewritten after the ingress checked them: refused by the replica, never served.
+    import shutil
+
+    shutil.copytree(models["lora-c"], tmp_path / "lora-e")
+    _deploy_lora(models, {"lora-c": models["lora-d"], "lora-e": str(tmp_path / "lora-e")})
+    served("lora-e", str(tmp_path / "lora-e"))
+    shutil.copy(Path(models["lora-d"]) / "adapter_model.safetensors", tmp_path / "lora-e")
+    e_body = {**body, "model": "lora-e"}
+    for _ in range(600):
+        if (r := requests.post(f"{url}/v1/score", json=e_body, timeout=120)).status_code != 503:
+            break
+        time.sleep(0.1)
+    assert r.status_code == 500 and "changed since the ingress checked" in r.text, r.text
     # Removed while requests for it are in flight.
     post = lambda b: requests.post(f"{url}/v1/score", json=b, timeout=120)  # noqa: E731
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
