@@ -8,7 +8,8 @@ import csv
 import json
 
 
-def summarize(stats_csv: str, items_per_request: int, duration_s: float) -> dict[str, float]:
+def summarize(stats_csv: str, items_per_request: int, duration_s: float) -> dict[str, float | None]:
+    """The run's figures; latency percentiles None when no request finished (Locust: N/A)."""
     with open(stats_csv) as f:
         row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
     ok = int(row["Request Count"]) - int(row["Failure Count"])
@@ -16,10 +17,12 @@ def summarize(stats_csv: str, items_per_request: int, duration_s: float) -> dict
         "requests": int(row["Request Count"]),
         "failures": int(row["Failure Count"]),
         "items_per_s": round(ok * items_per_request / duration_s, 2),
-        "p50_ms": float(row["50%"]),
-        "p95_ms": float(row["95%"]),
-        "p99_ms": float(row["99%"]),
+        **{f"p{q}_ms": _ms(row[f"{q}%"]) for q in (50, 95, 99)},
     }
+
+
+def _ms(value: str) -> float | None:
+    return None if value == "N/A" else float(value)
 
 
 def main() -> None:
@@ -33,10 +36,10 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(s, f, indent=2)
-    print(
-        f"requests={s['requests']} failures={s['failures']} items/s={s['items_per_s']} "
-        f"p50={s['p50_ms']:.0f}ms p95={s['p95_ms']:.0f}ms p99={s['p99_ms']:.0f}ms"
+    latency = " ".join(
+        f"p{q}=" + ("n/a" if (ms := s[f"p{q}_ms"]) is None else f"{ms:.0f}ms") for q in (50, 95, 99)
     )
+    print(f"requests={s['requests']} failures={s['failures']} items/s={s['items_per_s']} {latency}")
 
 
 if __name__ == "__main__":

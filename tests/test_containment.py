@@ -379,7 +379,9 @@ def test_health_is_readiness_and_requests_get_a_fast_503_until_a_scorer_is_ready
         [serve.RunTarget(app, name=GATED, route_prefix="/g")], wait_for_applications_running=False
     )
     try:
-        deadline = time.monotonic() + 120
+        # A bound against a hang, not a timing claim: on a loaded host a replica's start
+        # (JAX, the checkpoint, a warm-up) has taken minutes.
+        deadline = time.monotonic() + 600
         # Until the ingress replica is up, Ray's own proxy answers 404, or holds the request
         # until the ingress is up (seen: over 10 s on a loaded machine).
         while (h := _ours(f"{url}/health")) is None:

@@ -379,6 +379,10 @@ def test_locust_headless_against_the_service(service, tmp_path):
             "2",
             "-t",
             "8s",
+            # Requests under way at the 8 s mark finish and are counted: on a loaded host the
+            # first ones may take longer than the run.
+            "--stop-timeout",
+            "120",
             "--csv",
             str(tmp_path / "l"),
             "--only-summary",
@@ -386,11 +390,11 @@ def test_locust_headless_against_the_service(service, tmp_path):
         cwd=repo,
         env=env,
         capture_output=True,
-        timeout=120,
+        timeout=300,
         check=False,
     )
     s = summarize(str(tmp_path / "l_stats.csv"), items_per_request=24, duration_s=8)
-    assert s["requests"] > 0 and s["failures"] == 0
+    assert s["requests"] > 0 and s["failures"] == 0 and s["p50_ms"] is not None, s
 
 
 def _rerank(url, body):
