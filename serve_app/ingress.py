@@ -287,6 +287,7 @@ class ScoreIngress:
         self._runtime: dict[str, tuple[str, str]] = {}  # name -> (directory, digest)
         self._checking: set[str] = set()
         self._refused: dict[str, str] = {}
+        self._config_error: str | None = None  # why the last user_config changed nothing
         k = self.args.rerank.class_index
         for name, (_, classes) in {self.model_name: self.head, **self.adapter_heads}.items():
             if classes and not -len(classes) <= k < len(classes):
@@ -342,8 +343,10 @@ class ScoreIngress:
         try:
             wanted = IngressUserConfig.model_validate(user_config or {}).adapters
         except ValidationError as e:
-            log.error("user_config refused, adapters unchanged: %s", validation_message(e))
+            self._config_error = f"user_config refused, adapters unchanged: {validation_message(e)}"
+            log.error("%s", self._config_error)
             return
+        self._config_error = None
         for name in set(self._runtime) - set(wanted):
             self._drop(name)
             log.info("adapter %r: removed (no longer in user_config)", name)
@@ -784,4 +787,5 @@ class ScoreIngress:
             for name, path in self.adapters.items()
         ]
         refused = {"refused": dict(self._refused)} if self._refused else {}
-        return {"object": "list", "data": base + adapters, **refused}
+        error = {"user_config_error": self._config_error} if self._config_error else {}
+        return {"object": "list", "data": base + adapters, **refused, **error}

@@ -83,10 +83,10 @@ def service(models):
             serve.delete("lora")
 
 
-def _deploy_lora(models, runtime: dict[str, str]) -> None:
+def _deploy_lora(models, runtime: dict[str, str] | list[str]) -> None:
     """The "lora" app (LoRA adapters of the Qwen3 LM) deployed from a config, as `serve
-    deploy` does, with `runtime` as the adapters of its ingress's user_config: deployed again
-    with only those changed, no replica restarts."""
+    deploy` does, with `runtime` as the adapters of its ingress's user_config (a list: one of
+    the wrong shape): deployed again with only those changed, no replica restarts."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
@@ -303,8 +303,9 @@ def test_adapters_added_repointed_and_removed_at_run_time_without_a_restart(
     pointed at another directory scores with the new weights (no K/V cached under the old
     ones is read); a directory that is no adapter is refused and named in its 404 while the
     rest are served; files rewritten after the ingress checked them are refused by the
-    replica (500); an adapter removed while its requests are in flight: each of them is
-    its exact scores or a clean 404/503, and later ones are 404s."""
+    replica (500); a user_config of the wrong shape changes nothing and says so; an adapter
+    removed while its requests are in flight: each of them is its exact scores or a clean
+    404/503, and later ones are 404s."""
     import concurrent.futures
 
     from models.inputs import Chunk
@@ -374,6 +375,16 @@ def test_adapters_added_repointed_and_removed_at_run_time_without_a_restart(
             break
         time.sleep(0.1)
     assert r.status_code == 500 and "changed since the ingress checked" in r.text, r.text
+    # A user_config of the wrong shape: said in /v1/models, the adapters as they were.
+    _deploy_lora(models, ["lora-c"])
+    deadline = time.monotonic() + 300
+    while "user_config_error" not in (listed := requests.get(f"{url}/v1/models").json()):
+        assert time.monotonic() < deadline, listed
+        time.sleep(0.5)
+    assert listed["user_config_error"].startswith("user_config refused, adapters unchanged: ")
+    assert {m["id"]: m["root"] for m in listed["data"]}["lora-c"] == models["lora-d"]
+    r = requests.post(f"{url}/v1/score", json=body, timeout=120)
+    assert np.array_equal(np.asarray(r.json()["scores"]), d), r.text
     # Removed while requests for it are in flight.
     post = lambda b: requests.post(f"{url}/v1/score", json=b, timeout=120)  # noqa: E731
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
