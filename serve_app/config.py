@@ -279,8 +279,9 @@ class IngressUserConfig(_Group):
     adapters: dict[str, str] = Field(
         default={},
         description="LoRA adapters added at run time, by name (as model.adapters): each is "
-        "checked by the ingress (a bad one is refused, logged and named in its 404s; the rest "
-        "are served), read by each scorer replica on its first request (that request gets a "
+        "checked by the ingress (a bad new one is refused, logged and named in its 404s; a name "
+        "re-pointed at a bad directory keeps its old one; the rest are served), read by each "
+        "scorer replica on its first request (that request gets a "
         "503 with Retry-After meanwhile) and dropped from the replicas once no longer listed. "
         "Needs engine.max_adapters >= 1 (the adapters resident on the device at once).",
     )
