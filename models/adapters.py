@@ -51,6 +51,7 @@ _HEAD_KEY = _PREFIX + "score.weight"
 _HEAD_MODULES = ("score", "classifier")
 _EMBEDDINGS = ("embed_tokens", "lm_head")  # peft's EMBEDDING_LAYER_NAMES
 _TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS")
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of those numpy reads
 _EMB_WHY = "LoRA on the embeddings or the LM head is not supported"
 # Base-weight-modifying initialisations: the adapter was trained against a residual base
 # (W - BA), saved by peft beside it unless converted, in which case the config says True.
@@ -159,9 +160,7 @@ def _pattern_key(patterns: dict[str, Any], name: str) -> str | None:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    file = path / CONFIG_FILE
-    if not file.is_file():
-        raise _missing(file)
+    file = _regular(path / CONFIG_FILE)
     try:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -270,22 +269,44 @@ def _unmatched(name: str) -> ValueError:
     return ValueError(f"tensor {name!r} matches no module of this model")
 
 
-def _read_tensors(file: Path) -> dict[str, np.ndarray]:
-    if not file.is_file():
+def _regular(file: Path) -> Path:
+    """`file`, if it is a regular file: a FIFO or a device would block its reader (a FIFO
+    with no writer never returns), so neither is opened."""
+    if not file.exists():
         raise _missing(file)
-    tensors = {}
+    if not file.is_file():
+        raise ValueError(f"{file}: not a regular file")
+    return file
+
+
+def _tensor_shapes(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype) from the file's header alone, no tensor read: every
+    shape is checked before the data (a file of any size costs nothing to refuse)."""
+    _regular(file)
     try:
         # safetensors rejects a header naming one tensor twice (its data offsets no longer
-        # tile the buffer), so every name below is unique.
+        # tile the buffer), so every name below is unique; and its offsets tile the file
+        # exactly, so the shapes bound what reading it costs.
         with safe_open(str(file), framework="np") as f:
+            header = {}
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                tensors[name] = f.get_tensor(name)
+                part = f.get_slice(name)
+                header[name] = (tuple(part.get_shape()), part.get_dtype())
     except Exception as e:  # SafetensorError: a truncated or corrupt file
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
-    for name, t in tensors.items():
-        if not np.issubdtype(t.dtype, np.floating) and t.dtype.name != "bfloat16":
-            raise ValueError(f"tensor {name!r}: dtype {t.dtype} is not floating point")
-    return tensors
+    for name, (_, dtype) in header.items():
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} is not floating point")
+    return header
+
+
+def _read_tensors(file: Path) -> dict[str, np.ndarray]:
+    _regular(file)
+    try:
+        with safe_open(str(file), framework="np") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except Exception as e:  # SafetensorError: a truncated or corrupt file
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
 def load_adapter(
@@ -298,16 +319,16 @@ def load_adapter(
     if config.get(RANDOM_WEIGHTS_KEY):
         log.warning("*** adapter %s holds RANDOM WEIGHTS: its scores are meaningless ***", path)
     _check_config(config)
-    tensors = _read_tensors(path / WEIGHTS_FILE)
+    shapes = _tensor_shapes(path / WEIGHTS_FILE)
     r, alpha = config["r"], config.get("lora_alpha", 8)
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
 
-    pairs: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-    head = None
-    for name, t in tensors.items():
+    pairs: dict[tuple[str, int], dict[str, str]] = {}  # (module, layer) -> half -> tensor name
+    head_shape = None
+    for name, (shape, _) in shapes.items():
         if name == _HEAD_KEY:
-            head = t
+            head_shape = shape
             continue
         m = _LORA_KEY.fullmatch(name)
         if (
@@ -317,11 +338,11 @@ def load_adapter(
             or str(int(m[1])) != m[1]  # "01" would be another module for peft
         ):
             raise _unmatched(name)
-        pairs.setdefault((m[3], int(m[1])), {})[m[4]] = t
+        pairs.setdefault((m[3], int(m[1])), {})[m[4]] = name
 
-    # Per (module, layer): A, B, and the rank and scaling peft gave the module, A and B checked
-    # against the rank.
-    found: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, int, float]] = {}
+    # Per (module, layer): the names of A and B, and the rank and scaling peft gave the
+    # module, A's and B's shapes checked against the rank (before any tensor is read).
+    found: dict[tuple[str, int], tuple[str, str, int, float]] = {}
     for (module, layer), ab in sorted(pairs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         full = f"model.layers.{layer}.{_PARENT[module]}.{module}"
         key_of = f"{_PREFIX}{full}.lora_{{}}.weight"
@@ -339,9 +360,9 @@ def load_adapter(
             raise ValueError(f"{rank_field}: {rank} exceeds max_rank={max_rank}")
         a_in, b_out = lora_features(cfg, module)
         for half, want in (("A", (rank, a_in)), ("B", (b_out, rank))):
-            if ab[half].shape != want:
+            if (got := shapes[ab[half]][0]) != want:
                 raise ValueError(
-                    f"tensor {key_of.format(half)!r} has shape {list(ab[half].shape)}, expected "
+                    f"tensor {key_of.format(half)!r} has shape {list(got)}, expected "
                     f"{list(want)} (rank {rank} from {rank_field})"
                 )
         a_key = _pattern_key(alpha_pattern, full)
@@ -353,6 +374,10 @@ def load_adapter(
         scale = lora_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         found[(module, layer)] = (ab["A"], ab["B"], rank, scale)
 
+    class_labels = _class_labels(head_shape, cfg, config)
+    if not found and head_shape is None:
+        raise ValueError(f"{path / WEIGHTS_FILE}: holds no LoRA or classification head tensor")
+    tensors = _read_tensors(path / WEIGHTS_FILE)
     max_r = max((rank for _, _, rank, _ in found.values()), default=0)
     lora: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for module in LORA_MODULES:
@@ -362,18 +387,17 @@ def load_adapter(
         a_in, b_out = lora_features(cfg, module)
         stack_a = np.zeros((cfg.num_layers, a_in, max_r), np.float32)
         stack_b = np.zeros((cfg.num_layers, max_r, b_out), np.float32)
-        for layer, (a, b, rank, scale) in layers:
+        for layer, (a_name, b_name, rank, scale) in layers:
+            a, b = tensors[a_name], tensors[b_name]
             stack_a[layer, :, :rank] = a.astype(np.float32).T
             # Scaled in float64 and rounded once: peft rounds (x A^T B^T) * s in the adapter's
             # dtype, a pre-multiplied B cannot do better than one rounding of B * s.
             stack_b[layer, :rank, :] = (b.astype(np.float64).T * scale).astype(np.float32)
         lora[module] = (stack_a, stack_b)
 
-    class_labels = _class_labels(None if head is None else head.shape, cfg, config)
+    head = tensors.get(_HEAD_KEY)
     if head is not None:
         head = np.ascontiguousarray(head.astype(np.float32))
-    if not lora and head is None:
-        raise ValueError(f"{path / WEIGHTS_FILE}: holds no LoRA or classification head tensor")
     return LoraAdapter(
         path=path,
         rank=max_r,
@@ -417,16 +441,8 @@ def adapter_classes(path: str | Path, cfg: ModelConfig) -> tuple[str, ...]:
     process that routes requests needs, without reading the weights."""
     path = Path(path)
     config = _read_config(path)
-    file = path / WEIGHTS_FILE
-    if not file.is_file():
-        raise _missing(file)
-    try:
-        with safe_open(str(file), framework="np") as f:
-            names = set(f.keys())  # noqa: SIM118 (safe_open is not a mapping)
-            shape = tuple(f.get_slice(_HEAD_KEY).get_shape()) if _HEAD_KEY in names else None
-    except Exception as e:  # SafetensorError: a truncated or corrupt file
-        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
-    return _class_labels(shape, cfg, config)
+    head = _tensor_shapes(path / WEIGHTS_FILE).get(_HEAD_KEY)
+    return _class_labels(None if head is None else head[0], cfg, config)
 
 
 def adapter_digest(path: str | Path) -> str:
@@ -435,7 +451,7 @@ def adapter_digest(path: str | Path) -> str:
     path = Path(path)
     digest = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
-        with open(path / name, "rb") as f:
+        with open(_regular(path / name), "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()

@@ -285,6 +285,12 @@ class IngressUserConfig(_Group):
         "503 with Retry-After meanwhile) and dropped from the replicas once no longer listed. "
         "Needs engine.max_adapters >= 1 (the adapters resident on the device at once).",
     )
+    check_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest the ingress waits for one adapter's check (its files read on a "
+        "thread); one not checked by then (a stuck network mount) is refused, saying so.",
+    )
 
 
 class AppArgs(ModelEngine):

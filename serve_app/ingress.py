@@ -341,12 +341,13 @@ class ScoreIngress:
         is a user_config of the wrong shape (the adapters stay as they were): it never fails
         the deployment. One no longer listed is no longer served."""
         try:
-            wanted = IngressUserConfig.model_validate(user_config or {}).adapters
+            settings = IngressUserConfig.model_validate(user_config or {})
         except ValidationError as e:
             self._config_error = f"user_config refused, adapters unchanged: {validation_message(e)}"
             log.error("%s", self._config_error)
             return
         self._config_error = None
+        wanted, timeout = settings.adapters, settings.check_timeout_s
         for name in set(self._runtime) - set(wanted):
             self._drop(name)
             log.info("adapter %r: removed (no longer in user_config)", name)
@@ -357,7 +358,18 @@ class ScoreIngress:
             for name in changed:
                 directory = wanted[name]
                 try:
-                    head, digest = await asyncio.to_thread(self._check_runtime, name, directory)
+                    # Its thread is left behind if it never returns (nothing can stop a read
+                    # from a stuck mount), not this replica's later user_configs.
+                    head, digest = await asyncio.wait_for(
+                        asyncio.to_thread(self._check_runtime, name, directory), timeout
+                    )
+                except TimeoutError:
+                    self._refused[name] = (
+                        f"{directory}: not checked within check_timeout_s={timeout:g} s (its "
+                        "files still being read: a slow or stuck mount?)"
+                    )
+                    log.error("adapter %r refused: %s", name, self._refused[name])
+                    continue
                 except Exception as e:  # whatever a directory holds, never the deployment
                     self._refused[name] = f"{directory}: {type(e).__name__}: {e}"
                     log.error("adapter %r refused: %s", name, self._refused[name])

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import ml_dtypes
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from models import adapters
 from models.adapters import (
     CHECKED_FIELDS,
     IGNORED_FIELDS,
@@ -28,6 +31,7 @@ from models.adapters import (
     adapter_bytes,
     adapter_classes,
     load_adapter,
+    load_checked_adapter,
 )
 from models.checkpoint import make_random_checkpoint, read_hf_config
 from models.config import from_hf_config
@@ -452,10 +456,69 @@ def _zeros(*shape):
         ),
     ],
 )
-def test_tensor_refusals(saved, cfgs, tmp_path, edit, message):
+def test_tensor_refusals(saved, cfgs, tmp_path, edit, message, monkeypatch):
     path = _copy(saved["full"], tmp_path / "bad", tensor_edit=edit)
+    # From the file's header alone: no tensor of a refused adapter is read.
+    monkeypatch.setattr(adapters, "_read_tensors", lambda file: pytest.fail(f"read {file}"))
     with pytest.raises(ValueError, match=message):
         load_adapter(path, cfgs["qwen3"])
+
+
+def test_a_huge_weights_file_of_the_wrong_shape_is_refused_from_its_header(
+    saved, cfgs, tmp_path, monkeypatch
+):
+    """A 4 GiB tensor (a sparse file: nothing of it is on disk) is refused by its declared
+    shape, before anything of it is read, in the ingress's check as in the engine's load."""
+    path = _copy(saved["full"], tmp_path / "huge")
+    huge, b = 2**32, 64 * 8 * 4  # lora_A [8, 2**27] and lora_B [64, 8] of q_proj, float32
+    header = json.dumps(
+        {
+            Q_KEY.format("A"): {"dtype": "F32", "shape": [8, 2**27], "data_offsets": [0, huge]},
+            Q_KEY.format("B"): {"dtype": "F32", "shape": [64, 8], "data_offsets": [huge, huge + b]},
+        }
+    )
+    header += " " * (-len(header) % 8)
+    with open(path / "adapter_model.safetensors", "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header.encode())
+        f.truncate(8 + len(header) + huge + b)
+    monkeypatch.setattr(adapters, "_read_tensors", lambda file: pytest.fail(f"read {file}"))
+    want = re.escape(f"tensor '{Q_KEY.format('A')}' has shape [8, 134217728], expected [8, 64]")
+    with pytest.raises(ValueError, match=want):
+        load_checked_adapter(path, cfgs["qwen3"], 64)
+
+
+def _raised_within(seconds: float, fn, *args) -> BaseException | None:
+    """What fn(*args) raised (None: nothing), run in a daemon thread: one still blocked after
+    `seconds` fails the test instead of hanging it."""
+    raised: list[BaseException | None] = [None]
+
+    def run() -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001 (handed to the test's thread)
+            raised[0] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"{fn.__name__}{args} blocked"
+    return raised[0]
+
+
+def test_files_that_are_no_regular_files_are_refused_not_opened(saved, cfgs, tmp_path):
+    """A FIFO never returns from open() while no one writes to it: such a file is refused
+    before it is opened, by every reader."""
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        path = _copy(saved["full"], tmp_path / name)
+        (path / name).unlink()
+        os.mkfifo(path / name)
+        for read, extra in (
+            (load_adapter, ()),
+            (load_checked_adapter, (64,)),
+            (adapter_classes, ()),
+        ):
+            e = _raised_within(60, read, path, cfgs["qwen3"], *extra)
+            assert str(e) == f"{path / name}: not a regular file", (read, e)
 
 
 def test_corrupt_weights_file(saved, cfgs, tmp_path):
