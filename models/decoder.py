@@ -7,8 +7,9 @@ A forward is two programs. `body` runs a flat stream of T tokens, cut into block
 and its metadata: mis_kernels/block_attention.py), through the layers and returns the hidden states
 and each layer's K/V (the engine writes a query's K/V into its pool). `head` runs the LM head at
 the score positions only. So the stream's length and the number of scores are two separate short
-ladders of compiled shapes, not a product. Layers are stacked with `nn.scan` so compile time
-does not grow with depth. Numerics follow HF transformers: RMSNorm and softmax in float32,
+ladders of compiled shapes, not a product. Layers are stacked (`nn.scan` makes the parameters,
+a plain `lax.scan` applies them), so compile time does not grow with depth and a layer is
+traced once. Numerics follow HF transformers: RMSNorm and softmax in float32,
 RoPE with rotate-half and float32 angles; Gemma's norms scale by (1 + w) in float32.
 """
 
@@ -389,7 +390,18 @@ class Decoder(nn.Module):
         if lora is not None:
             per_layer += (lora.weights,)
             adapters = (lora.block_slot, lora.any)
-        return self.layers(x, per_layer, cos, sin, meta, adapters)
+        if self.is_initializing():  # nn.scan makes the parameters, stacked over the layers
+            return self.layers(x, per_layer, cos, sin, meta, adapters)
+        # Applied: the same layer in a plain lax.scan over those stacked parameters. nn.scan
+        # traces its body twice (once more to find what it broadcasts), and tracing a layer
+        # is most of what building a body program costs, a compilation-cache hit included.
+        layer = DecoderLayer(cfg, self.shape, self.dtype, self.mesh, parent=None)
+
+        def step(x, xs):
+            params, per = xs
+            return layer.apply({"params": params}, x, per, cos, sin, meta, adapters)
+
+        return jax.lax.scan(step, x, (self.variables["params"]["layers"], per_layer))
 
     def head(
         self,

@@ -115,6 +115,26 @@ def test_a_restarted_engine_loads_its_programs_from_the_compilation_cache(ckpts,
     assert second["cache_hits"] >= second["shapes"] == first["shapes"]
 
 
+def test_a_body_program_traces_each_layer_once(ckpts, monkeypatch):
+    """Building a body program traces the layer (its attention) once, not once more for
+    nn.scan's search for broadcast outputs: tracing is most of what a replica's warm-up costs
+    when its programs come from the compilation cache."""
+    import models.decoder
+    import models.engine
+
+    traced = []
+    attend = models.decoder.block_attention
+    monkeypatch.setattr(
+        models.decoder, "block_attention", lambda *a, **k: traced.append(1) or attend(*a, **k)
+    )
+    config = EngineConfig(max_batch_tokens=192, max_item_tokens=8, max_query_tokens=32)
+    engine = ScoringEngine(ckpts["qwen3"], config)
+    monkeypatch.setattr(models.engine, "_PROGRAMS", {})  # built here, not taken from another test
+    traced.clear()  # the parameters' shapes (nn.scan's init) are not a body's
+    engine._body(192)
+    assert len(traced) == 1
+
+
 def test_staggered_warmup_orders():
     """Replicas starting together each begin at their share of the compile cost, every order
     a rotation over all the shapes."""
