@@ -277,6 +277,7 @@ class ScoringEngine:
 
     def register_adapter(self, name: str, adapter: LoraAdapter) -> None:
         """Serve `adapter` (check_adapter's) as `name`; between engine calls only."""
+        self._forget_queries(name)  # one it replaces
         self._adapters[name] = adapter
         self.adapter_slots.register(name)
         log.info(
@@ -305,8 +306,23 @@ class ScoringEngine:
         )
 
     def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`; between engine calls only."""
+        self._forget_queries(name)
         del self._adapters[name]
         self.adapter_slots.remove(name)
+
+    def _forget_queries(self, name: str) -> None:
+        """Free the prefix pool of the queries cached under adapter `name`'s registration
+        (removed or replaced: no later call reads them, as its next registration gets another
+        key) now, not when they would be evicted."""
+        if self.pool is None or name not in self.adapter_slots:
+            return
+        key = self.adapter_slots.key(name)
+        # models/plan.py: an adapter's query is cached under (its key, tokens), the base's
+        # under its tokens alone.
+        self.pool.forget(
+            k for k in self.pool.cached() if len(k) == 2 and isinstance(k[1], tuple) and k[0] == key
+        )
 
     def adapters(self) -> dict[str, LoraAdapter]:
         return dict(self._adapters)

@@ -73,6 +73,17 @@ class PrefixPool:
         self._uncommitted.clear()
         return dropped
 
+    def forget(self, keys) -> None:
+        """Drop these cached queries (their K/V will never be read again: an adapter removed);
+        their ranges are free at once rather than when evicted."""
+        for key in list(keys):
+            self._entries.pop(key, None)
+            self._uncommitted.discard(key)
+
+    def cached(self) -> list[Hashable]:
+        """What the pool holds, least recently used first."""
+        return list(self._entries)
+
     def clear(self) -> None:
         """Forget every query (the device pool's contents can no longer be trusted)."""
         self._entries.clear()

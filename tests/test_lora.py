@@ -138,6 +138,27 @@ def test_a_failed_load_leaves_no_adapter_in_a_slot_it_did_not_fill(ckpts, adapte
     assert np.array_equal(got, as_a)  # d is a's adapter under another name
 
 
+def test_a_removed_or_replaced_adapter_frees_the_queries_cached_under_it(ckpts, adapters):
+    """Prefix mode: an adapter removed, or replaced under its name, leaves the prefix pool at
+    once with the queries cached under it (no later call could read them), the others stay;
+    the replaced name scores with its new weights."""
+    config = EngineConfig(mode="prefix", max_adapters=2, **TEST_ENGINE)
+    engine = ScoringEngine(ckpts["qwen3"], config, adapters)
+    requests = _requests()
+    engine.score(_chunks(requests))
+    key = {n: engine.adapter_slots.key(n) for n in adapters}
+    shared, other = requests[0][1], requests[3][1]
+    cached = {shared, (key["a"], shared), (key["b"], shared), (key["c"], other), (key["a"], other)}
+    assert set(engine.pool.cached()) == cached
+    engine.remove_adapter("b")
+    assert set(engine.pool.cached()) == cached - {(key["b"], shared)}
+    engine.add_adapter("a", adapters["c"])
+    assert set(engine.pool.cached()) == {shared, (key["c"], other)}
+    as_a, as_c = (dataclasses.replace(_chunks(requests)[4], adapter=n) for n in "ac")
+    (got,) = engine.score([as_a])
+    assert np.array_equal(got, engine.score([as_c])[0])  # a now holds c's weights
+
+
 def test_tensor_parallel_with_adapters(ckpts, adapters, references):
     """tp_size 2 (the adapters' slots replicated, the projections split): within the parity
     bounds of peft, as tp 1 is."""
