@@ -35,4 +35,5 @@ class ChunkFailure(RuntimeError):
 
 class AdapterLoading(RuntimeError):
     """The chunk's adapter, added at run time, is being read on the replica the chunk reached:
-    its request gets a 503 with Retry-After (never a wait of unknown length)."""
+    its request gets a 503 with Retry-After (never a wait of unknown length). The replica
+    returns it rather than raising it (routine, not a failure to log with a traceback)."""

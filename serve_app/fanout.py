@@ -101,8 +101,6 @@ class ChunkCaller:
                 result = await response
             except BackPressureError as e:
                 raise ReplicaFailure(f"scorers overloaded ({e})", ErrorKind.OVERLOADED) from e
-            except AdapterLoading as e:
-                raise ReplicaFailure(str(cause(e)), ErrorKind.UNAVAILABLE) from e
             except ChunkFailure as e:
                 i, k = part
                 raise ChunkFailure(f"chunk {i + 1} of {k}: {cause(e)}") from e
@@ -127,6 +125,8 @@ class ChunkCaller:
                 continue
             finally:
                 routing.picked(ticket)  # the pick is not needed once the call is over
+            if isinstance(result, AdapterLoading):  # answered by the replica, not raised
+                raise ReplicaFailure(str(result), ErrorKind.UNAVAILABLE)
             metrics.ingress().chunk_latency.observe(time.perf_counter() - start)
             return result
         raise ReplicaFailure(f"scorer replicas failed {tries} times for one chunk")

@@ -206,8 +206,9 @@ class Scorer:
         avoid: tuple[str, ...] = (),
         ticket: int | None = None,
         adapters: tuple[tuple[str, str, str], ...] = (),
-    ) -> ChunkResult:
-        """The chunk's scores, from the next forward that has room for it. `part`: which of
+    ) -> ChunkResult | AdapterLoading:
+        """The chunk's scores, from the next forward that has room for it (AdapterLoading while
+        its run-time adapter is being read here). `part`: which of
         its request's chunks it is, (i, k), `avoid`: replicas that failed it already, and
         `ticket`: the call's, under which the router keeps the replica it picked; all read by
         the router (routing.py), not here. `key`: the sender's scoring_key (its deployment and
@@ -229,7 +230,12 @@ class Scorer:
             self._wake = asyncio.Event()
             self._batcher = loop.create_task(self._run_batches())
         if adapters or self._runtime.table:
-            chunk = self._runtime.admit(chunk, adapters, self.engine, self._wake.set)  # type: ignore[union-attr]
+            try:
+                chunk = self._runtime.admit(chunk, adapters, self.engine, self._wake.set)  # type: ignore[union-attr]
+            except AdapterLoading as e:
+                # Answered, not raised: Serve logs a traceback for every exception a replica's
+                # method raises, and this one is routine (the caller retries later).
+                return e
         pending = _Pending(chunk, loop.create_future(), time.perf_counter())
         self._queue.append(pending)
         self._wake.set()  # type: ignore[union-attr]

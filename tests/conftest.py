@@ -226,6 +226,16 @@ def deployment_of(app: str) -> str:
     return deployment_identity(app, ray.get_runtime_context().get_session_name())
 
 
+def replica_logs(app: str, deployment: str) -> str:
+    """What the replicas of `app`'s `deployment` have logged so far on the session's cluster."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return "".join(
+        p.read_text(errors="replace") for p in logs.glob(f"replica_{app}_{deployment}_*")
+    )
+
+
 def stop_serve_cluster() -> None:
     """Stop the session's Ray (the next serve_cluster() starts a new one)."""
     if _CLUSTER:

@@ -26,7 +26,7 @@ from schemathesis import checks
 
 from mis_score.workload import Workload
 from models.engine import score_ids
-from tests.conftest import LABELS, running_serve
+from tests.conftest import LABELS, replica_logs, running_serve
 
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
@@ -331,12 +331,7 @@ def test_deadline_gives_504_and_cancels_the_rest(service):
 
 def _ingress_log(app: str) -> str:
     """What the app's ingress replicas have logged so far (this session's Ray logs)."""
-    import ray
-
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
-    return "".join(
-        p.read_text(errors="replace") for p in logs.glob(f"replica_{app}_ScoreIngress_*")
-    )
+    return replica_logs(app, "ScoreIngress")
 
 
 def test_replica_killed_mid_run_never_gives_wrong_or_partial_scores(service, engine, record):

@@ -16,7 +16,7 @@ import requests
 from models.engine import EngineConfig, ScoringEngine
 from serve_app.config import RerankArgs
 from serve_app.rerank import label_ids
-from tests.conftest import LABELS, REPO, random_request, running_serve
+from tests.conftest import LABELS, REPO, random_request, replica_logs, running_serve
 from tests.hf_families import write_adapter, write_cls_adapter, write_with_transformers
 
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
@@ -412,4 +412,7 @@ def test_adapters_added_repointed_and_removed_at_run_time_without_a_restart(
     served("lora-c", None)
     r = requests.post(f"{url}/v1/score", json=body, timeout=30)
     assert r.status_code == 404 and "'lora-c'" in r.json()["message"], r.text
+    # The replica answered its 503s (an adapter being read) without logging them as failures.
+    scorer_log = replica_logs("lora", "Scorer")
+    assert "adapter 'lora-c' is being loaded" not in scorer_log, scorer_log[-3000:]
     assert requests.post(f"{url}/v1/score", json={**body, "model": "lora-a"}).status_code == 200
