@@ -1,0 +1,66 @@
+"""A scorer replica's run-time adapters (serve_app/scorer.py `_RuntimeAdapters`), the
+bookkeeping below Serve: a read that fails is answered as such for a while and then tried
+again; one that succeeds is served under its engine name; one no longer listed leaves the
+engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from models.adapters import adapter_digest, write_random_adapter
+from models.checkpoint import read_hf_config
+from models.config import from_hf_config
+from models.inputs import Chunk
+from serve_app.chunk_call import AdapterLoading, ChunkFailure
+from serve_app.scorer import _RuntimeAdapters
+from tests.conftest import LABELS
+
+
+def test_a_failed_read_is_answered_for_a_while_then_tried_again(
+    engine, ckpts, tmp_path, monkeypatch
+):
+    eng = engine("qwen3", "prefix", max_adapters=1)
+    cfg = from_hf_config(read_hf_config(ckpts["qwen3"]))
+    path = write_random_adapter(cfg, tmp_path / "x", rank=4, seed=1)
+    digest = adapter_digest(path)  # what the ingress checked
+    write_random_adapter(cfg, path, rank=4, seed=2)  # then the files changed
+    table = (("x", str(path), digest),)
+    chunk = Chunk((5, 6, 7), ((8, 9), (10,)), tuple(LABELS), adapter="x")
+    runtime = _RuntimeAdapters()
+
+    async def read(woke: asyncio.Event) -> None:
+        """A chunk for "x" starts its read (AdapterLoading), then the read is taken in."""
+        woke.clear()
+        with pytest.raises(AdapterLoading, match="adapter 'x' is being loaded"):
+            runtime.admit(chunk, table, eng, woke.set)
+        await asyncio.wait_for(woke.wait(), 120)
+        runtime.apply(eng, [])
+
+    async def main() -> str:
+        woke = asyncio.Event()
+        await read(woke)
+        # The failed read is the answer for FAILED_READ_S, not read again on every chunk.
+        with pytest.raises(ChunkFailure, match="changed since the ingress checked"):
+            runtime.admit(chunk, table, eng, woke.set)
+        # Then it is tried again: the files are those checked now, so it is served.
+        write_random_adapter(cfg, path, rank=4, seed=1)
+        monkeypatch.setattr(_RuntimeAdapters, "FAILED_READ_S", 0.0)
+        await read(woke)
+        admitted = runtime.admit(chunk, table, eng, woke.set)
+        name = _RuntimeAdapters.engine_name("x", str(path), digest)
+        assert admitted.adapter == name and name in eng.adapters()
+        (scores,) = eng.score([admitted])
+        (base,) = eng.score([Chunk(chunk.query, chunk.items, chunk.label_ids)])
+        assert scores.shape == base.shape and not np.array_equal(scores, base)
+        # No longer listed (a later call's table) and named by no queued chunk: removed.
+        runtime.admit(Chunk(chunk.query, chunk.items, chunk.label_ids), (), eng, woke.set)
+        runtime.apply(eng, [admitted])  # still queued: kept
+        assert name in eng.adapters()
+        runtime.apply(eng, [])
+        return name
+
+    name = asyncio.run(main())
+    assert name not in eng.adapters()
