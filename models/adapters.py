@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -296,24 +296,39 @@ def _tensor_shapes(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
     for name, (_, dtype) in header.items():
         if dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"tensor {name!r}: dtype {dtype} is not floating point")
+            raise ValueError(f"tensor {name!r}: dtype {dtype} is not one of {_FLOAT_DTYPES}")
     return header
 
 
-def _read_tensors(file: Path) -> dict[str, np.ndarray]:
+def _read_tensors(
+    file: Path, header: dict[str, tuple[tuple[int, ...], str]]
+) -> dict[str, np.ndarray]:
+    """The tensors of `file`, which must be those `header` (_tensor_shapes) checked: a file
+    rewritten between the two reads is refused, never loaded with shapes nobody checked."""
     _regular(file)
     try:
         with safe_open(str(file), framework="np") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            found = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118
+            now = {n: (tuple(t.get_shape()), t.get_dtype()) for n, t in found.items()}
+            if now != header:
+                raise ValueError(f"{file}: changed while being read (its tensors differ)")
+            return {name: f.get_tensor(name) for name in found}
+    except ValueError:
+        raise
     except Exception as e:  # SafetensorError: a truncated or corrupt file
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
 def load_adapter(
-    path: str | Path, cfg: ModelConfig, max_rank: int = DEFAULT_MAX_RANK
+    path: str | Path,
+    cfg: ModelConfig,
+    max_rank: int = DEFAULT_MAX_RANK,
+    before_read: Callable[[], None] | None = None,
 ) -> LoraAdapter:
     """Read the peft adapter directory `path` for the base model `cfg`; ValueError naming the
-    adapter_config field or tensor at fault for anything not supported or inconsistent."""
+    adapter_config field or tensor at fault for anything not supported or inconsistent. Its
+    config and its weights file's header are checked first; `before_read` runs then, before
+    any tensor is read."""
     path = Path(path)
     config = _read_config(path)
     if config.get(RANDOM_WEIGHTS_KEY):
@@ -377,7 +392,9 @@ def load_adapter(
     class_labels = _class_labels(head_shape, cfg, config)
     if not found and head_shape is None:
         raise ValueError(f"{path / WEIGHTS_FILE}: holds no LoRA or classification head tensor")
-    tensors = _read_tensors(path / WEIGHTS_FILE)
+    if before_read is not None:
+        before_read()
+    tensors = _read_tensors(path / WEIGHTS_FILE, shapes)
     max_r = max((rank for _, _, rank, _ in found.values()), default=0)
     lora: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for module in LORA_MODULES:
@@ -461,20 +478,27 @@ def load_checked_adapter(
     path: str | Path, cfg: ModelConfig, max_rank: int, digest: str | None = None
 ) -> tuple[LoraAdapter, str]:
     """load_adapter, and the digest of the files it read (ValueError if they changed while
-    read, or differ from `digest`)."""
-    try:
-        before: str | None = adapter_digest(path)
-    except OSError:
-        before = None  # load_adapter says which file is missing or unreadable
-    if digest is not None and before is not None and before != digest:
-        raise ValueError(
-            f"{path}: its files changed since the ingress checked them (sha256 {digest[:12]}, "
-            f"now {before[:12]}); name it again in the user_config to serve the new files"
-        )
-    adapter = load_adapter(path, cfg, max_rank)
-    if before is None or adapter_digest(path) != before:
+    read, or differ from `digest`). Without `digest` (the ingress's first check), the digest is
+    taken once the config and the weights' header passed: a file of the wrong shapes is
+    refused unread, whatever its size."""
+    taken: list[str] = []
+
+    def take_digest() -> None:
+        taken.append(adapter_digest(path))
+        if digest is not None and taken[0] != digest:
+            raise ValueError(
+                f"{path}: its files changed since the ingress checked them (sha256 "
+                f"{digest[:12]}, now {taken[0][:12]}); name it again in the user_config to "
+                "serve the new files"
+            )
+
+    # Files the ingress checked (`digest`): whether they still are is said first.
+    if digest is not None:
+        take_digest()
+    adapter = load_adapter(path, cfg, max_rank, None if taken else take_digest)
+    if adapter_digest(path) != taken[0]:
         raise ValueError(f"{path}: its files changed while being read")
-    return adapter, before
+    return adapter, taken[0]
 
 
 def head_width(cfg: ModelConfig, heads: Iterable[int]) -> int:

@@ -47,6 +47,7 @@ from models.config import from_hf_config
 from models.inputs import Chunk, ScoringInputError
 from models.tokenizer import TextTokenizer
 from serve_app import errors, guard, metrics, shapes
+from serve_app.adapter_checks import AdapterChecks
 from serve_app.chunk_call import ChunkFailure, ChunkResult
 from serve_app.config import IngressArgs, IngressUserConfig, deployment_identity, scoring_key
 from serve_app.errors import ErrorKind, Protocol
@@ -286,6 +287,7 @@ class ScoreIngress:
         self.adapters = dict(self.args.model.adapters)
         self._runtime: dict[str, tuple[str, str]] = {}  # name -> (directory, digest)
         self._checking: set[str] = set()
+        self._checks = AdapterChecks()
         self._refused: dict[str, str] = {}
         self._config_error: str | None = None  # why the last user_config changed nothing
         k = self.args.rerank.class_index
@@ -357,19 +359,9 @@ class ScoreIngress:
         try:
             for name in changed:
                 directory = wanted[name]
+                check = functools.partial(self._check_runtime, name, directory)
                 try:
-                    # Its thread is left behind if it never returns (nothing can stop a read
-                    # from a stuck mount), not this replica's later user_configs.
-                    head, digest = await asyncio.wait_for(
-                        asyncio.to_thread(self._check_runtime, name, directory), timeout
-                    )
-                except TimeoutError:
-                    self._refused[name] = (
-                        f"{directory}: not checked within check_timeout_s={timeout:g} s (its "
-                        "files still being read: a slow or stuck mount?)"
-                    )
-                    log.error("adapter %r refused: %s", name, self._refused[name])
-                    continue
+                    head, digest = await self._checks.run(directory, check, timeout)
                 except Exception as e:  # whatever a directory holds, never the deployment
                     self._refused[name] = f"{directory}: {type(e).__name__}: {e}"
                     log.error("adapter %r refused: %s", name, self._refused[name])

@@ -459,7 +459,7 @@ def _zeros(*shape):
 def test_tensor_refusals(saved, cfgs, tmp_path, edit, message, monkeypatch):
     path = _copy(saved["full"], tmp_path / "bad", tensor_edit=edit)
     # From the file's header alone: no tensor of a refused adapter is read.
-    monkeypatch.setattr(adapters, "_read_tensors", lambda file: pytest.fail(f"read {file}"))
+    monkeypatch.setattr(adapters, "_read_tensors", lambda *a: pytest.fail(f"read {a}"))
     with pytest.raises(ValueError, match=message):
         load_adapter(path, cfgs["qwen3"])
 
@@ -481,10 +481,28 @@ def test_a_huge_weights_file_of_the_wrong_shape_is_refused_from_its_header(
     with open(path / "adapter_model.safetensors", "wb") as f:
         f.write(len(header).to_bytes(8, "little") + header.encode())
         f.truncate(8 + len(header) + huge + b)
-    monkeypatch.setattr(adapters, "_read_tensors", lambda file: pytest.fail(f"read {file}"))
+    for unread in ("_read_tensors", "adapter_digest"):
+        monkeypatch.setattr(adapters, unread, lambda *a: pytest.fail(f"read {a}"))
     want = re.escape(f"tensor '{Q_KEY.format('A')}' has shape [8, 134217728], expected [8, 64]")
     with pytest.raises(ValueError, match=want):
         load_checked_adapter(path, cfgs["qwen3"], 64)
+
+
+def test_weights_rewritten_between_their_check_and_their_read_are_refused(saved, cfgs, tmp_path):
+    """The tensors read must be those whose shapes were checked: a file rewritten after its
+    header passed (here: rank 4 where the config says 8) is refused, not spread over the
+    checked rank."""
+    path = _copy(saved["full"], tmp_path / "a")
+    other = _copy(
+        saved["full"],
+        tmp_path / "b",
+        tensor_edit=lambda t: t.update(
+            {k: v[:4] if "lora_A" in k else v[:, :4] for k, v in t.items() if "q_proj" in k}
+        ),
+    )
+    swap = lambda: shutil.copy(other / "adapter_model.safetensors", path)  # noqa: E731
+    with pytest.raises(ValueError, match="changed while being read"):
+        load_adapter(path, cfgs["qwen3"], before_read=swap)
 
 
 def _raised_within(seconds: float, fn, *args) -> BaseException | None:
