@@ -394,6 +394,8 @@ def load_adapter(
         raise ValueError(f"{path / WEIGHTS_FILE}: holds no LoRA or classification head tensor")
     if before_read is not None:
         before_read()
+        if _read_config(path) != config:  # the config checked is the one before_read saw
+            raise ValueError(f"{path / CONFIG_FILE}: changed while being read")
     tensors = _read_tensors(path / WEIGHTS_FILE, shapes)
     max_r = max((rank for _, _, rank, _ in found.values()), default=0)
     lora: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -28,6 +28,7 @@ class CheckStillRunning(RuntimeError):
 
 class AdapterChecks:
     def __init__(self, threads: int = THREADS):
+        self.threads = threads
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, "adapter-check")
         self._late: dict[str, concurrent.futures.Future] = {}  # directory -> its given-up check
 
@@ -38,7 +39,8 @@ class AdapterChecks:
         if late is not None:
             if not late.done():
                 raise CheckStillRunning(
-                    "an earlier check of it, given up after its timeout, is still reading it"
+                    "an earlier check of it, given up after its timeout, is still reading it; "
+                    "deploy the user_config again once that read has returned"
                 )
             del self._late[directory]
         running = self._pool.submit(check)
@@ -46,11 +48,28 @@ class AdapterChecks:
         # Its outcome is always read, also once given up: an exception never retrieved is
         # logged with its traceback when the future is collected.
         waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
-        done, _ = await asyncio.wait([waiter], timeout=timeout_s)
-        if not done:  # given up: nothing can cancel a thread
-            self._late[directory] = running
+        try:
+            done, _ = await asyncio.wait([waiter], timeout=timeout_s)
+        except asyncio.CancelledError:
+            self._give_up(directory, running)
+            raise
+        if not done:
+            if not self._give_up(directory, running):
+                raise CheckTimedOut(
+                    f"not checked within check_timeout_s={timeout_s:g} s: never started, "
+                    f"every one of the {self.threads} check threads is held by a "
+                    "read that has not returned (a stuck mount?)"
+                )
             raise CheckTimedOut(
                 f"not checked within check_timeout_s={timeout_s:g} s (its files still being "
                 "read: a slow or stuck mount?)"
             )
         return waiter.result()
+
+    def _give_up(self, directory: str, running: concurrent.futures.Future) -> bool:
+        """Whether `running` had started: if so it is left to finish (nothing can cancel a
+        thread) and its directory waits for it; if not it is cancelled."""
+        if running.cancel():
+            return False
+        self._late[directory] = running
+        return True

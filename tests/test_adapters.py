@@ -503,6 +503,12 @@ def test_weights_rewritten_between_their_check_and_their_read_are_refused(saved,
     swap = lambda: shutil.copy(other / "adapter_model.safetensors", path)  # noqa: E731
     with pytest.raises(ValueError, match="changed while being read"):
         load_adapter(path, cfgs["qwen3"], before_read=swap)
+    # The same for its config: the one checked must be the one the digest was taken of.
+    path = _copy(saved["full"], tmp_path / "c")
+    edited = _copy(saved["full"], tmp_path / "d", lambda c: c.update(lora_alpha=3))
+    swap = lambda: shutil.copy(edited / "adapter_config.json", path)  # noqa: E731
+    with pytest.raises(ValueError, match=r"adapter_config\.json: changed while being read"):
+        load_adapter(path, cfgs["qwen3"], before_read=swap)
 
 
 def _raised_within(seconds: float, fn, *args) -> BaseException | None:

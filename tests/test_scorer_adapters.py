@@ -68,35 +68,43 @@ def test_a_failed_read_is_answered_for_a_while_then_tried_again(
 
 def test_an_adapter_check_past_its_time_is_given_up_and_not_started_again_while_it_runs():
     """The ingress's checks (serve_app/adapter_checks.py): one that does not return in its time
-    is refused (its thread cannot be stopped); the same directory is not checked again while
-    that thread still runs, other directories are; once it returns, the directory is checked
-    anew."""
+    is refused (its thread cannot be stopped), and the same directory is not checked again
+    while that thread runs; one that could not start (every thread held) is refused saying
+    so and does not run later; once the stuck read returns, both are checked anew."""
     import threading
 
     from serve_app.adapter_checks import AdapterChecks, CheckStillRunning, CheckTimedOut
 
-    checks = AdapterChecks(threads=2)
+    checks = AdapterChecks(threads=1)
     stuck = threading.Event()
+    ran: list[str] = []
 
     def refuse() -> None:
         raise ValueError("no adapter")
 
     async def main() -> None:
-        with pytest.raises(CheckTimedOut, match=r"not checked within check_timeout_s=0\.2 s"):
+        with pytest.raises(CheckTimedOut, match=r"within check_timeout_s=0\.2 s \(its files"):
             await checks.run("/stuck", stuck.wait, 0.2)
-        with pytest.raises(CheckStillRunning):
-            await checks.run("/stuck", lambda: "never called", 60)
-        assert await checks.run("/other", lambda: "checked", 60) == "checked"
-        with pytest.raises(ValueError, match="no adapter"):
-            await checks.run("/other", refuse, 60)
+        with pytest.raises(CheckStillRunning, match="deploy the user_config again"):
+            await checks.run("/stuck", lambda: ran.append("stuck"), 60)
+        with pytest.raises(CheckTimedOut, match="never started, every one of the 1 check"):
+            await checks.run("/other", lambda: ran.append("other"), 0.2)
         stuck.set()  # the read returns at last
         for _ in range(600):
             await asyncio.sleep(0.1)
             try:
                 assert await checks.run("/stuck", lambda: "checked again", 60) == "checked again"
-                return
+                break
             except CheckStillRunning:
                 continue
-        raise AssertionError("never checked again")
+        else:
+            raise AssertionError("never checked again")
+        assert await checks.run("/other", lambda: "checked", 60) == "checked"
+        with pytest.raises(ValueError, match="no adapter"):
+            await checks.run("/other", refuse, 60)
+        assert ran == []  # neither refused check ran later
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        stuck.set()  # a failure above must not leave the thread (and the run) blocked
