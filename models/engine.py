@@ -93,6 +93,19 @@ class Engine(Protocol):
         deadline on a forward (the Scorer's forward_timeout_s) does not count them."""
         ...
 
+    def check_adapter(self, path: str | Path, digest: str | None = None) -> Any:
+        """LoRA adapter `path` read and checked, not yet served (any thread, while scoring);
+        raises ValueError or OSError saying why not."""
+        ...
+
+    def register_adapter(self, name: str, adapter: Any) -> None:
+        """Serve check_adapter's `adapter` as `name` from the next engine call on."""
+        ...
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter `name` from the next engine call on."""
+        ...
+
 
 COMPILATION_CACHE_BYTES = 4 * 2**30  # least recently used programs go beyond this
 

@@ -269,7 +269,6 @@ class IngressArgs(ModelEngine):
     limits: LimitsArgs
     auth: AuthArgs
     rerank: RerankArgs
-    hosts_per_replica: int = 1  # placement's: adapters run on single-host replicas only
 
 
 class IngressUserConfig(_Group):
@@ -338,8 +337,6 @@ class AppArgs(ModelEngine):
             )
         if self.model.adapters and not self.engine.max_adapters:
             raise ValueError("engine.max_adapters: 0 device slots for model.adapters; at least 1")
-        if self.model.adapters and p.hosts_per_replica > 1:
-            raise ValueError("model.adapters: LoRA adapters run on single-host replicas only, yet")
         if p.tpu_topology is not None and p.hosts_per_replica < 2:
             raise ValueError(
                 "placement.tpu_topology is for multi-host slices: hosts_per_replica >= 2"
@@ -366,5 +363,4 @@ class AppArgs(ModelEngine):
             limits=self.limits,
             auth=self.auth,
             rerank=self.rerank,
-            hosts_per_replica=self.placement.hosts_per_replica,
         )

@@ -397,8 +397,6 @@ class ScoreIngress:
             raise ValueError(f"adapters: {name!r} already names the base or a model.adapters one")
         if not self.args.engine.max_adapters:
             raise ValueError("engine.max_adapters: 0 device slots; set it to serve adapters")
-        if self.args.hosts_per_replica > 1:
-            raise ValueError("placement.hosts_per_replica: adapters run on single-host replicas")
         max_rank = self.args.engine.max_lora_rank
         adapter, digest = load_checked_adapter(directory, self._model_cfg, max_rank)
         check_head_room(adapter, self._head_width)

@@ -90,12 +90,9 @@ class _RuntimeAdapters:
             raise ChunkFailure(f"model: adapter {chunk.adapter!r}: {failed[1]}")
         if name not in self._reading:
             self._failed.pop(name, None)
-            check = getattr(engine, "check_adapter", None)
-            if check is None:  # a slice's engine (the ingress refuses these; kept safe)
-                raise ChunkFailure(f"model: {chunk.adapter!r}: this replica runs no adapters")
             log.info("adapter %s: reading", name)
             loop = asyncio.get_running_loop()
-            reading = loop.run_in_executor(self._pool, check, entry[1], entry[2])
+            reading = loop.run_in_executor(self._pool, engine.check_adapter, entry[1], entry[2])
             reading.add_done_callback(lambda _: wake())
             self._reading[name] = reading
         raise AdapterLoading(
@@ -113,12 +110,12 @@ class _RuntimeAdapters:
                 self._failed[name] = (time.monotonic(), f"{type(error).__name__}: {error}")
                 log.error("adapter %s: read failed: %s", name, error)
                 continue
-            engine.register_adapter(name, reading.result())  # type: ignore[attr-defined]
+            engine.register_adapter(name, reading.result())
             self._served.add(name)
         listed = {self.engine_name(*e) for e in self.table}
         needed = {c.adapter for c in chunks}
         for name in self._served - listed - needed:
-            engine.remove_adapter(name)  # type: ignore[attr-defined]
+            engine.remove_adapter(name)
             self._served.discard(name)
             log.info("adapter %s: removed (no longer in the ingress's user_config)", name)
 
@@ -185,6 +182,7 @@ class Scorer:
                 self.args.call_timeout_s,
                 name=f"SliceHost:{self.replica}",
                 tpu_slice=None if p.tpu_topology is None else (p.tpu_topology, p.tpu_version),
+                adapters=self.args.model.adapters,
             )
         else:
             self.engine = ScoringEngine(path, self.args.engine, self.args.model.adapters)

@@ -3,7 +3,9 @@
 JAX runs one program per host (multi-controller SPMD): each host is a Ray actor that joins a
 `jax.distributed` group and builds the same tensor-parallel engine over the slice's devices.
 The Serve replica that owns them sends every batch of chunks to all hosts, in the same order,
-and returns host 0's answer (the scores are replicated on every host).
+and returns host 0's answer (the scores are replicated on every host). LoRA adapters too: every
+host reads an adapter's files itself (the directory, like the checkpoint's, must be on every
+host), and joins or drops it between the same two engine calls as the others.
 
 Placement, one placement group per replica, so autoscaling adds or removes whole slices:
 - TPU (`tpu_topology` set): the replica reserves a slice with `ray.util.tpu.slice_placement_group`,
@@ -15,8 +17,11 @@ The group lives as long as the replica that made or was given it.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +30,9 @@ import ray
 from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from models.adapters import LoraAdapter
 from models.engine import EngineConfig, ScoringEngine
-from models.inputs import Chunk, ScoringInputError
+from models.inputs import Chunk, EngineBroken, ScoringInputError
 
 log = logging.getLogger("ray.serve")
 
@@ -43,7 +49,13 @@ class SliceHost:
         return f"{ray.util.get_node_ip_address()}:{port}"
 
     def start(
-        self, coordinator: str, num_hosts: int, rank: int, model_path: str, config: EngineConfig
+        self,
+        coordinator: str,
+        num_hosts: int,
+        rank: int,
+        model_path: str,
+        config: EngineConfig,
+        adapters: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         import jax
 
@@ -51,7 +63,8 @@ class SliceHost:
         # backend; accelerators bring their own and ignore this setting.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes=num_hosts, process_id=rank)
-        self.engine = ScoringEngine(model_path, config)
+        self.engine = ScoringEngine(model_path, config, adapters)
+        self._checked: dict[int, LoraAdapter] = {}  # read, not yet served (by token)
         return {
             "rank": rank,
             "node": ray.get_runtime_context().get_node_id(),
@@ -67,6 +80,27 @@ class SliceHost:
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
+
+    def check_adapter(self, token: int, path: str, digest: str | None) -> None:
+        self._checked[token] = self.engine.check_adapter(path, digest)
+
+    def forget_checked(self, token: int) -> None:
+        self._checked.pop(token, None)
+
+    def register_adapter(self, name: str, token: int) -> None:
+        self.engine.register_adapter(name, self._checked.pop(token))
+
+    def remove_adapter(self, name: str) -> None:
+        self.engine.remove_adapter(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedOnHosts:
+    """An adapter every host of a slice has read and checked (SliceEngine.check_adapter); each
+    holds its copy under `token` until it is registered."""
+
+    token: int
+    path: str
 
 
 def reserve_tpu_slice(
@@ -108,10 +142,12 @@ class SliceEngine:
         placement_group: PlacementGroup | None = None,
         tpu_slice: tuple[str, str] | None = None,
         name: str | None = None,
+        adapters: dict[str, str] | None = None,
     ):
         """`tpu_slice` = (topology, version): reserve one TPU slice for this engine; else
         `placement_group`, else the caller's own (the Serve replica's bundles). Host actors
-        are named `{name}:{rank}` when `name` is given (`ray list actors` shows them)."""
+        are named `{name}:{rank}` when `name` is given (`ray list actors` shows them).
+        `adapters`: LoRA adapters served from the start (ScoringEngine's), read by each host."""
         self._tpu_slice = None  # held for the engine's lifetime
         if tpu_slice is not None:
             self._tpu_slice = reserve_tpu_slice(*tpu_slice, num_hosts, host_options)
@@ -138,13 +174,21 @@ class SliceEngine:
         (coordinator,) = self._all([self.hosts[0].coordinator_address.remote()])
         self.host_info = self._all(
             [
-                h.start.remote(coordinator, num_hosts, rank, str(model_path), config)
+                h.start.remote(coordinator, num_hosts, rank, str(model_path), config, adapters)
                 for rank, h in enumerate(self.hosts)
             ]
         )
         log.info(
             "slice of %d hosts up (coordinator %s): %s", num_hosts, coordinator, self.host_info
         )
+        self._tokens = itertools.count()
+        # Adapter changes sent to the hosts and not yet seen done: each host runs them before
+        # the next call sent to it (an actor runs one caller's calls in order), so they are
+        # not waited for when sent (the batcher sends them from its event loop), only before
+        # the next answer is read.
+        self._changes: list[ray.ObjectRef] = []
+        self._changes_lock = threading.Lock()
+        self._broken: str | None = None
 
     def _all(self, refs: list[ray.ObjectRef], timeout_s: float | None = None) -> list[Any]:
         """Every host's answer. Raises as soon as one host fails, and after `timeout_s`: the
@@ -160,8 +204,44 @@ class SliceEngine:
         return ray.get(refs)
 
     def score(self, chunks: Sequence[Chunk]) -> list[Any | ScoringInputError]:
+        self._changes_done()
         refs = [h.score.remote(list(chunks)) for h in self.hosts]
         return self._all(refs, self.timeout_s)[0]
+
+    def check_adapter(self, path: str, digest: str | None = None) -> CheckedOnHosts:
+        """ScoringEngine.check_adapter on every host (each reads the files); raises what the
+        first host that refused it says."""
+        checked = CheckedOnHosts(next(self._tokens), str(path))
+        try:
+            self._all([h.check_adapter.remote(checked.token, path, digest) for h in self.hosts])
+        except Exception:
+            for h in self.hosts:
+                h.forget_checked.remote(checked.token)
+            raise
+        return checked
+
+    def register_adapter(self, name: str, adapter: CheckedOnHosts) -> None:
+        """Serve `adapter` as `name` on every host, from their next engine call on."""
+        self._send_change([h.register_adapter.remote(name, adapter.token) for h in self.hosts])
+
+    def remove_adapter(self, name: str) -> None:
+        self._send_change([h.remove_adapter.remote(name) for h in self.hosts])
+
+    def _send_change(self, refs: list[ray.ObjectRef]) -> None:
+        with self._changes_lock:
+            self._changes += refs
+
+    def _changes_done(self) -> None:
+        """Wait for the adapter changes sent so far. A host that failed one no longer serves
+        the adapters the others do: the slice must not score again."""
+        with self._changes_lock:
+            refs, self._changes = self._changes, []
+        try:
+            self._all(refs, self.timeout_s)
+        except Exception as e:
+            self._broken = f"a slice host failed to change its adapters: {e}"
+        if self._broken is not None:
+            raise EngineBroken(self._broken)
 
     def warmup(self, part: tuple[int, int] = (0, 1)) -> dict[str, float]:
         # Every host in the same order: they run one program.

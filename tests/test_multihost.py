@@ -1,7 +1,8 @@
 """A replica spanning two hosts: two processes joined by jax.distributed over loopback (CPU
 collectives through gloo), each holding 2 of the 4 devices of one tensor-parallel program.
 
-Scores must equal a one-process, one-device engine on the same checkpoint.
+Scores must equal a one-process, one-device engine on the same checkpoint, and with LoRA adapters
+(one served from the start, one added and one removed while it runs) transformers + peft.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.inputs import Chunk
+from models.inputs import Chunk, UnknownAdapter
 from tests.conftest import LABELS, TEST_ENGINE, random_request, serve_cluster
+from tests.hf_families import peft_scores, write_adapter
 
 pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 
@@ -18,12 +20,22 @@ pytestmark = pytest.mark.ray  # starts Ray: scheduled first (conftest)
 HOST_ENV = {"env_vars": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
 
 
-def _chunks() -> list[Chunk]:
+def _chunks(adapters=(None, None)) -> list[Chunk]:
     out = []
-    for seed, soft in ((70, True), (71, False)):
+    for seed, soft, adapter in zip((70, 71), (True, False), adapters, strict=True):
         query, items = random_request(seed=seed, n_items=11, q_len=40, max_item=20)
-        out.append(Chunk(tuple(query), tuple(map(tuple, items)), tuple(LABELS), soft))
+        out.append(
+            Chunk(tuple(query), tuple(map(tuple, items)), tuple(LABELS), soft, adapter=adapter)
+        )
     return out
+
+
+@pytest.fixture(scope="module")
+def adapters(ckpts, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        name: write_adapter(ckpts["qwen3"], root / name, seed=s) for name, s in (("a", 5), ("b", 6))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +48,7 @@ def ray_session():
 
 
 @pytest.mark.parametrize("mode", ["prefix", "packed"])
-def test_two_host_slice_equals_one_process(ray_session, ckpts, engine, record, mode):
+def test_two_host_slice_equals_one_process(ray_session, ckpts, engine, adapters, record, mode):
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from models.engine import EngineConfig
@@ -47,11 +59,12 @@ def test_two_host_slice_equals_one_process(ray_session, ckpts, engine, record, m
     try:
         sliced = SliceEngine(
             ckpts["qwen3"],
-            EngineConfig(**TEST_ENGINE, mode=mode, tp_size=4),
+            EngineConfig(**TEST_ENGINE, mode=mode, tp_size=4, max_adapters=1),
             num_hosts=2,
             host_options={"num_cpus": 0.5, "runtime_env": HOST_ENV},
             timeout_s=120,
             placement_group=pg,
+            adapters={"a": adapters["a"]},
         )
         assert [(h["rank"], h["local_devices"], h["devices"]) for h in sliced.host_info] == [
             (0, 2, 4),
@@ -69,6 +82,26 @@ def test_two_host_slice_equals_one_process(ray_session, ckpts, engine, record, m
             record(f"2-process tp=4 slice vs 1 process, {what}, {mode}", diff)
             assert diff <= bound
         assert sliced.stats()["items"] == sum(len(c.items) for c in chunks)
+        # Adapters: "a" served from the start, "b" added now; one device slot, so the call
+        # below loads each in turn on both hosts. Then "a" removed.
+        sliced.register_adapter("b", sliced.check_adapter(adapters["b"]))
+        for names in (("a", "b"), ("b", "a")):
+            chunks = _chunks(names)
+            got_all = sliced.score(chunks[:1]) + sliced.score(chunks[1:])
+            for got, c in zip(got_all, chunks, strict=True):
+                soft, logp = peft_scores(
+                    ckpts["qwen3"], adapters[c.adapter], c.query, c.items, LABELS
+                )
+                if c.apply_softmax:  # the parity bounds (tests/test_lora.py)
+                    np.testing.assert_allclose(got, soft, atol=1e-4, err_msg=c.adapter)
+                else:
+                    np.testing.assert_allclose(np.log(got), logp, atol=1e-3, err_msg=c.adapter)
+        sliced.remove_adapter("a")
+        got = sliced.score(_chunks(("b", "a")))
+        assert isinstance(got[1], UnknownAdapter) and "'a'" in str(got[1])
+        assert not isinstance(got[0], Exception)
+        with pytest.raises(ValueError, match="adapter_config.json"):
+            sliced.check_adapter(ckpts["qwen3"])  # no adapter there: every host refuses it
     finally:
         remove_placement_group(pg)  # its host actors go with it
 

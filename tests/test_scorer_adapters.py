@@ -1,11 +1,12 @@
 """A scorer replica's run-time adapters (serve_app/scorer.py `_RuntimeAdapters`), the
 bookkeeping below Serve: a read that fails is answered as such for a while and then tried
 again; one that succeeds is served under its engine name; one no longer listed leaves the
-engine."""
+engine; an exception in that bookkeeping fails the replica, its queued chunks answered."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ from models.adapters import adapter_digest, write_random_adapter
 from models.checkpoint import read_hf_config
 from models.config import from_hf_config
 from models.inputs import Chunk
-from serve_app.chunk_call import AdapterLoading, ChunkFailure
-from serve_app.scorer import _RuntimeAdapters
+from serve_app.chunk_call import AdapterLoading, ChunkFailure, EngineFailure
+from serve_app.scorer import Scorer, _Pending, _RuntimeAdapters
 from tests.conftest import LABELS
 
 
@@ -64,6 +65,45 @@ def test_a_failed_read_is_answered_for_a_while_then_tried_again(
 
     name = asyncio.run(main())
     assert name not in eng.adapters()
+
+
+def test_a_failure_in_the_adapter_bookkeeping_fails_the_replica(
+    engine, ckpts, tmp_path, monkeypatch
+):
+    """The engine's adapter state is unknown after such a failure: the batcher answers every
+    queued chunk with EngineFailure (the ingress retries them elsewhere) and the replica asks
+    to be replaced, rather than the batcher dying and its callers waiting forever."""
+    eng = engine("qwen3", "prefix", max_adapters=1)
+    cfg = from_hf_config(read_hf_config(ckpts["qwen3"]))
+    path = write_random_adapter(cfg, tmp_path / "x", rank=4, seed=1)
+    table = (("x", str(path), adapter_digest(path)),)
+
+    def broken(name, adapter):
+        raise RuntimeError("bookkeeping broke")
+
+    monkeypatch.setattr(eng, "register_adapter", broken)
+    cls = Scorer.func_or_class  # the replica's class, without Serve around it
+    scorer = cls.__new__(cls)
+    scorer.engine, scorer.replica, scorer._failure = eng, "r1", None
+    scorer._queue, scorer._runtime = collections.deque(), _RuntimeAdapters()
+    exits: list[bool] = []
+    scorer._exit = lambda: exits.append(True)
+
+    async def main() -> _Pending:
+        scorer._wake = asyncio.Event()
+        chunk = Chunk((5, 6, 7), ((8, 9),), tuple(LABELS), adapter="x")
+        with pytest.raises(AdapterLoading):  # its read starts, and wakes the batcher when done
+            scorer._runtime.admit(chunk, table, eng, scorer._wake.set)
+        queued = _Pending(Chunk((5, 6), ((8,),), tuple(LABELS)), asyncio.Future(), 0.0)
+        scorer._queue.append(queued)
+        await asyncio.wait_for(scorer._run_batches(), 120)  # returns: the replica failed
+        await asyncio.sleep(0)  # the replica's exit is scheduled on the loop
+        return queued
+
+    queued = asyncio.run(main())
+    with pytest.raises(EngineFailure, match="bookkeeping broke"):
+        queued.future.result()
+    assert "bookkeeping broke" in scorer._failure and exits == [True] and not scorer._queue
 
 
 def test_an_adapter_check_past_its_time_is_given_up_and_not_started_again_while_it_runs():
