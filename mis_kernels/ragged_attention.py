@@ -11,7 +11,10 @@ then the own range are walked tile by tile, in loops whose trip counts come from
 ranges, so a block reads exactly the keys it can see: O(T x (query + own)) work, whatever the
 pool's size. The tiles every row sees in full (a cached or earlier query: nearly all of the
 work) run without a mask; only a range's last tile, and own-range tiles in a block whose later
-items do not take them, are masked. Then the block's own keys, one tile.
+items do not take them, are masked. Then the block's own keys, one tile, summed in key order:
+so unlike the XLA implementation (relative order, `_local_step`) a row's last bits follow its
+item's offset in the block, and the kernel is not batch-invariant (README: Modes). Relative
+order here needs per-row shifted value rows, which neither Mosaic nor Triton gathers cheaply.
 
 Memory: on GPU a program indexes the pool and the stream of its kv head in global memory; on
 TPU both stay in HBM (`pl.ANY`) and each tile is copied into a VMEM scratch before use, so the

@@ -217,6 +217,15 @@ class ScoringEngine:
             config.max_batch_tokens,
             config.max_item_tokens,
         )
+        if self.attention in (Attention.PALLAS, Attention.DENSE):
+            # Both sum a token's own keys in absolute order within its block (dense: over the
+            # whole stream), so an item's last bits follow its offset there: what else shared
+            # the forward. The XLA kernel sums them in relative order (README: Modes).
+            log.warning(
+                "%s attention is not batch-invariant: an item's scores may move in the last "
+                "float32 bits (~1e-6) with what shares its forward; `xla` (auto's choice) is exact",
+                self.attention.value,
+            )
         prefix = config.mode is Mode.PREFIX
         self.pool = PrefixPool(config.prefix_pool_tokens, POOL_ALIGN) if prefix else None
         # Device pool: [layers, kv heads, tokens + one big tile of padding, head_dim]; packed
