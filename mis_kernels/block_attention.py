@@ -230,32 +230,38 @@ def _local_step(carry, q, k, v, local_start, softcap=None, window=None):
     g = rows // r
     s = jnp.einsum("kmd,pkd->kmp", q, k, preferred_element_type=jnp.float32)
     s = logits(s, 1.0, softcap).reshape(nk, r, g, r)
-    back = jnp.arange(r)[:, None] - jnp.arange(r)[None, :]  # [R, R]: key index t - j
+    # _CHUNK more relative columns than keys, never live, so the sum's last chunk stays in
+    # bounds. Made here, not by padding p: a pad fused with the exp below made XLA:CPU emit
+    # it element by element, unvectorised (a third of the step's time).
+    cols = r + _CHUNK
+    back = jnp.arange(r)[:, None] - jnp.arange(cols)[None, :]  # [R, C]: key index t - j
     live = back >= local_start[:, None]  # j <= t - local_start[t]
     if window is not None:  # and at most window - 1 tokens back: j < window
-        live &= jnp.arange(r)[None, :] < window
+        live &= jnp.arange(cols)[None, :] < window
     live = live[None, :, None, :]
     back = jnp.maximum(back, 0)
     s = jnp.where(live, jnp.take_along_axis(s, back[None, :, None, :], axis=-1), NEG)
-    s = s.reshape(nk, rows, r)
-    live = jnp.broadcast_to(live, (1, r, g, r)).reshape(1, rows, r)
+    s = s.reshape(nk, rows, cols)
+    live = jnp.broadcast_to(live, (1, r, g, cols)).reshape(1, rows, cols)
     m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.where(live, jnp.exp(s - m_new[..., None]), 0.0)  # [K, R*G, R] relative
+    p = jnp.where(live, jnp.exp(s - m_new[..., None]), 0.0)  # [K, R*G, C] relative
     alpha = jnp.exp(m - m_new)
     ones = jnp.ones((_CHUNK,), p.dtype)
     width = jnp.max(jnp.arange(r) - local_start) + 1  # the longest local range
-    p = jnp.pad(p, [(0, 0), (0, 0), (0, _CHUNK)]).reshape(nk, r, g, r + _CHUNK)
-    v_pad = jnp.pad(v, [(_CHUNK, 0), (0, 0), (0, 0)])  # v_pad[i + CHUNK] = v[i]
+    p = p.reshape(nk, r, g, cols)
+    # Head-major, so a token's value rows are gathered as whole rows, already in the product's
+    # layout: v_pad[:, i + CHUNK] = v[i].
+    v_pad = jnp.pad(_head_major(v), [(0, 0), (_CHUNK, 0), (0, 0)])
 
     def chunk(c, acc):
         l_acc, o_acc = acc
         j0 = c * _CHUNK
         pc = jax.lax.dynamic_slice_in_dim(p, j0, _CHUNK, axis=-1)  # [K, R, G, C]
         idx = jnp.arange(r)[:, None] - j0 - jnp.arange(_CHUNK)[None, :] + _CHUNK  # [R, C]
-        vc = jnp.take(v_pad, jnp.maximum(idx, 0), axis=0)  # [R, C, K, D]
+        vc = jnp.take(v_pad, jnp.maximum(idx, 0), axis=1)  # [K, R, C, D]
         l_acc = l_acc + jnp.einsum("krgc,c->krg", pc, ones).reshape(nk, rows)
         pv = jnp.einsum(
-            "krgc,rckd->krgd", pc.astype(v.dtype), vc, preferred_element_type=jnp.float32
+            "krgc,krcd->krgd", pc.astype(v.dtype), vc, preferred_element_type=jnp.float32
         )
         return l_acc, o_acc + pv.reshape(nk, rows, d)
 
