@@ -37,9 +37,11 @@ from models.inputs import Chunk, EngineBroken, ScoringInputError
 log = logging.getLogger("ray.serve")
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"read": 1})
 class SliceHost:
-    """One host's process of the slice: its `jax.distributed` rank and its engine."""
+    """One host's process of the slice: its `jax.distributed` rank and its engine. Adapter
+    reads run in a thread of their own (concurrency group "read"), beside the forwards, as a
+    one-host replica reads them: a large adapter on slow storage does not stall scoring."""
 
     def coordinator_address(self) -> str:
         """A free port on this host for the `jax.distributed` coordinator (rank 0 only)."""
@@ -81,11 +83,16 @@ class SliceHost:
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
 
+    @ray.method(concurrency_group="read")
     def check_adapter(self, token: int, path: str, digest: str | None) -> None:
-        self._checked[token] = self.engine.check_adapter(path, digest)
+        self._checked[token] = self.engine.check_adapter(path, digest)  # read-only: any thread
 
+    @ray.method(concurrency_group="read")
     def forget_checked(self, token: int) -> None:
         self._checked.pop(token, None)
+
+    def checked(self) -> list[int]:
+        return list(self._checked)
 
     def register_adapter(self, name: str, token: int) -> None:
         self.engine.register_adapter(name, self._checked.pop(token))
@@ -182,10 +189,8 @@ class SliceEngine:
             "slice of %d hosts up (coordinator %s): %s", num_hosts, coordinator, self.host_info
         )
         self._tokens = itertools.count()
-        # Adapter changes sent to the hosts and not yet seen done: each host runs them before
-        # the next call sent to it (an actor runs one caller's calls in order), so they are
-        # not waited for when sent (the batcher sends them from its event loop), only before
-        # the next answer is read.
+        # Adapter changes sent to the hosts and not yet seen done: not waited for when sent
+        # (the batcher sends them from its event loop), only before the next engine call is.
         self._changes: list[ray.ObjectRef] = []
         self._changes_lock = threading.Lock()
         self._broken: str | None = None
@@ -204,21 +209,36 @@ class SliceEngine:
         return ray.get(refs)
 
     def score(self, chunks: Sequence[Chunk]) -> list[Any | ScoringInputError]:
+        """Bad input comes back as values; an exception is a host that failed or stalled, and
+        the others may be blocked in a collective with it: the slice must not score again."""
         self._changes_done()
         refs = [h.score.remote(list(chunks)) for h in self.hosts]
-        return self._all(refs, self.timeout_s)[0]
+        try:
+            return self._all(refs, self.timeout_s)[0]
+        except Exception as e:
+            self._broken = f"a slice host failed a forward: {type(e).__name__}: {e}"
+            raise EngineBroken(self._broken) from e
 
     def check_adapter(self, path: str, digest: str | None = None) -> CheckedOnHosts:
-        """ScoringEngine.check_adapter on every host (each reads the files); raises what the
-        first host that refused it says."""
+        """ScoringEngine.check_adapter on every host (each reads the files, beside its
+        forwards), within the slice's call timeout; raises what the first host that refused it
+        says."""
         checked = CheckedOnHosts(next(self._tokens), str(path))
         try:
-            self._all([h.check_adapter.remote(checked.token, path, digest) for h in self.hosts])
-        except Exception:
+            self._all(
+                [h.check_adapter.remote(checked.token, path, digest) for h in self.hosts],
+                self.timeout_s,
+            )
+        except Exception as e:
             for h in self.hosts:
                 h.forget_checked.remote(checked.token)
+            if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
+                raise e.cause from None  # the host's own error, not its remote traceback
             raise
         return checked
+
+    # Adapter changes and engine calls come from one caller at a time (the Scorer's batcher
+    # makes changes between engine calls only); the lock guards the list alone.
 
     def register_adapter(self, name: str, adapter: CheckedOnHosts) -> None:
         """Serve `adapter` as `name` on every host, from their next engine call on."""
@@ -232,14 +252,15 @@ class SliceEngine:
             self._changes += refs
 
     def _changes_done(self) -> None:
-        """Wait for the adapter changes sent so far. A host that failed one no longer serves
-        the adapters the others do: the slice must not score again."""
+        """Wait for the adapter changes sent so far, before the next engine call is sent. A
+        host that failed one no longer serves the adapters the others do: the slice must not
+        score again."""
         with self._changes_lock:
             refs, self._changes = self._changes, []
         try:
             self._all(refs, self.timeout_s)
         except Exception as e:
-            self._broken = f"a slice host failed to change its adapters: {e}"
+            self._broken = f"a slice host failed to change its adapters: {type(e).__name__}: {e}"
         if self._broken is not None:
             raise EngineBroken(self._broken)
 

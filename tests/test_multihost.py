@@ -7,10 +7,12 @@ Scores must equal a one-process, one-device engine on the same checkpoint, and w
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
-from models.inputs import Chunk, UnknownAdapter
+from models.inputs import Chunk, EngineBroken, UnknownAdapter
 from tests.conftest import LABELS, TEST_ENGINE, random_request, serve_cluster
 from tests.hf_families import peft_scores, write_adapter
 
@@ -54,17 +56,19 @@ def test_two_host_slice_equals_one_process(ray_session, ckpts, engine, adapters,
     from models.engine import EngineConfig
     from serve_app.slice import SliceEngine
 
+    # Adapters in prefix mode only (their programs are compiled on both hosts: ~30 s a mode).
+    lora = mode == "prefix"
     pg = placement_group([{"CPU": 0.5}, {"CPU": 0.5}])
     ray_session.get(pg.ready(), timeout=60)
     try:
         sliced = SliceEngine(
             ckpts["qwen3"],
-            EngineConfig(**TEST_ENGINE, mode=mode, tp_size=4, max_adapters=1),
+            EngineConfig(**TEST_ENGINE, mode=mode, tp_size=4, max_adapters=int(lora)),
             num_hosts=2,
             host_options={"num_cpus": 0.5, "runtime_env": HOST_ENV},
             timeout_s=120,
             placement_group=pg,
-            adapters={"a": adapters["a"]},
+            adapters={"a": adapters["a"]} if lora else None,
         )
         assert [(h["rank"], h["local_devices"], h["devices"]) for h in sliced.host_info] == [
             (0, 2, 4),
@@ -82,6 +86,8 @@ def test_two_host_slice_equals_one_process(ray_session, ckpts, engine, adapters,
             record(f"2-process tp=4 slice vs 1 process, {what}, {mode}", diff)
             assert diff <= bound
         assert sliced.stats()["items"] == sum(len(c.items) for c in chunks)
+        if not lora:
+            return
         # Adapters: "a" served from the start, "b" added now; one device slot, so the call
         # below loads each in turn on both hosts. Then "a" removed.
         sliced.register_adapter("b", sliced.check_adapter(adapters["b"]))
@@ -100,8 +106,20 @@ def test_two_host_slice_equals_one_process(ray_session, ckpts, engine, adapters,
         got = sliced.score(_chunks(("b", "a")))
         assert isinstance(got[1], UnknownAdapter) and "'a'" in str(got[1])
         assert not isinstance(got[0], Exception)
-        with pytest.raises(ValueError, match="adapter_config.json"):
+        with pytest.raises(ValueError, match="adapter_config.json") as refused:
             sliced.check_adapter(ckpts["qwen3"])  # no adapter there: every host refuses it
+        assert "Traceback" not in str(refused.value)  # the host's error, not its traceback
+        deadline = time.monotonic() + 60
+        while any(ray_session.get([h.checked.remote() for h in sliced.hosts])):
+            assert time.monotonic() < deadline, "a refused read is still held by a host"
+            time.sleep(0.1)
+        # A host that fails a change (host 1 told to serve a read it never made) breaks the
+        # slice for good: no engine call is sent to its hosts again.
+        sliced._send_change([sliced.hosts[1].register_adapter.remote("z", -1)])
+        broken = r"failed to change its adapters: RayTaskError\(KeyError\)"
+        for _ in range(2):
+            with pytest.raises(EngineBroken, match=broken):
+                sliced.score(_chunks())
     finally:
         remove_placement_group(pg)  # its host actors go with it
 
