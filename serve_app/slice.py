@@ -107,7 +107,6 @@ class CheckedOnHosts:
     holds its copy under `token` until it is registered."""
 
     token: int
-    path: str
 
 
 def reserve_tpu_slice(
@@ -223,10 +222,10 @@ class SliceEngine:
         """ScoringEngine.check_adapter on every host (each reads the files, beside its
         forwards), within the slice's call timeout; raises what the first host that refused it
         says."""
-        checked = CheckedOnHosts(next(self._tokens), str(path))
+        checked = CheckedOnHosts(next(self._tokens))
         try:
             self._all(
-                [h.check_adapter.remote(checked.token, path, digest) for h in self.hosts],
+                [h.check_adapter.remote(checked.token, str(path), digest) for h in self.hosts],
                 self.timeout_s,
             )
         except Exception as e:

@@ -87,6 +87,12 @@ def test_two_host_slice_equals_one_process(ray_session, ckpts, engine, adapters,
             assert diff <= bound
         assert sliced.stats()["items"] == sum(len(c.items) for c in chunks)
         if not lora:
+            # A host that dies: the other may be blocked in the forward's collectives, so the
+            # slice raises EngineBroken (its replica is replaced) and sends nothing again.
+            ray_session.kill(sliced.hosts[1])
+            for _ in range(2):
+                with pytest.raises(EngineBroken, match="a slice host failed a forward"):
+                    sliced.score(chunks)
             return
         # Adapters: "a" served from the start, "b" added now; one device slot, so the call
         # below loads each in turn on both hosts. Then "a" removed.
