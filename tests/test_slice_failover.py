@@ -112,13 +112,16 @@ def test_slice_replica_serves_adapters(ckpts, tmp_path, record):
     with running_serve(("mis", "/", app)) as url:
         for seed, name in enumerate(("a", "b", None)):
             body = _body(seed) | ({"model": name} if name else {})
-            deadline = time.time() + 120
+            deadline, loading = time.time() + 120, 0
             while (
                 r := requests.post(f"{url}/v1/score", json=body, timeout=300)
             ).status_code == 503:
                 assert name == "b" and r.headers["Retry-After"] and time.time() < deadline, r.text
+                loading += 1
                 time.sleep(1)
             assert r.status_code == 200, r.text
+            # The run-time adapter's first request starts its read on the hosts: a 503.
+            assert (loading > 0) == (name == "b"), loading
             chunk = Chunk(tuple(body["query"]), tuple(map(tuple, body["items"])), tuple(LABELS))
             (want,) = offline.score([dataclasses.replace(chunk, apply_softmax=True, adapter=name)])
             diff = np.abs(np.array(r.json()["scores"]) - want).max()
